@@ -1,0 +1,110 @@
+"""The ask/tell interface shared by every forward-only algorithm, with no dependency on Lightning.
+
+One optimizer step is: ``ask`` for a population (which perturbations to evaluate), evaluate the loss of each
+member, ``tell`` the fitness vector and receive one coefficient per member. The gradient estimate is then
+``sum_i coefficients[i] * sign_i * E(noise_seed_i)``, where ``E`` is the algorithm's noise for each parameter,
+regenerated from the seed whenever it is needed.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Member:
+    """One perturbed copy of the weights: ``theta + sigma * sign * E(noise_seed)``.
+
+    Args:
+        noise_seed: the counter-derived seed that regenerates this member's noise ``E``.
+        sign: ``+1.0`` or ``-1.0``; antithetic pairs share ``noise_seed`` and differ in sign.
+    """
+
+    noise_seed: int
+    sign: float = 1.0
+
+
+@dataclass(frozen=True)
+class Population:
+    """The members to evaluate for one (micro-)batch and the perturbation scale.
+
+    Args:
+        members: the members, in the order their fitness values are expected by ``tell``.
+        sigma: the perturbation scale (MeZO's ``eps``, ES's ``sigma``).
+    """
+
+    members: tuple[Member, ...]
+    sigma: float
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+
+@dataclass
+class Estimate:
+    """What ``tell`` returns: per-member coefficients of the gradient estimate and statistics to log.
+
+    Args:
+        coefficients: tensor ``[P]``; the gradient estimate is ``sum_i coefficients[i] * sign_i * E_i``.
+            ``None`` means the step must be skipped (for example a non-finite fitness).
+        dropped_members: members left out of the estimate because their fitness was not finite.
+        stats: scalars worth logging (without the ``nobp/`` prefix).
+    """
+
+    coefficients: Tensor | None
+    dropped_members: int = 0
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> bool:
+        return self.coefficients is None
+
+
+class Algorithm(ABC):
+    """Base class of forward-only estimators (ask/tell), free of any training framework.
+
+    Subclasses define which members a step evaluates (``ask``), how fitness becomes coefficients (``tell``)
+    and the noise of one parameter (``noise``).
+    """
+
+    @abstractmethod
+    def ask(self, step_seed: int) -> Population:
+        """Return the population to evaluate for the micro-batch identified by ``step_seed``."""
+
+    @abstractmethod
+    def tell(self, population: Population, fitness: Tensor) -> Estimate:
+        """Turn the fitness (loss, lower is better) of every member into gradient-estimate coefficients."""
+
+    @abstractmethod
+    def noise(self, noise_seed: int, param_index: int, param: Tensor) -> Tensor:
+        """Regenerate the noise ``E`` of one parameter for one member seed, in float32, shaped like ``param``."""
+
+    @property
+    def forwards_per_step(self) -> int:
+        """Loss evaluations per micro-batch (the population size)."""
+        return len(self.ask(0))
+
+
+def sample_direction(
+    seed: int, shape: torch.Size, device: torch.device, distribution: str = "gaussian"
+) -> Tensor:
+    """Draw a float32 direction from a seeded generator: standard normal or Rademacher (+-1).
+
+    Args:
+        seed: the generator seed (see ``derive_seed``).
+        shape: shape of the direction.
+        device: where to draw it; the same seed gives the same values on the same device type.
+        distribution: ``"gaussian"`` or ``"rademacher"``.
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    if distribution == "gaussian":
+        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    if distribution == "rademacher":
+        bits = torch.randint(0, 2, shape, generator=generator, device=device, dtype=torch.int8)
+        return bits.to(torch.float32).mul_(2.0).sub_(1.0)
+    raise ValueError(f"unknown distribution {distribution!r}: use 'gaussian' or 'rademacher'")

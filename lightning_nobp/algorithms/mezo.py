@@ -1,0 +1,68 @@
+"""MeZO: two-sided SPSA, the memory-efficient zeroth-order optimizer of Malladi et al. (2023).
+
+For each direction ``z`` (regenerated from its seed, never stored) the loss is evaluated at ``theta + eps*z`` and
+``theta - eps*z``; the projected gradient ``g = (L+ - L-) / (2 eps)`` gives the estimate ``g * z``, averaged over
+the step's directions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lightning_nobp.algorithms.base import Algorithm, Estimate, Member, Population, sample_direction
+from lightning_nobp.algorithms.seeds import derive_seed
+
+DISTRIBUTIONS = ("gaussian", "rademacher")
+
+
+class MeZO(Algorithm):
+    """Two-sided simultaneous-perturbation (SPSA) gradient estimate from forward passes only.
+
+    Args:
+        eps: perturbation scale; the loss is evaluated at ``theta +- eps * z``. Must be positive.
+            ``1e-3`` suits fp32/bf16 models whose weights are of order 0.01 to 1.
+        directions: random directions per micro-batch; their estimates are averaged (2 forwards each).
+        distribution: ``"gaussian"`` (MeZO's choice) or ``"rademacher"`` (entries +-1).
+    """
+
+    def __init__(self, eps: float = 1e-3, directions: int = 1, distribution: str = "gaussian") -> None:
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+            raise ValueError(f"MeZO(eps={eps!r}): eps must be a positive finite number, e.g. eps=1e-3")
+        if not (isinstance(directions, int) and directions >= 1):
+            raise ValueError(f"MeZO(directions={directions!r}): directions must be an integer >= 1")
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"MeZO(distribution={distribution!r}): choose one of {DISTRIBUTIONS}")
+        self.eps = float(eps)
+        self.directions = directions
+        self.distribution = distribution
+
+    def __repr__(self) -> str:
+        return f"MeZO(eps={self.eps}, directions={self.directions}, distribution={self.distribution!r})"
+
+    def ask(self, step_seed: int) -> Population:
+        members: list[Member] = []
+        for direction in range(self.directions):
+            seed = derive_seed(step_seed, direction)
+            members += [Member(seed, +1.0), Member(seed, -1.0)]
+        return Population(tuple(members), sigma=self.eps)
+
+    def tell(self, population: Population, fitness: Tensor) -> Estimate:
+        fitness = fitness.detach().to(torch.float64)
+        if not bool(torch.isfinite(fitness).all()):
+            return Estimate(None, dropped_members=len(population))
+        loss_plus, loss_minus = fitness[0::2], fitness[1::2]
+        projected = (loss_plus - loss_minus) / (2.0 * self.eps)  # one scalar per direction
+        # each member's sign is applied when its noise is regenerated: +c z and -(-c) z both add c z
+        per_member = (projected / (2 * self.directions)).repeat_interleave(2)
+        per_member[1::2] *= -1.0
+        stats = {
+            "projected_grad": float(projected.abs().mean()),
+            "loss_spread": float((loss_plus - loss_minus).abs().mean()),
+        }
+        return Estimate(per_member.to(torch.float32), stats=stats)
+
+    def noise(self, noise_seed: int, param_index: int, param: Tensor) -> Tensor:
+        return sample_direction(derive_seed(noise_seed, param_index), param.shape, param.device, self.distribution)

@@ -1,0 +1,5 @@
+"""Fabric adapters, named like their Trainer twins (as in ``lightning.fabric``)."""
+
+from lightning_nobp.fabric.strategy import NoBackpropStrategy
+
+__all__ = ["NoBackpropStrategy"]

@@ -1,0 +1,182 @@
+"""``NoBackpropStrategy`` for Fabric: a Fabric loop trains by forward passes after one change.
+
+The change is ``optimizer.step()`` → ``optimizer.step(closure)``: the strategy calls the closure once per member
+of the algorithm's population at perturbed weights (``fabric.backward`` inside it does nothing), writes the
+gradient estimate into ``p.grad`` and lets the user's optimizer step. ``fabric.backward(loss)`` outside such a
+closure raises an error that shows the change.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any, Callable, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.accelerators import Accelerator
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import DDPStrategy
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_nobp.algorithms import Algorithm, MeZO, derive_seed
+from lightning_nobp.perturb import PopulationEstimator, RngSnapshot, scalar_loss
+
+FABRIC_CLOSURE_MESSAGE = (
+    "NoBackpropStrategy trains without backpropagation: `fabric.backward(loss)` cannot compute gradients on its own."
+    " Wrap the loss computation in a closure and pass it to the optimizer (the one-line change):\n"
+    "    def closure():\n        loss = loss_fn(model(x), y)\n        fabric.backward(loss)\n        return loss\n"
+    "    optimizer.step(closure)   # instead of: fabric.backward(loss); optimizer.step()"
+)
+
+
+class NoBackpropStrategy(DDPStrategy):
+    """Fabric strategy that replaces backpropagation by a forward-only estimate, on one device or many processes.
+
+    Args:
+        algorithm: the forward-only estimator; ``MeZO()`` when omitted.
+        seed: base seed of every perturbation. ``None`` takes ``PL_GLOBAL_SEED`` (set by ``seed_everything``), else 0.
+        accelerator: see ``lightning.fabric.strategies.DDPStrategy``.
+        parallel_devices: see ``DDPStrategy``.
+        cluster_environment: see ``DDPStrategy``.
+        checkpoint_io: see ``DDPStrategy``.
+        precision: see ``DDPStrategy``.
+        process_group_backend: ``"gloo"`` or ``"nccl"``; chosen from the device when omitted.
+        timeout: timeout of collective operations.
+        start_method: how extra processes start: ``"popen"``, ``"spawn"``, ``"fork"`` or ``"forkserver"``.
+    """
+
+    def __init__(
+        self,
+        algorithm: Algorithm | None = None,
+        seed: int | None = None,
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision=precision,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        self.algorithm: Algorithm = algorithm if algorithm is not None else MeZO()
+        self._seed = seed
+        #: optimizer steps taken so far; part of every perturbation's seed (save it to resume bit-exactly)
+        self.steps = 0
+        self.skipped_steps = 0
+        self.communicated_bytes = 0
+        #: the estimate's statistics of the last step (``projected_grad``, ``loss_spread``, ...), for logging
+        self.last_metrics: dict[str, float] = {}
+        self._modules: list[nn.Module] = []
+        self._estimators: dict[int, PopulationEstimator] = {}
+        self._evaluating = False
+
+    @property
+    def seed(self) -> int:
+        """The base seed of all perturbations."""
+        return self._seed if self._seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    @property
+    def _single_process(self) -> bool:
+        return self.num_nodes * self.num_processes <= 1
+
+    def _configure_launcher(self) -> None:
+        if self._single_process:
+            self._launcher = None
+        else:
+            super()._configure_launcher()
+
+    def setup_environment(self) -> None:
+        if self._single_process:
+            self.accelerator.setup_device(self.root_device)
+            self._set_world_ranks()
+            self._process_group_backend = self._get_process_group_backend()
+            return
+        super().setup_environment()
+
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        """Keep the module as it is (no DDP wrapper: no gradients are exchanged); align ranks' initial weights."""
+        if dist.is_available() and dist.is_initialized():
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                dist.broadcast(tensor.data, src=0)
+        self._modules.append(module)
+        self._estimators.clear()
+        return module
+
+    def backward(self, tensor: Tensor, module: nn.Module | None, *args: Any, **kwargs: Any) -> None:
+        if self._evaluating:
+            return None
+        raise RuntimeError(FABRIC_CLOSURE_MESSAGE)
+
+    def _estimator(self, optimizer: Optimizer) -> PopulationEstimator:
+        estimator = self._estimators.get(id(optimizer))
+        if estimator is None:
+            names = {id(p): n for m in self._modules for n, p in m.named_parameters(remove_duplicate=False)}
+            params: list[Tensor] = []
+            for group in optimizer.param_groups:
+                params += [p for p in group["params"] if p.requires_grad and all(p is not q for q in params)]
+            estimator = PopulationEstimator(self.algorithm, self._modules, params, [names.get(id(p), "?") for p in params])
+            self._estimators[id(optimizer)] = estimator
+        return estimator
+
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+        if closure is None:
+            raise RuntimeError(FABRIC_CLOSURE_MESSAGE)
+        estimator = self._estimator(optimizer)
+        population = self.algorithm.ask(derive_seed(self.seed, self.steps))
+        rng = RngSnapshot(self.root_device)
+
+        def closure_loss() -> Tensor:
+            return scalar_loss(closure(), "the optimizer closure")
+
+        self._evaluating = True
+        try:
+            if not estimator.probed:
+                estimator.probe_parameter_reads(population, closure_loss)
+            fitness = estimator.evaluate(population, closure_loss, rng)
+        finally:
+            self._evaluating = False
+        self.steps += 1
+        estimate = self.algorithm.tell(population, self._all_reduce_mean(fitness))
+        for param in estimator.params:
+            param.grad = None
+        self.last_metrics = dict(estimate.stats, forwards_per_step=len(population), skipped_steps=self.skipped_steps)
+        loss = fitness[0]
+        if estimate.skipped:
+            self.skipped_steps += 1
+            self.last_metrics["skipped_steps"] = self.skipped_steps
+            return loss
+        assert estimate.coefficients is not None
+        estimator.accumulate_gradient(population, estimate.coefficients)
+        self.precision.optimizer_step(optimizer, **kwargs)
+        return loss
+
+    def _all_reduce_mean(self, fitness: Tensor) -> Tensor:
+        if not (dist.is_available() and dist.is_initialized()) or self.world_size == 1:
+            return fitness
+        on_device = fitness.to(self.root_device)
+        self.communicated_bytes += on_device.numel() * on_device.element_size()
+        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+        return on_device.div_(self.world_size).cpu()
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            "nobp_mezo",
+            cls,
+            description="Forward-only training with MeZO (two-sided SPSA), lightning_nobp",
+            override=True,
+            algorithm=MeZO(),
+        )

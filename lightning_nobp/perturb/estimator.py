@@ -1,0 +1,161 @@
+"""Evaluate an algorithm's population through any loss function and write the gradient estimate.
+
+This is the framework-free core shared by the Trainer and Fabric strategies: it knows parameters, modules, a
+loss callable and an :class:`~lightning_nobp.algorithms.Algorithm`, and nothing of Lightning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_nobp.algorithms.base import Algorithm, Member, Population
+from lightning_nobp.perturb.forward import ParameterOwners, ParameterReadProbe, PerturbedForward
+
+LossFn = Callable[[], Tensor]
+
+
+class RngSnapshot:
+    """The global RNG state of the CPU and of one accelerator, so every evaluation sees the same dropout masks.
+
+    Args:
+        device: the device whose generator is captured besides the CPU's.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu_state)
+        if self.cuda_state is not None:
+            torch.cuda.set_rng_state(self.cuda_state, self.device)
+
+
+def scalar_loss(value: object, where: str) -> Tensor:
+    """Check that ``value`` is a one-element tensor loss and return it detached.
+
+    Args:
+        value: what the user's code returned as its loss.
+        where: the name of the user's function, for the error message.
+    """
+    if value is None:
+        raise RuntimeError(
+            f"{where} returned None during a perturbed evaluation although the unperturbed pass returned a loss."
+            " NoBackpropStrategy re-evaluates the loss at perturbed weights: compute it the same way on every call."
+        )
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{where} must return a loss tensor (or a dict with a 'loss' tensor), got {type(value).__name__}")
+    if value.numel() != 1:
+        raise ValueError(
+            f"{where} returned a loss of shape {tuple(value.shape)}; forward-only training needs a scalar loss."
+            " Reduce it first, e.g. `loss = loss.mean()`."
+        )
+    return value.detach().reshape(())
+
+
+class PopulationEstimator:
+    """Runs one step of an algorithm's ask/evaluate/tell loop over given parameters.
+
+    Args:
+        algorithm: the estimator (``MeZO``, ...).
+        roots: the modules that own ``params`` (their forwards are hooked to perturb the parameters).
+        params: the parameters to train, in a fixed order: a parameter's position is its ``param_index``.
+        names: optional names of the parameters, for error messages.
+    """
+
+    def __init__(
+        self,
+        algorithm: Algorithm,
+        roots: Iterable[nn.Module],
+        params: Sequence[Tensor],
+        names: Sequence[str] | None = None,
+    ) -> None:
+        if len(params) == 0:
+            raise ValueError(
+                "NoBackpropStrategy found no trainable parameters: return an optimizer over the parameters to train"
+                " from `configure_optimizers` (parameters with requires_grad=True)."
+            )
+        self.algorithm = algorithm
+        self.params = list(params)
+        self.names = list(names) if names is not None else [f"param[{i}]" for i in range(len(self.params))]
+        self.owners = ParameterOwners(roots, self.params)
+        self.probed = False
+
+    def perturbation(self, population: Population, member: Member, probe: ParameterReadProbe | None = None) -> PerturbedForward:
+        """A context in which every parameter computes as ``theta + sigma * sign * E(member)``."""
+        scale = population.sigma * member.sign
+
+        def delta(index: int, stored: Tensor) -> Tensor:
+            return self.algorithm.noise(member.noise_seed, index, stored).mul_(scale)
+
+        return PerturbedForward(self.owners, delta, probe)
+
+    def probe_parameter_reads(self, population: Population, loss_fn: LossFn) -> None:
+        """Find parameters read outside their owner's forward, once, by watching perturbed evaluations."""
+        for _ in range(2):
+            probe = ParameterReadProbe(self.owners)
+            with torch.no_grad(), probe, self.perturbation(population, population.members[0], probe):
+                loss_fn()
+            missed = probe.read - self.owners.whole_evaluation
+            if not missed:
+                self.probed = True
+                return
+            self.owners.read_outside |= missed
+        names = ", ".join(self.names[i] for i in sorted(missed))
+        raise RuntimeError(
+            f"parameters {names} are read through a reference that cannot be perturbed (a cached copy of the"
+            " parameter). Read parameters through their module attribute at every call."
+        )
+
+    def evaluate(
+        self,
+        population: Population,
+        loss_fn: LossFn,
+        rng: RngSnapshot | None = None,
+        known: dict[int, Tensor] | None = None,
+    ) -> Tensor:
+        """The loss of every member, one perturbed evaluation each, as a float32 tensor ``[P]`` on the CPU.
+
+        Args:
+            population: what ``algorithm.ask`` returned.
+            loss_fn: evaluates the loss at the current (perturbed) weights.
+            rng: restored before each evaluation, so random layers behave identically for every member.
+            known: fitness of members already evaluated (e.g. the official training pass), by member index.
+        """
+        known = known or {}
+        fitness = torch.empty(len(population), dtype=torch.float32)
+        for index, member in enumerate(population.members):
+            if index in known:
+                fitness[index] = known[index].float().cpu()
+                continue
+            if rng is not None:
+                rng.restore()
+            with torch.no_grad(), self.perturbation(population, member):
+                fitness[index] = loss_fn().float().cpu()
+        return fitness
+
+    @torch.no_grad()
+    def accumulate_gradient(self, population: Population, coefficients: Tensor, scale: float = 1.0) -> None:
+        """``p.grad += scale * sum_i coefficients[i] * sign_i * E_i(p)`` for every parameter.
+
+        Members sharing a noise seed (antithetic pairs) are merged first, so each noise is regenerated once.
+        """
+        merged: dict[int, float] = {}
+        for member, coefficient in zip(population.members, coefficients.tolist()):
+            merged[member.noise_seed] = merged.get(member.noise_seed, 0.0) + coefficient * member.sign
+        for index, param in enumerate(self.params):
+            total: Tensor | None = None
+            for seed, coefficient in merged.items():
+                noise = self.algorithm.noise(seed, index, param)
+                total = noise.mul_(coefficient) if total is None else total.add_(noise, alpha=coefficient)
+            assert total is not None
+            if scale != 1.0:
+                total.mul_(scale)
+            if param.grad is None:
+                param.grad = total.to(param.dtype)
+            else:
+                param.grad.add_(total.to(param.grad.dtype))

@@ -1,0 +1,182 @@
+"""Make an unmodified module compute with perturbed parameters ``theta + delta`` without writing ``theta``.
+
+While a :class:`PerturbedForward` context is active, each tracked parameter is swapped for a freshly computed
+perturbed tensor only while the module that owns it runs its ``forward`` (a forward pre-hook swaps it in, a
+forward hook swaps the stored tensor back). At most one layer's perturbed parameters exist at a time, so the
+extra memory is one layer, and the stored parameter tensors are never written: after the context they are
+bit-identical to before, in every dtype.
+
+Parameters read outside their owner's ``forward`` (a bare ``nn.Parameter`` used in ``training_step``, a weight
+read by a parent module) are swapped for the whole evaluation instead. :class:`ParameterReadProbe` finds them:
+it watches one evaluation for torch calls that receive a stored (unperturbed) parameter.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+DeltaFn = Callable[[int, Tensor], Tensor]
+"""``delta(param_index, stored_param) -> Tensor``: the perturbation to add, in float32, shaped like the param."""
+
+
+class ParameterOwners:
+    """Which module holds which tracked parameter, by identity (tied parameters have several owners).
+
+    Args:
+        roots: modules whose submodules may own the parameters.
+        params: the tracked parameters; their position in this sequence is their ``param_index``.
+    """
+
+    def __init__(self, roots: Iterable[nn.Module], params: Sequence[Tensor]) -> None:
+        self.params = list(params)
+        index_of = {id(p): i for i, p in enumerate(self.params)}
+        self.slots: dict[nn.Module, list[tuple[str, int]]] = defaultdict(list)
+        seen_modules: set[int] = set()
+        owned: set[int] = set()
+        for root in roots:
+            for module in root.modules():
+                if id(module) in seen_modules:
+                    continue
+                seen_modules.add(id(module))
+                for name, param in module._parameters.items():
+                    if param is not None and id(param) in index_of:
+                        self.slots[module].append((name, index_of[id(param)]))
+                        owned.add(index_of[id(param)])
+        #: parameters that no module holds (swapped for the whole evaluation)
+        self.unowned: set[int] = set(range(len(self.params))) - owned
+        #: parameters also read outside their owner's forward (found by ParameterReadProbe)
+        self.read_outside: set[int] = set()
+
+    @property
+    def whole_evaluation(self) -> set[int]:
+        """Indices of the parameters that must stay swapped for the whole evaluation."""
+        return self.unowned | self.read_outside
+
+
+def perturbed_value(stored: Tensor, delta: Tensor) -> Tensor:
+    """``stored + delta`` computed in float32 (at least) and returned in the stored dtype; ``stored`` is not written."""
+    if stored.dtype == torch.float64:
+        return stored + delta.to(torch.float64)
+    return (stored.to(torch.float32) + delta).to(stored.dtype)
+
+
+class PerturbedForward:
+    """Context manager: the tracked parameters compute as ``theta + delta(param_index, theta)`` in every forward.
+
+    Args:
+        owners: the parameter-to-module map (built once, reused every step).
+        delta: returns the perturbation of one parameter; called each time the owner's forward runs.
+        probe: an active :class:`ParameterReadProbe` to pause while the perturbed values are computed.
+    """
+
+    def __init__(self, owners: ParameterOwners, delta: DeltaFn, probe: ParameterReadProbe | None = None) -> None:
+        self.owners = owners
+        self.delta = delta
+        self.probe = probe
+        self._handles: list[Any] = []
+        self._saved_whole: list[tuple[nn.Module, str, Tensor]] = []
+        self._depth: dict[nn.Module, int] = defaultdict(int)
+        self._saved_layer: dict[nn.Module, list[tuple[str, Tensor]]] = {}
+
+    def _value(self, index: int) -> Tensor:
+        stored = self.owners.params[index]
+        if self.probe is not None:
+            self.probe.paused = True
+        try:
+            with torch.no_grad():
+                return perturbed_value(stored, self.delta(index, stored))
+        finally:
+            if self.probe is not None:
+                self.probe.paused = False
+
+    def __enter__(self) -> PerturbedForward:
+        whole = self.owners.whole_evaluation
+        values: dict[int, Tensor] = {}
+        for module, slots in self.owners.slots.items():
+            layer_slots = [(name, index) for name, index in slots if index not in whole]
+            if layer_slots:
+                self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(layer_slots)))
+                self._handles.append(module.register_forward_hook(self._restore_hook, always_call=True))
+            for name, index in slots:
+                if index in whole:
+                    if index not in values:
+                        values[index] = self._value(index)
+                    self._saved_whole.append((module, name, module._parameters[name]))
+                    module._parameters[name] = values[index]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module, saved in self._saved_layer.items():  # an exception inside a forward
+            for name, stored in saved:
+                module._parameters[name] = stored
+        self._saved_layer.clear()
+        self._depth.clear()
+        for module, name, stored in self._saved_whole:
+            module._parameters[name] = stored
+        self._saved_whole.clear()
+
+    def _make_pre_hook(self, slots: list[tuple[str, int]]) -> Callable[[nn.Module, Any], None]:
+        def pre_hook(module: nn.Module, args: Any) -> None:
+            self._depth[module] += 1
+            if self._depth[module] > 1:  # re-entrant call: already swapped
+                return
+            self._saved_layer[module] = [(name, module._parameters[name]) for name, _ in slots]
+            for name, index in slots:
+                module._parameters[name] = self._value(index)
+
+        return pre_hook
+
+    def _restore_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._depth[module] -= 1
+        if self._depth[module] > 0:
+            return
+        for name, stored in self._saved_layer.pop(module, []):
+            module._parameters[name] = stored
+
+
+_METADATA_CALLS = frozenset({"__get__", "size", "dim", "numel", "data_ptr", "is_floating_point", "element_size"})
+
+
+class ParameterReadProbe(TorchFunctionMode):
+    """Records stored parameters that reach a torch call while a perturbation is active.
+
+    A stored parameter reaching a torch call means the call sees ``theta`` instead of ``theta + delta``: the
+    parameter is read outside its owner's forward and must be swapped for the whole evaluation.
+
+    Args:
+        owners: the parameter map whose parameters to watch.
+    """
+
+    def __init__(self, owners: ParameterOwners) -> None:
+        super().__init__()
+        self._index_of = {id(p): i for i, p in enumerate(owners.params)}
+        self.read: set[int] = set()
+        self.paused = False
+
+    def _scan(self, value: Any) -> None:
+        if isinstance(value, Tensor):
+            index = self._index_of.get(id(value))
+            if index is not None:
+                self.read.add(index)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, Tensor):
+                    self._scan(item)
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if not self.paused and getattr(func, "__name__", "") not in _METADATA_CALLS:
+            for value in args:
+                self._scan(value)
+            for value in kwargs.values():
+                self._scan(value)
+        return func(*args, **kwargs)

@@ -1,0 +1,303 @@
+"""``NoBackpropStrategy`` for the Trainer: the user's LightningModule trains by forward passes only.
+
+The official ``training_step`` runs under ``torch.no_grad()`` and is logged as usual. ``backward`` evaluates the
+loss at perturbed weights and writes the algorithm's gradient estimate into ``p.grad``, so the user's optimizer,
+LR scheduler, gradient clipping, gradient accumulation, callbacks and checkpointing keep working. With several
+processes each rank evaluates the same perturbations on its own data and only the loss scalars are all-reduced.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any, Callable, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.core.optimizer import do_nothing_closure
+from lightning.pytorch.overrides.distributed import _sync_module_states
+from lightning.pytorch.plugins.precision import Precision
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_nobp.algorithms import Algorithm, MeZO, Population, derive_seed
+from lightning_nobp.perturb import PopulationEstimator, RngSnapshot, scalar_loss
+from lightning_nobp.pytorch.logging import is_logging_step, log_step_metrics, loss_from_step_output, muted_logging
+
+MANUAL_BACKWARD_MESSAGE = (
+    "NoBackpropStrategy trains without backpropagation, so `manual_backward(loss)` has nothing to do on its own."
+    " Put the loss computation in a closure and pass it to the optimizer, which re-evaluates it at perturbed"
+    " weights:\n    def closure():\n        loss = ...\n        self.manual_backward(loss)\n        return loss\n"
+    "    optimizer.step(closure)\nor use automatic optimization (the default) and return the loss from training_step."
+)
+
+PROGRESS_BAR_METRICS = frozenset({"nobp/projected_grad", "nobp/skipped_steps"})
+
+
+class NoBackpropStrategy(DDPStrategy):
+    """Train an unmodified LightningModule without backpropagation, on one device or many processes.
+
+    Args:
+        algorithm: the forward-only estimator; ``MeZO()`` when omitted.
+        seed: base seed of every perturbation (counter-derived per step, member and parameter). ``None`` takes the
+            seed of ``lightning.seed_everything`` (``PL_GLOBAL_SEED``), else 0.
+        reuse_official_pass: evaluate the official ``training_step`` at the first member's perturbed weights and
+            reuse its loss as that member's fitness (MeZO: 2 forwards per step instead of 3; the logged training
+            loss is then measured at ``theta + eps*z``). ``False`` logs the loss at the unperturbed weights.
+        accelerator: see ``lightning.pytorch.strategies.DDPStrategy``.
+        parallel_devices: see ``DDPStrategy``.
+        cluster_environment: see ``DDPStrategy``.
+        checkpoint_io: see ``DDPStrategy``.
+        precision_plugin: see ``DDPStrategy``.
+        process_group_backend: ``"gloo"`` or ``"nccl"``; chosen from the device when omitted.
+        timeout: timeout of collective operations.
+        start_method: how extra processes start with several devices: ``"popen"`` (re-run the script), ``"spawn"``,
+            ``"fork"`` or ``"forkserver"``.
+    """
+
+    strategy_name = "nobp"
+
+    def __init__(
+        self,
+        algorithm: Algorithm | None = None,
+        seed: int | None = None,
+        reuse_official_pass: bool = True,
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        self.algorithm: Algorithm = algorithm if algorithm is not None else MeZO()
+        self._seed = seed
+        self.reuse_official_pass = reuse_official_pass
+        self.skipped_steps = 0
+        #: bytes this process sent through collectives for the estimates (fitness scalars only)
+        self.communicated_bytes = 0
+        self._estimators: dict[int, PopulationEstimator] = {}
+        self._window_poisoned = False
+        self._evaluating = False
+        self._step: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ processes: no DDP wrapper, no gradients
+    @property
+    def _single_process(self) -> bool:
+        return self.num_nodes * self.num_processes <= 1
+
+    def _configure_launcher(self) -> None:
+        if self._single_process:
+            self._launcher = None
+        else:
+            super()._configure_launcher()
+
+    def setup_distributed(self) -> None:
+        if self._single_process:
+            self.set_world_ranks()
+            self._process_group_backend = self._get_process_group_backend()
+            return
+        super().setup_distributed()
+
+    def setup(self, trainer: Trainer) -> None:
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        if scaler is not None:
+            raise ValueError(
+                "NoBackpropStrategy cannot train with `precision='16-mixed'`: its gradient scaler would unscale the"
+                " forward-only estimate and skip steps on its own inf checks. Use `precision='bf16-mixed'`,"
+                " `'bf16-true'` or `'32-true'`."
+            )
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        # every rank applies the identical update from seeds and scalars: no DDP wrapper, no gradient all-reduce;
+        # the ranks only need the same initial weights
+        if dist.is_available() and dist.is_initialized():
+            _sync_module_states(self.model)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if fitting:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    @property
+    def seed(self) -> int:
+        """The base seed of all perturbations."""
+        if self._seed is not None:
+            return self._seed
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    # ------------------------------------------------------------------ estimators
+    def _estimator(self, optimizer: Optimizer) -> PopulationEstimator:
+        estimator = self._estimators.get(id(optimizer))
+        if estimator is None:
+            module = self.lightning_module
+            names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+            params, seen = [], set()
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    if param.requires_grad and id(param) not in seen:
+                        seen.add(id(param))
+                        params.append(param)
+            estimator = PopulationEstimator(self.algorithm, [module], params, [names.get(id(p), "?") for p in params])
+            self._estimators[id(optimizer)] = estimator
+        return estimator
+
+    def _step_seed(self) -> int:
+        trainer = self.lightning_module.trainer
+        micro_batches = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        return derive_seed(self.seed, trainer.global_step, micro_batches)
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._estimators.clear()
+        if not self.optimizers:
+            raise ValueError(
+                "NoBackpropStrategy found no optimizer: return one over the parameters to train from"
+                " `configure_optimizers`; its lr, weight decay and scheduler drive the update."
+            )
+        for optimizer in self.optimizers:
+            self._estimator(optimizer)  # raises if the optimizer has no trainable parameters
+
+    # ------------------------------------------------------------------ automatic optimization
+    def _perturbed_training_loss(self) -> Tensor:
+        args, kwargs = self._step["args"]
+        module = self.lightning_module
+        with self.precision_plugin.train_step_context(), muted_logging(module):
+            output = module.training_step(*args, **kwargs)
+        return scalar_loss(loss_from_step_output(output), "training_step")
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.lightning_module
+        if not module.automatic_optimization:
+            with torch.no_grad():
+                return super().training_step(*args, **kwargs)
+        optimizer = self.optimizers[0]
+        estimator = self._estimator(optimizer)
+        population = self.algorithm.ask(self._step_seed())
+        rng = RngSnapshot(self.root_device)
+        self._step = {"args": (args, kwargs), "population": population, "rng": rng, "known": {}}
+        with torch.no_grad():
+            if not estimator.probed:
+                estimator.probe_parameter_reads(population, self._perturbed_training_loss)
+                rng.restore()
+            if self.reuse_official_pass:
+                with estimator.perturbation(population, population.members[0]):
+                    output = super().training_step(*args, **kwargs)
+                loss = loss_from_step_output(output)
+                if isinstance(loss, Tensor) and loss.numel() == 1:
+                    self._step["known"] = {0: loss.detach().reshape(())}
+            else:
+                output = super().training_step(*args, **kwargs)
+        self._step["rng_after"] = RngSnapshot(self.root_device)
+        return output
+
+    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        if self._evaluating:  # manual optimization: the user's closure calls manual_backward during our evaluation
+            return closure_loss
+        if optimizer is None:
+            raise RuntimeError(MANUAL_BACKWARD_MESSAGE)
+        scalar_loss(closure_loss, "training_step")
+        module = self.lightning_module
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        trainer = module.trainer
+        estimator = self._estimator(optimizer)
+        population: Population = self._step["population"]
+        fitness = estimator.evaluate(population, self._perturbed_training_loss, self._step["rng"], self._step["known"])
+        self._step["rng_after"].restore()
+        estimate = self.algorithm.tell(population, self._all_reduce_mean(fitness))
+        accumulating = trainer.fit_loop._should_accumulate()
+        if estimate.skipped or self._window_poisoned:
+            self._window_poisoned = accumulating
+            if not accumulating:  # end of the accumulation window: skip the whole optimizer step
+                for param in estimator.params:
+                    param.grad = None
+                self.skipped_steps += 1
+        else:
+            assert estimate.coefficients is not None
+            estimator.accumulate_gradient(population, estimate.coefficients, 1.0 / trainer.accumulate_grad_batches)
+        if is_logging_step(trainer):
+            metrics = dict(estimate.stats)
+            metrics["forwards_per_step"] = len(population) + (0 if self._step["known"] else 1)
+            metrics["skipped_steps"] = self.skipped_steps
+            log_step_metrics(module, {f"nobp/{k}": v for k, v in metrics.items()}, PROGRESS_BAR_METRICS)
+        return self.precision_plugin.post_backward(closure_loss, module)
+
+    # ------------------------------------------------------------------ manual optimization
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: LightningModule | torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        module = self.lightning_module
+        if module.automatic_optimization:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        if closure is do_nothing_closure:
+            raise RuntimeError(MANUAL_BACKWARD_MESSAGE)
+        estimator = self._estimator(optimizer)
+        trainer = module.trainer
+        population = self.algorithm.ask(derive_seed(self.seed, trainer.global_step, 1 << 32))
+        rng = RngSnapshot(self.root_device)
+
+        def closure_loss() -> Tensor:
+            return scalar_loss(closure(), "the optimizer closure")
+
+        self._evaluating = True
+        try:
+            if not estimator.probed:
+                estimator.probe_parameter_reads(population, closure_loss)
+            fitness = estimator.evaluate(population, closure_loss, rng)
+        finally:
+            self._evaluating = False
+        estimate = self.algorithm.tell(population, self._all_reduce_mean(fitness))
+        for param in estimator.params:
+            param.grad = None
+        if estimate.skipped:
+            self.skipped_steps += 1
+            return fitness[0]
+        assert estimate.coefficients is not None
+        estimator.accumulate_gradient(population, estimate.coefficients)
+        loss = fitness[0]
+        return super().optimizer_step(optimizer, lambda: loss, model, **kwargs)
+
+    # ------------------------------------------------------------------ scalars across processes
+    def _all_reduce_mean(self, fitness: Tensor) -> Tensor:
+        if not (dist.is_available() and dist.is_initialized()) or self.world_size == 1:
+            return fitness
+        on_device = fitness.to(self.root_device)
+        self.communicated_bytes += on_device.numel() * on_device.element_size()
+        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+        return on_device.div_(self.world_size).cpu()
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            "nobp_mezo",
+            cls,
+            description="Forward-only training with MeZO (two-sided SPSA), lightning_nobp",
+            override=True,
+            algorithm=MeZO(),
+        )
+

@@ -1,0 +1,151 @@
+"""The perturbation mechanism: every layer type computes with theta + delta, stored weights stay bit-identical."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_nobp.algorithms import MeZO
+from lightning_nobp.perturb import ParameterOwners, PopulationEstimator, PerturbedForward
+from lightning_nobp.perturb.forward import perturbed_value
+
+
+class EveryLayer(nn.Module):
+    """Linear, Embedding, Conv2d, MultiheadAttention, LayerNorm, biases, a bare Parameter and a tied weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 8)
+        self.conv = nn.Conv2d(1, 2, kernel_size=3, padding=1)
+        self.attn = nn.MultiheadAttention(8, num_heads=2, batch_first=True)
+        self.norm = nn.LayerNorm(8)
+        self.proj = nn.Linear(8 + 2 * 4 * 4, 8)
+        self.head = nn.Linear(8, 11, bias=False)
+        self.head.weight = self.embed.weight  # tied
+        self.scale = nn.Parameter(torch.ones(8))  # bare parameter of the root module
+
+    def forward(self, tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        h, _ = self.attn(h, h, h, need_weights=False)
+        h = self.norm(h) * self.scale
+        pooled = self.conv(image).flatten(1)
+        h = self.proj(torch.cat([h.mean(1), pooled], dim=1))
+        return self.head(h)
+
+
+def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, 11, (3, 5), generator=generator), torch.randn(3, 1, 4, 4, generator=generator)
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    return list(module.parameters())  # deduplicated: the tied weight appears once
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_layer_computes_with_the_perturbed_weights_and_storage_is_untouched(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    model = EveryLayer().to(dtype)
+    tokens, image = inputs()
+    image = image.to(dtype)
+    params = trainable(model)
+    before = snapshot(model)
+    storage = {name: p.data_ptr() for name, p in model.named_parameters()}
+    algorithm = MeZO(eps=1e-2)
+    estimator = PopulationEstimator(algorithm, [model], params)
+    population = algorithm.ask(3)
+    member = population.members[1]
+
+    # the reference: a copy whose parameters really hold theta + eps * sign * z
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for index, (p, q) in enumerate(zip(params, trainable(reference))):
+            delta = algorithm.noise(member.noise_seed, index, p) * (population.sigma * member.sign)
+            q.copy_(perturbed_value(p, delta))
+        expected = reference(tokens, image)
+        clean = model(tokens, image)
+
+    estimator.probe_parameter_reads(population, lambda: model(tokens, image).float().sum())
+    with torch.no_grad(), estimator.perturbation(population, member):
+        got = model(tokens, image)
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, clean)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+        assert p.data_ptr() == storage[name], name
+        assert isinstance(p, nn.Parameter)
+
+
+def test_only_the_running_layer_is_swapped() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    params = trainable(model)
+    seen: list[bool] = []
+
+    def spy(module: nn.Module, args: object) -> None:
+        seen.append(model[0].weight is params[0])  # layer 0 holds its stored weight while layer 1 runs
+
+    model[1].register_forward_pre_hook(spy)
+    algorithm = MeZO()
+    estimator = PopulationEstimator(algorithm, [model], params)
+    population = algorithm.ask(0)
+    with torch.no_grad(), estimator.perturbation(population, population.members[0]):
+        model(torch.randn(2, 4))
+    assert seen == [True]
+
+
+def test_parameters_read_outside_their_module_are_found_and_perturbed() -> None:
+    class ReadsChildWeight(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x) + x @ self.inner.weight.t()  # second read bypasses inner's forward
+
+    model = ReadsChildWeight()
+    params = trainable(model)
+    algorithm = MeZO(eps=1e-2)
+    estimator = PopulationEstimator(algorithm, [model], params)
+    population = algorithm.ask(0)
+    member = population.members[0]
+    x = torch.randn(2, 4)
+    estimator.probe_parameter_reads(population, lambda: model(x).sum())
+    assert estimator.owners.read_outside == {0}  # the weight, not the bias
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for index, (p, q) in enumerate(zip(params, trainable(reference))):
+            q.add_(algorithm.noise(member.noise_seed, index, p) * population.sigma)
+        expected = reference(x)
+        with estimator.perturbation(population, member):
+            got = model(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_an_exception_inside_a_forward_restores_the_stored_weights() -> None:
+    class Failing(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            assert not isinstance(self.weight, nn.Parameter)  # the perturbed weight is swapped in
+            raise RuntimeError("boom")
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), Failing(4, 4))
+    params = trainable(model)
+    before = snapshot(model)
+    owners = ParameterOwners([model], params)
+    with pytest.raises(RuntimeError, match="boom"):
+        with torch.no_grad(), PerturbedForward(owners, lambda i, p: torch.ones_like(p, dtype=torch.float32)):
+            model(torch.randn(2, 4))
+    for name, p in model.named_parameters():
+        assert p is dict(model.named_parameters())[name] and torch.equal(p, before[name])
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+
+
+def test_no_trainable_parameters_is_refused_with_the_fix() -> None:
+    with pytest.raises(ValueError, match="configure_optimizers"):
+        PopulationEstimator(MeZO(), [nn.Linear(2, 2)], [])
