@@ -126,6 +126,10 @@ class NoBackpropStrategy(DDPStrategy):
                 " `'bf16-true'` or `'32-true'`."
             )
         assert self.accelerator is not None and self.model is not None
+        if self._single_process:
+            # one process: keep the user's own samplers (Lightning would insert a DistributedSampler because this
+            # class derives from DDPStrategy, changing the data order and breaking exact resume)
+            trainer._accelerator_connector.use_distributed_sampler = False
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
