@@ -15,6 +15,7 @@ from lightning_nobp.algorithms.base import Algorithm, Member, Population
 from lightning_nobp.perturb.forward import ParameterOwners, ParameterReadProbe, PerturbedForward
 
 LossFn = Callable[[], Tensor]
+"""Evaluates the loss at the current (possibly perturbed) weights."""
 
 
 class RngSnapshot:
@@ -94,12 +95,17 @@ class PopulationEstimator:
 
         return PerturbedForward(self.owners, delta, probe)
 
-    def probe_parameter_reads(self, population: Population, loss_fn: LossFn) -> None:
-        """Find parameters read outside their owner's forward, once, by watching perturbed evaluations."""
+    def probe_parameter_reads(self, population: Population, evaluation: Callable[[], object]) -> None:
+        """Find parameters read outside their owner's forward, once, by watching perturbed evaluations.
+
+        Args:
+            population: the current population (its first member perturbs the weights during the probe).
+            evaluation: runs the user's computation once; its result is ignored.
+        """
         for _ in range(2):
             probe = ParameterReadProbe(self.owners)
             with torch.no_grad(), probe, self.perturbation(population, population.members[0], probe):
-                loss_fn()
+                evaluation()
             missed = probe.read - self.owners.whole_evaluation
             if not missed:
                 self.probed = True

@@ -184,12 +184,14 @@ class NoBackpropStrategy(DDPStrategy):
             self._estimator(optimizer)  # raises if the optimizer has no trainable parameters
 
     # ------------------------------------------------------------------ automatic optimization
-    def _perturbed_training_loss(self) -> Tensor:
+    def _muted_training_step(self) -> Any:
         args, kwargs = self._step["args"]
         module = self.lightning_module
         with self.precision_plugin.train_step_context(), muted_logging(module):
-            output = module.training_step(*args, **kwargs)
-        return scalar_loss(loss_from_step_output(output), "training_step")
+            return module.training_step(*args, **kwargs)
+
+    def _perturbed_training_loss(self) -> Tensor:
+        return scalar_loss(loss_from_step_output(self._muted_training_step()), "training_step")
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         module = self.lightning_module
@@ -203,7 +205,7 @@ class NoBackpropStrategy(DDPStrategy):
         self._step = {"args": (args, kwargs), "population": population, "rng": rng, "known": {}}
         with torch.no_grad():
             if not estimator.probed:
-                estimator.probe_parameter_reads(population, self._perturbed_training_loss)
+                estimator.probe_parameter_reads(population, self._muted_training_step)
                 rng.restore()
             if self.reuse_official_pass:
                 with estimator.perturbation(population, population.members[0]):
