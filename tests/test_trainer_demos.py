@@ -3,7 +3,8 @@
 The demos hard-code SGD with lr=0.1, a backprop learning rate. A MeZO estimate has about sqrt(d) times the norm
 of the true gradient (d parameters), so at such a learning rate these runs clip the estimate by norm with the
 Trainer's own ``gradient_clip_val``, as a user would; the modules themselves are unchanged. (BoringModel's
-batch-size-1 SGD at lr 0.1 diverges even with backprop: its loss rose from 79 to 4,600 in 4 epochs here.)
+batch-size-1 SGD at lr 0.1 diverges even with backprop: its training loss rose from 79 to 4,600 in 4 epochs
+here.)
 """
 
 from __future__ import annotations
@@ -36,20 +37,30 @@ def mean(values: list[float]) -> float:
 
 
 def test_boring_model_fits_and_its_loss_goes_down(no_backprop: None) -> None:
+    """BoringModel trains on single samples with its own SGD(lr=0.1) and StepLR(gamma=0.1 per epoch).
+
+    Averaging 16 directions per step and clipping at 0.5 tames the per-sample estimate; the loss over the whole
+    dataset goes down (measured 1.34 -> 1.13, 1.42 -> 1.07, 0.97 -> 0.74 and 1.41 -> 1.14 for seeds 0-3).
+    """
     pl.seed_everything(0)
-    recorder = LossRecorder()
+    model = BoringModel()
+    samples = torch.cat(list(model.train_dataloader()))
+
+    def dataset_loss() -> float:
+        with torch.no_grad():
+            return float(model.loss(model(samples)))
+
+    before = dataset_loss()
     trainer = pl.Trainer(
-        strategy=NoBackpropStrategy(algorithm=MeZO(eps=1e-3)),
-        max_epochs=8,
+        strategy=NoBackpropStrategy(algorithm=MeZO(eps=1e-3, directions=16)),
+        max_epochs=3,
         limit_val_batches=2,
-        gradient_clip_val=1.0,
-        callbacks=[recorder],
+        gradient_clip_val=0.5,
         **quiet_trainer_kwargs(),
     )
-    trainer.fit(BoringModel())  # dict output, SGD + StepLR, its own dataloaders
-    assert trainer.global_step == 8 * 64
-    assert all(torch.isfinite(torch.tensor(recorder.losses)))
-    assert mean(recorder.losses[-64:]) < 0.95 * mean(recorder.losses[:64])
+    trainer.fit(model)  # dict output, SGD + StepLR, its own dataloaders, validation loop
+    assert trainer.global_step == 3 * 64
+    assert dataset_loss() < 0.9 * before
 
 
 class OfflineTransformer(LightningTransformer):

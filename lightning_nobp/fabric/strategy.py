@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_nobp.algorithms import Algorithm, MeZO, derive_seed
-from lightning_nobp.perturb import PopulationEstimator, RngSnapshot, scalar_loss
+from lightning_nobp.fabric.engine import ForwardOnlyEngine, UpdatePath
 
 FABRIC_CLOSURE_MESSAGE = (
     "NoBackpropStrategy trains without backpropagation: `fabric.backward(loss)` cannot compute gradients on its own."
@@ -35,8 +35,12 @@ FABRIC_CLOSURE_MESSAGE = (
 class NoBackpropStrategy(DDPStrategy):
     """Fabric strategy that replaces backpropagation by a forward-only estimate, on one device or many processes.
 
+    Fabric scripts call ``fabric.launch()`` as for any DDP-family strategy (also with one device).
+
     Args:
         algorithm: the forward-only estimator; ``MeZO()`` when omitted.
+        update: ``"grad"`` (the estimate goes into ``p.grad`` and the user's optimizer steps) or ``"direct"``
+            (applied in place as plain SGD with the optimizer's lr and weight decay; no gradient buffers).
         seed: base seed of every perturbation. ``None`` takes ``PL_GLOBAL_SEED`` (set by ``seed_everything``), else 0.
         accelerator: see ``lightning.fabric.strategies.DDPStrategy``.
         parallel_devices: see ``DDPStrategy``.
@@ -51,6 +55,7 @@ class NoBackpropStrategy(DDPStrategy):
     def __init__(
         self,
         algorithm: Algorithm | None = None,
+        update: UpdatePath = "grad",
         seed: int | None = None,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -71,17 +76,25 @@ class NoBackpropStrategy(DDPStrategy):
             timeout=timeout,
             start_method=start_method,
         )
-        self.algorithm: Algorithm = algorithm if algorithm is not None else MeZO()
+        self.engine = ForwardOnlyEngine(algorithm if algorithm is not None else MeZO(), update)
         self._seed = seed
         #: optimizer steps taken so far; part of every perturbation's seed (save it to resume bit-exactly)
         self.steps = 0
-        self.skipped_steps = 0
-        self.communicated_bytes = 0
         #: the estimate's statistics of the last step (``projected_grad``, ``loss_spread``, ...), for logging
         self.last_metrics: dict[str, float] = {}
         self._modules: list[nn.Module] = []
-        self._estimators: dict[int, PopulationEstimator] = {}
-        self._evaluating = False
+
+    @property
+    def algorithm(self) -> Algorithm:
+        return self.engine.algorithm
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.engine.skipped_steps
+
+    @property
+    def communicated_bytes(self) -> int:
+        return self.engine.communicated_bytes
 
     @property
     def seed(self) -> int:
@@ -112,64 +125,28 @@ class NoBackpropStrategy(DDPStrategy):
             for tensor in list(module.parameters()) + list(module.buffers()):
                 dist.broadcast(tensor.data, src=0)
         self._modules.append(module)
-        self._estimators.clear()
+        self.engine.reset()
         return module
 
     def backward(self, tensor: Tensor, module: nn.Module | None, *args: Any, **kwargs: Any) -> None:
-        if self._evaluating:
+        if self.engine.evaluating:
             return None
         raise RuntimeError(FABRIC_CLOSURE_MESSAGE)
 
-    def _estimator(self, optimizer: Optimizer) -> PopulationEstimator:
-        estimator = self._estimators.get(id(optimizer))
-        if estimator is None:
-            names = {id(p): n for m in self._modules for n, p in m.named_parameters(remove_duplicate=False)}
-            params: list[Tensor] = []
-            for group in optimizer.param_groups:
-                params += [p for p in group["params"] if p.requires_grad and all(p is not q for q in params)]
-            estimator = PopulationEstimator(self.algorithm, self._modules, params, [names.get(id(p), "?") for p in params])
-            self._estimators[id(optimizer)] = estimator
-        return estimator
-
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+        """Evaluate ``closure`` at every member's perturbed weights, write the estimate, step; returns the loss."""
         if closure is None:
             raise RuntimeError(FABRIC_CLOSURE_MESSAGE)
-        estimator = self._estimator(optimizer)
-        population = self.algorithm.ask(derive_seed(self.seed, self.steps))
-        rng = RngSnapshot(self.root_device)
-
-        def closure_loss() -> Tensor:
-            return scalar_loss(closure(), "the optimizer closure")
-
-        self._evaluating = True
-        try:
-            if not estimator.probed:
-                estimator.probe_parameter_reads(population, closure_loss)
-            fitness = estimator.evaluate(population, closure_loss, rng)
-        finally:
-            self._evaluating = False
+        loss, estimate = self.engine.closure_step(
+            optimizer, self._modules, closure, derive_seed(self.seed, self.steps), self.root_device
+        )
         self.steps += 1
-        estimate = self.algorithm.tell(population, self._all_reduce_mean(fitness))
-        for param in estimator.params:
-            param.grad = None
-        self.last_metrics = dict(estimate.stats, forwards_per_step=len(population), skipped_steps=self.skipped_steps)
-        loss = fitness[0]
-        if estimate.skipped:
-            self.skipped_steps += 1
-            self.last_metrics["skipped_steps"] = self.skipped_steps
-            return loss
-        assert estimate.coefficients is not None
-        estimator.accumulate_gradient(population, estimate.coefficients)
-        self.precision.optimizer_step(optimizer, **kwargs)
+        self.last_metrics = dict(
+            estimate.stats, forwards_per_step=self.algorithm.forwards_per_step, skipped_steps=self.skipped_steps
+        )
+        if not estimate.skipped and self.engine.update == "grad":
+            self.precision.optimizer_step(optimizer, **kwargs)
         return loss
-
-    def _all_reduce_mean(self, fitness: Tensor) -> Tensor:
-        if not (dist.is_available() and dist.is_initialized()) or self.world_size == 1:
-            return fitness
-        on_device = fitness.to(self.root_device)
-        self.communicated_bytes += on_device.numel() * on_device.element_size()
-        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
-        return on_device.div_(self.world_size).cpu()
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:

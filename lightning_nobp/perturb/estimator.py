@@ -12,6 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_nobp.algorithms.base import Algorithm, Member, Population
+from lightning_nobp.algorithms.seeds import derive_seed
+from lightning_nobp.kernels.stochastic_rounding import stochastic_round
 from lightning_nobp.perturb.forward import ParameterOwners, ParameterReadProbe, PerturbedForward
 
 LossFn = Callable[[], Tensor]
@@ -144,24 +146,54 @@ class PopulationEstimator:
                 fitness[index] = loss_fn().float().cpu()
         return fitness
 
-    @torch.no_grad()
-    def accumulate_gradient(self, population: Population, coefficients: Tensor, scale: float = 1.0) -> None:
-        """``p.grad += scale * sum_i coefficients[i] * sign_i * E_i(p)`` for every parameter.
+    def _estimate_of(self, index: int, terms: Sequence[tuple[Population, Tensor]]) -> Tensor:
+        """The float32 estimate of parameter ``index``: ``sum over terms of sum_i c_i sign_i E_i``.
 
         Members sharing a noise seed (antithetic pairs) are merged first, so each noise is regenerated once.
         """
         merged: dict[int, float] = {}
-        for member, coefficient in zip(population.members, coefficients.tolist()):
-            merged[member.noise_seed] = merged.get(member.noise_seed, 0.0) + coefficient * member.sign
+        for population, coefficients in terms:
+            for member, coefficient in zip(population.members, coefficients.tolist()):
+                merged[member.noise_seed] = merged.get(member.noise_seed, 0.0) + coefficient * member.sign
+        param = self.params[index]
+        total = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+        for seed, coefficient in merged.items():
+            if coefficient != 0.0:
+                total.add_(self.algorithm.noise(seed, index, param), alpha=coefficient)
+        return total
+
+    @torch.no_grad()
+    def accumulate_gradient(self, population: Population, coefficients: Tensor, scale: float = 1.0) -> None:
+        """``.grad`` path: ``p.grad += scale * sum_i coefficients[i] * sign_i * E_i(p)`` for every parameter."""
         for index, param in enumerate(self.params):
-            total: Tensor | None = None
-            for seed, coefficient in merged.items():
-                noise = self.algorithm.noise(seed, index, param)
-                total = noise.mul_(coefficient) if total is None else total.add_(noise, alpha=coefficient)
-            assert total is not None
+            total = self._estimate_of(index, [(population, coefficients)])
             if scale != 1.0:
                 total.mul_(scale)
             if param.grad is None:
                 param.grad = total.to(param.dtype)
             else:
                 param.grad.add_(total.to(param.grad.dtype))
+
+    @torch.no_grad()
+    def apply_update(
+        self,
+        terms: Sequence[tuple[Population, Tensor]],
+        hyperparameters: Sequence[tuple[float, float]],
+        rounding_seed: int,
+    ) -> None:
+        """Direct path: ``p <- p - lr * (estimate + weight_decay * p)`` in place, with no ``.grad`` buffer.
+
+        The new value is computed in float32 and written back with stochastic rounding where the parameter is
+        stored in lower precision, so updates smaller than the dtype's grid step are kept on average.
+
+        Args:
+            terms: ``(population, coefficients)`` of every micro-batch of the step (gradient accumulation).
+            hyperparameters: ``(lr, weight_decay)`` of every parameter, in parameter order.
+            rounding_seed: counter-derived seed of the stochastic rounding (one stream per parameter).
+        """
+        for index, (param, (lr, weight_decay)) in enumerate(zip(self.params, hyperparameters)):
+            estimate = self._estimate_of(index, terms)
+            if weight_decay:
+                estimate.add_(param.float(), alpha=weight_decay)
+            updated = param.float().sub_(estimate, alpha=lr)
+            param.copy_(stochastic_round(updated, param.dtype, derive_seed(rounding_seed, index)))

@@ -1,9 +1,10 @@
 """``NoBackpropStrategy`` for the Trainer: the user's LightningModule trains by forward passes only.
 
 The official ``training_step`` runs under ``torch.no_grad()`` and is logged as usual. ``backward`` evaluates the
-loss at perturbed weights and writes the algorithm's gradient estimate into ``p.grad``, so the user's optimizer,
-LR scheduler, gradient clipping, gradient accumulation, callbacks and checkpointing keep working. With several
-processes each rank evaluates the same perturbations on its own data and only the loss scalars are all-reduced.
+loss at perturbed weights and writes the algorithm's gradient estimate into ``p.grad`` (or, with
+``update="direct"``, into the weights), so the user's optimizer, LR scheduler, gradient clipping, gradient
+accumulation, callbacks and checkpointing keep working. With several processes each rank evaluates the same
+perturbations on its own data and only the loss scalars are all-reduced.
 """
 
 from __future__ import annotations
@@ -16,19 +17,20 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.core.optimizer import do_nothing_closure
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_nobp.algorithms import Algorithm, MeZO, Population, derive_seed
-from lightning_nobp.perturb import PopulationEstimator, RngSnapshot, scalar_loss
+from lightning_nobp.fabric.engine import ForwardOnlyEngine, UpdatePath
+from lightning_nobp.perturb import RngSnapshot, scalar_loss
 from lightning_nobp.pytorch.logging import is_logging_step, log_step_metrics, loss_from_step_output, muted_logging
 
 MANUAL_BACKWARD_MESSAGE = (
@@ -39,6 +41,7 @@ MANUAL_BACKWARD_MESSAGE = (
 )
 
 PROGRESS_BAR_METRICS = frozenset({"nobp/projected_grad", "nobp/skipped_steps"})
+MANUAL_STEP_STREAM = 1 << 32  # separates manual-optimization step seeds from the automatic ones
 
 
 class NoBackpropStrategy(DDPStrategy):
@@ -46,6 +49,10 @@ class NoBackpropStrategy(DDPStrategy):
 
     Args:
         algorithm: the forward-only estimator; ``MeZO()`` when omitted.
+        update: ``"grad"`` writes the estimate into ``p.grad`` and lets the user's optimizer step (any optimizer;
+            costs one gradient-sized buffer). ``"direct"`` applies it in place as plain SGD with the optimizer's
+            lr and weight decay (``torch.optim.SGD`` without momentum; the LR scheduler still drives the lr), with
+            stochastic rounding for bf16/fp16 weights and no gradient buffers: memory equals inference memory.
         seed: base seed of every perturbation (counter-derived per step, member and parameter). ``None`` takes the
             seed of ``lightning.seed_everything`` (``PL_GLOBAL_SEED``), else 0.
         reuse_official_pass: evaluate the official ``training_step`` at the first member's perturbed weights and
@@ -67,6 +74,7 @@ class NoBackpropStrategy(DDPStrategy):
     def __init__(
         self,
         algorithm: Algorithm | None = None,
+        update: UpdatePath = "grad",
         seed: int | None = None,
         reuse_official_pass: bool = True,
         accelerator: Accelerator | None = None,
@@ -88,16 +96,32 @@ class NoBackpropStrategy(DDPStrategy):
             timeout=timeout,
             start_method=start_method,
         )
-        self.algorithm: Algorithm = algorithm if algorithm is not None else MeZO()
+        self.engine = ForwardOnlyEngine(algorithm if algorithm is not None else MeZO(), update)
         self._seed = seed
         self.reuse_official_pass = reuse_official_pass
-        self.skipped_steps = 0
-        #: bytes this process sent through collectives for the estimates (fitness scalars only)
-        self.communicated_bytes = 0
-        self._estimators: dict[int, PopulationEstimator] = {}
+        self._window: list[tuple[Population, Tensor]] = []  # direct path: the accumulation window's estimates
         self._window_poisoned = False
-        self._evaluating = False
         self._step: dict[str, Any] = {}
+
+    @property
+    def algorithm(self) -> Algorithm:
+        """The forward-only estimator."""
+        return self.engine.algorithm
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped because a perturbed loss was not finite."""
+        return self.engine.skipped_steps
+
+    @property
+    def communicated_bytes(self) -> int:
+        """Bytes this process sent through collectives for its estimates (fitness scalars only)."""
+        return self.engine.communicated_bytes
+
+    @property
+    def seed(self) -> int:
+        """The base seed of all perturbations."""
+        return self._seed if self._seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     # ------------------------------------------------------------------ processes: no DDP wrapper, no gradients
     @property
@@ -118,12 +142,15 @@ class NoBackpropStrategy(DDPStrategy):
         super().setup_distributed()
 
     def setup(self, trainer: Trainer) -> None:
-        scaler = getattr(self.precision_plugin, "scaler", None)
-        if scaler is not None:
+        if getattr(self.precision_plugin, "scaler", None) is not None:
             raise ValueError(
                 "NoBackpropStrategy cannot train with `precision='16-mixed'`: its gradient scaler would unscale the"
                 " forward-only estimate and skip steps on its own inf checks. Use `precision='bf16-mixed'`,"
                 " `'bf16-true'` or `'32-true'`."
+            )
+        if self.engine.update == "direct" and trainer.gradient_clip_val:
+            raise ValueError(
+                "update='direct' keeps no gradient to clip: remove `gradient_clip_val` or use update='grad'."
             )
         assert self.accelerator is not None and self.model is not None
         if self._single_process:
@@ -144,44 +171,22 @@ class NoBackpropStrategy(DDPStrategy):
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
 
-    @property
-    def seed(self) -> int:
-        """The base seed of all perturbations."""
-        if self._seed is not None:
-            return self._seed
-        return int(os.environ.get("PL_GLOBAL_SEED", 0))
-
-    # ------------------------------------------------------------------ estimators
-    def _estimator(self, optimizer: Optimizer) -> PopulationEstimator:
-        estimator = self._estimators.get(id(optimizer))
-        if estimator is None:
-            module = self.lightning_module
-            names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
-            params, seen = [], set()
-            for group in optimizer.param_groups:
-                for param in group["params"]:
-                    if param.requires_grad and id(param) not in seen:
-                        seen.add(id(param))
-                        params.append(param)
-            estimator = PopulationEstimator(self.algorithm, [module], params, [names.get(id(p), "?") for p in params])
-            self._estimators[id(optimizer)] = estimator
-        return estimator
-
-    def _step_seed(self) -> int:
-        trainer = self.lightning_module.trainer
-        micro_batches = trainer.fit_loop.epoch_loop.batch_progress.total.ready
-        return derive_seed(self.seed, trainer.global_step, micro_batches)
-
     def on_train_start(self) -> None:
         super().on_train_start()
-        self._estimators.clear()
+        self.engine.reset()
+        self._window, self._window_poisoned = [], False
         if not self.optimizers:
             raise ValueError(
                 "NoBackpropStrategy found no optimizer: return one over the parameters to train from"
                 " `configure_optimizers`; its lr, weight decay and scheduler drive the update."
             )
         for optimizer in self.optimizers:
-            self._estimator(optimizer)  # raises if the optimizer has no trainable parameters
+            self.engine.estimator(optimizer, [self.lightning_module])  # raises on bad optimizers or no parameters
+
+    def _step_seed(self) -> int:
+        trainer = self.lightning_module.trainer
+        micro_batches = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        return derive_seed(self.seed, trainer.global_step, micro_batches)
 
     # ------------------------------------------------------------------ automatic optimization
     def _muted_training_step(self) -> Any:
@@ -198,11 +203,11 @@ class NoBackpropStrategy(DDPStrategy):
         if not module.automatic_optimization:
             with torch.no_grad():
                 return super().training_step(*args, **kwargs)
-        optimizer = self.optimizers[0]
-        estimator = self._estimator(optimizer)
-        population = self.algorithm.ask(self._step_seed())
+        estimator = self.engine.estimator(self.optimizers[0], [module])
+        step_seed = self._step_seed()
+        population = self.algorithm.ask(step_seed)
         rng = RngSnapshot(self.root_device)
-        self._step = {"args": (args, kwargs), "population": population, "rng": rng, "known": {}}
+        self._step = {"args": (args, kwargs), "seed": step_seed, "population": population, "rng": rng, "known": {}}
         with torch.no_grad():
             if not estimator.probed:
                 estimator.probe_parameter_reads(population, self._muted_training_step)
@@ -219,7 +224,7 @@ class NoBackpropStrategy(DDPStrategy):
         return output
 
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
-        if self._evaluating:  # manual optimization: the user's closure calls manual_backward during our evaluation
+        if self.engine.evaluating:  # manual optimization: the user's closure calls manual_backward during our evaluation
             return closure_loss
         if optimizer is None:
             raise RuntimeError(MANUAL_BACKWARD_MESSAGE)
@@ -227,21 +232,25 @@ class NoBackpropStrategy(DDPStrategy):
         module = self.lightning_module
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
         trainer = module.trainer
-        estimator = self._estimator(optimizer)
+        estimator = self.engine.estimator(optimizer, [module])
         population: Population = self._step["population"]
         fitness = estimator.evaluate(population, self._perturbed_training_loss, self._step["rng"], self._step["known"])
         self._step["rng_after"].restore()
-        estimate = self.algorithm.tell(population, self._all_reduce_mean(fitness))
-        accumulating = trainer.fit_loop._should_accumulate()
+        estimate = self.algorithm.tell(population, self.engine.reduce_mean(fitness, self.root_device))
+        window_ends = not trainer.fit_loop._should_accumulate()
         if estimate.skipped or self._window_poisoned:
-            self._window_poisoned = accumulating
-            if not accumulating:  # end of the accumulation window: skip the whole optimizer step
+            self._window_poisoned = not window_ends
+            if window_ends:  # skip the whole optimizer step
                 for param in estimator.params:
                     param.grad = None
-                self.skipped_steps += 1
+                self._window = []
+                self.engine.skipped_steps += 1
         else:
             assert estimate.coefficients is not None
-            estimator.accumulate_gradient(population, estimate.coefficients, 1.0 / trainer.accumulate_grad_batches)
+            self._window.append((population, estimate.coefficients / trainer.accumulate_grad_batches))
+            if self.engine.update == "grad" or window_ends:
+                self.engine.write(estimator, optimizer, self._window, self._step["seed"])
+                self._window = []
         if is_logging_step(trainer):
             metrics = dict(estimate.stats)
             metrics["forwards_per_step"] = len(population) + (0 if self._step["known"] else 1)
@@ -262,40 +271,11 @@ class NoBackpropStrategy(DDPStrategy):
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         if closure is do_nothing_closure:
             raise RuntimeError(MANUAL_BACKWARD_MESSAGE)
-        estimator = self._estimator(optimizer)
-        trainer = module.trainer
-        population = self.algorithm.ask(derive_seed(self.seed, trainer.global_step, 1 << 32))
-        rng = RngSnapshot(self.root_device)
-
-        def closure_loss() -> Tensor:
-            return scalar_loss(closure(), "the optimizer closure")
-
-        self._evaluating = True
-        try:
-            if not estimator.probed:
-                estimator.probe_parameter_reads(population, closure_loss)
-            fitness = estimator.evaluate(population, closure_loss, rng)
-        finally:
-            self._evaluating = False
-        estimate = self.algorithm.tell(population, self._all_reduce_mean(fitness))
-        for param in estimator.params:
-            param.grad = None
-        if estimate.skipped:
-            self.skipped_steps += 1
-            return fitness[0]
-        assert estimate.coefficients is not None
-        estimator.accumulate_gradient(population, estimate.coefficients)
-        loss = fitness[0]
+        step_seed = derive_seed(self.seed, module.trainer.global_step, MANUAL_STEP_STREAM)
+        loss, estimate = self.engine.closure_step(optimizer, [module], closure, step_seed, self.root_device)
+        if estimate.skipped or self.engine.update == "direct":
+            return loss
         return super().optimizer_step(optimizer, lambda: loss, model, **kwargs)
-
-    # ------------------------------------------------------------------ scalars across processes
-    def _all_reduce_mean(self, fitness: Tensor) -> Tensor:
-        if not (dist.is_available() and dist.is_initialized()) or self.world_size == 1:
-            return fitness
-        on_device = fitness.to(self.root_device)
-        self.communicated_bytes += on_device.numel() * on_device.element_size()
-        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
-        return on_device.div_(self.world_size).cpu()
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
@@ -306,4 +286,3 @@ class NoBackpropStrategy(DDPStrategy):
             override=True,
             algorithm=MeZO(),
         )
-

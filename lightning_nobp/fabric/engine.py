@@ -1,0 +1,156 @@
+"""The state and steps that the Fabric and Trainer strategies share: one ``ForwardOnlyEngine`` per strategy.
+
+It owns a :class:`~lightning_nobp.perturb.PopulationEstimator` per optimizer, all-reduces fitness scalars
+between processes (counting the bytes), writes the estimate through the ``.grad`` path or applies it directly,
+and runs a whole step from a user's optimizer closure (Fabric, and the Trainer's manual optimization).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_nobp.algorithms import Algorithm, Estimate, Population, derive_seed
+from lightning_nobp.perturb import PopulationEstimator, RngSnapshot, scalar_loss
+
+UpdatePath = Literal["grad", "direct"]
+UPDATE_PATHS = ("grad", "direct")
+ROUNDING_STREAM = 0x5EED  # separates the stochastic-rounding seeds from the noise seeds
+
+
+def trainable_parameters(optimizer: Optimizer) -> list[Tensor]:
+    """The optimizer's parameters that require grad, each once, in param-group order."""
+    params: list[Tensor] = []
+    seen: set[int] = set()
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                params.append(param)
+    return params
+
+
+def check_direct_update_optimizer(optimizer: Optimizer) -> None:
+    """The direct path applies plain SGD with the optimizer's lr and weight decay: refuse optimizers it would betray."""
+    stateless_sgd = type(optimizer) is torch.optim.SGD and all(
+        group.get("momentum", 0) == 0 and not group.get("nesterov", False) for group in optimizer.param_groups
+    )
+    if not stateless_sgd:
+        raise ValueError(
+            f"update='direct' writes theta <- theta - lr * (estimate + weight_decay * theta) in place, which is"
+            f" torch.optim.SGD without momentum; {type(optimizer).__name__} with its own state cannot be honoured."
+            " Use torch.optim.SGD(params, lr=..., weight_decay=...) or update='grad' (costs one gradient buffer)."
+        )
+
+
+class ForwardOnlyEngine:
+    """Estimators, collectives and update paths shared by the Trainer and Fabric strategies.
+
+    Args:
+        algorithm: the forward-only estimator.
+        update: ``"grad"`` writes the estimate into ``p.grad`` for the user's optimizer; ``"direct"`` applies it
+            in place (plain SGD with the optimizer's lr and weight decay, stochastic rounding below fp32) and
+            keeps no gradient buffers, so training memory equals inference memory.
+    """
+
+    def __init__(self, algorithm: Algorithm, update: UpdatePath = "grad") -> None:
+        if update not in UPDATE_PATHS:
+            raise ValueError(f"update={update!r}: choose one of {UPDATE_PATHS}")
+        self.algorithm = algorithm
+        self.update = update
+        self.skipped_steps = 0
+        #: bytes this process sent through collectives for its estimates (fitness scalars only)
+        self.communicated_bytes = 0
+        #: True while a user closure is re-evaluated (its backward call must then do nothing)
+        self.evaluating = False
+        self._estimators: dict[int, PopulationEstimator] = {}
+
+    def reset(self) -> None:
+        """Forget the estimators (the modules or optimizers changed)."""
+        self._estimators.clear()
+
+    def estimator(self, optimizer: Optimizer, roots: Iterable[nn.Module]) -> PopulationEstimator:
+        """The estimator of ``optimizer``'s trainable parameters (built once per optimizer)."""
+        estimator = self._estimators.get(id(optimizer))
+        if estimator is None:
+            roots = list(roots)
+            if self.update == "direct":
+                check_direct_update_optimizer(optimizer)
+            names = {id(p): n for m in roots for n, p in m.named_parameters(remove_duplicate=False)}
+            params = trainable_parameters(optimizer)
+            estimator = PopulationEstimator(self.algorithm, roots, params, [names.get(id(p), "?") for p in params])
+            self._estimators[id(optimizer)] = estimator
+        return estimator
+
+    def reduce_mean(self, fitness: Tensor, device: torch.device) -> Tensor:
+        """Average the fitness vector over all processes (each rank evaluated the same members on its data)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return fitness
+        on_device = fitness.to(device)
+        self.communicated_bytes += on_device.numel() * on_device.element_size()
+        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+        return on_device.div_(dist.get_world_size()).cpu()
+
+    def write(
+        self,
+        estimator: PopulationEstimator,
+        optimizer: Optimizer,
+        terms: Sequence[tuple[Population, Tensor]],
+        step_seed: int,
+    ) -> None:
+        """Write the step's estimate: into ``.grad`` (summing ``terms``) or straight into the weights."""
+        if self.update == "grad":
+            for population, coefficients in terms:
+                estimator.accumulate_gradient(population, coefficients)
+            return
+        group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        hyperparameters = [
+            (float(group_of[id(p)]["lr"]), float(group_of[id(p)].get("weight_decay", 0.0))) for p in estimator.params
+        ]
+        estimator.apply_update(terms, hyperparameters, derive_seed(step_seed, ROUNDING_STREAM))
+
+    def closure_step(
+        self,
+        optimizer: Optimizer,
+        roots: Iterable[nn.Module],
+        closure: Callable[[], object],
+        step_seed: int,
+        device: torch.device,
+    ) -> tuple[Tensor, Estimate]:
+        """One whole step driven by a user's closure: evaluate every member, estimate, write.
+
+        The closure's own backward call is a no-op while it is evaluated (``evaluating`` is set). Gradients of the
+        optimizer's parameters are reset, then hold the estimate (``.grad`` path) or stay empty (direct path).
+
+        Returns:
+            The first member's loss (the step's reported loss) and the estimate.
+        """
+        estimator = self.estimator(optimizer, roots)
+        population = self.algorithm.ask(step_seed)
+        rng = RngSnapshot(device)
+
+        def closure_loss() -> Tensor:
+            return scalar_loss(closure(), "the optimizer closure")
+
+        self.evaluating = True
+        try:
+            if not estimator.probed:
+                estimator.probe_parameter_reads(population, closure)
+                rng.restore()
+            fitness = estimator.evaluate(population, closure_loss, rng)
+        finally:
+            self.evaluating = False
+        estimate = self.algorithm.tell(population, self.reduce_mean(fitness, device))
+        for param in estimator.params:
+            param.grad = None
+        if estimate.skipped:
+            self.skipped_steps += 1
+        else:
+            assert estimate.coefficients is not None
+            self.write(estimator, optimizer, [(population, estimate.coefficients)], step_seed)
+        return fitness[0], estimate
