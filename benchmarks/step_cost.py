@@ -46,6 +46,7 @@ class Setup:
         targets: next-token ids, same shape.
         steps: timed iterations.
         warmup: untimed iterations before them.
+        mezo_update: the MeZO mode's update path, ``"direct"`` (in place, no gradient buffer) or ``"grad"``.
     """
 
     device: torch.device
@@ -55,6 +56,7 @@ class Setup:
     targets: Tensor
     steps: int
     warmup: int
+    mezo_update: str = "direct"
 
     @property
     def tokens_per_step(self) -> int:
@@ -195,7 +197,7 @@ def run_mezo(setup: Setup) -> dict:
     fabric = lightning.Fabric(
         accelerator=setup.device.type,
         devices=1,
-        strategy=NoBackpropStrategy(algorithm=MeZO(eps=1e-3), seed=0),
+        strategy=NoBackpropStrategy(algorithm=MeZO(eps=1e-3), update=setup.mezo_update, seed=0),
         precision=precision,  # type: ignore[arg-type]
     )
     fabric.launch()
@@ -213,6 +215,7 @@ def run_mezo(setup: Setup) -> dict:
     result = measure("mezo", setup, step, model, optimizer.optimizer)
     result["forwards_per_step"] = fabric.strategy.algorithm.forwards_per_step
     result["precision"] = precision
+    result["update"] = setup.mezo_update
     return result
 
 
@@ -255,6 +258,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="timed iterations; default 5 on CPU, 10 on CUDA")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
+    parser.add_argument(
+        "--update", choices=("direct", "grad"), default="direct", help="MeZO update path (direct: no .grad buffer)"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/step_cost.json"))
     return parser.parse_args(argv)
 
@@ -285,6 +291,7 @@ def make_setup(args: argparse.Namespace) -> Setup:
         targets=tokens[:, 1:].to(device),
         steps=args.steps or (10 if on_cuda else 5),
         warmup=args.warmup,
+        mezo_update=args.update,
     )
 
 
