@@ -1,7 +1,7 @@
 """Train an MLP on scikit-learn's digits with MeZO (no backpropagation) and print its test accuracy.
 
-    python recipes/digits_mezo.py            # about 30 s on 2 CPU cores
-    python recipes/digits_mezo.py --smoke    # a few seconds, for tests
+python recipes/digits_mezo.py            # about 30 s on 2 CPU cores
+python recipes/digits_mezo.py --smoke    # a few seconds, for tests
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ def main() -> None:
     torch.set_num_threads(2)
     pl.seed_everything(args.seed)
     data = DigitsDataModule(batch_size=128)
-    model = MLPClassifier(in_features=64, hidden=128, num_classes=10, optimizer="sgd", lr=args.lr, momentum=args.momentum)
+    model = MLPClassifier(
+        in_features=64, hidden=128, num_classes=10, optimizer="sgd", lr=args.lr, momentum=args.momentum
+    )
     trainer = pl.Trainer(
         strategy=NoBackpropStrategy(algorithm=MeZO(eps=args.eps)),
         accelerator="cpu",

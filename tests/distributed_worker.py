@@ -30,8 +30,12 @@ def parameter_digest(module: torch.nn.Module) -> str:
 
 def run_rank(local_rank: int, world_size: int, port: int, out_dir: str, steps: int) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), NODE_RANK="0",
-        LOCAL_RANK=str(local_rank), RANK=str(local_rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world_size),
+        NODE_RANK="0",
+        LOCAL_RANK=str(local_rank),
+        RANK=str(local_rank),
     )
     torch.set_num_threads(1)
     results = {}
@@ -41,8 +45,14 @@ def run_rank(local_rank: int, world_size: int, port: int, out_dir: str, steps: i
         train, _ = load_digits_split()
         strategy = NoBackpropStrategy(algorithm=MeZO(directions=2), seed=0)
         trainer = pl.Trainer(
-            strategy=strategy, accelerator="cpu", devices=world_size, max_steps=steps, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            strategy=strategy,
+            accelerator="cpu",
+            devices=world_size,
+            max_steps=steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
         )
         model = DigitsClassifier(hidden=hidden)
         trainer.fit(model, DataLoader(train, batch_size=64, shuffle=True))
@@ -51,6 +61,8 @@ def run_rank(local_rank: int, world_size: int, port: int, out_dir: str, steps: i
             "communicated_bytes": strategy.communicated_bytes,
             "parameters": sum(p.numel() for p in model.parameters()),
             "global_step": trainer.global_step,
-            "train_samples": len(trainer.train_dataloader.sampler) if hasattr(trainer.train_dataloader, "sampler") else -1,
+            "train_samples": len(trainer.train_dataloader.sampler)
+            if hasattr(trainer.train_dataloader, "sampler")
+            else -1,
         }
     Path(out_dir, f"rank{local_rank}.json").write_text(json.dumps(results))

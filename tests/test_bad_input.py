@@ -57,7 +57,9 @@ def test_a_non_finite_perturbed_loss_skips_the_step_and_leaves_weights_untouched
     model = PoisonedEvaluation(poisoned_calls={1 + 2 * 2 + 2, 1 + 2 * 4 + 1}, value=value)
     watch = WeightWatch()
     strategy = NoBackpropStrategy(algorithm=MeZO())
-    trainer = pl.Trainer(strategy=strategy, max_steps=8, log_every_n_steps=1, callbacks=[watch], **quiet_trainer_kwargs())
+    trainer = pl.Trainer(
+        strategy=strategy, max_steps=8, log_every_n_steps=1, callbacks=[watch], **quiet_trainer_kwargs()
+    )
     trainer.fit(model, train)
     assert watch.changed == [True, True, False, True, False, True, True, True]
     assert strategy.skipped_steps == 2

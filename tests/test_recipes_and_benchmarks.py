@@ -31,8 +31,19 @@ def test_digits_recipe_smoke_prints_its_test_accuracy() -> None:
 
 def test_step_cost_benchmark_reports_ratios_against_inference(tmp_path: Path) -> None:
     out = tmp_path / "step_cost.json"
-    run_script("benchmarks/step_cost.py", "--device", "cpu", "--preset", "tiny", "--steps", "1", "--warmup", "1",
-               "--out", str(out))
+    run_script(
+        "benchmarks/step_cost.py",
+        "--device",
+        "cpu",
+        "--preset",
+        "tiny",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--out",
+        str(out),
+    )
     report = json.loads(out.read_text())
     assert set(report["modes"]) == {"inference", "backprop_adamw", "mezo"}
     assert report["modes"]["mezo"]["forwards_per_step"] == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -137,7 +138,7 @@ def test_nobp_metrics_reach_the_logger_and_progress_bar(tmp_path: Path) -> None:
     trainer = pl.Trainer(
         strategy=NoBackpropStrategy(algorithm=MeZO(directions=2), reuse_official_pass=False),
         max_epochs=1,
-        log_every_n_steps=1,
+        log_every_n_steps=5,
         **quiet_trainer_kwargs(logger=pl.loggers.CSVLogger(tmp_path)),
     )
     trainer.fit(DigitsClassifier(), train)
@@ -148,8 +149,10 @@ def test_nobp_metrics_reach_the_logger_and_progress_bar(tmp_path: Path) -> None:
     assert float(logged["nobp/projected_grad"]) > 0
     assert "nobp/projected_grad" in trainer.progress_bar_metrics
     assert "train_loss" in logged  # the user's own metric is logged once per step, as usual
-    csv = (Path(trainer.logger.log_dir) / "metrics.csv").read_text()
-    assert "nobp/projected_grad" in csv
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["train_loss"]]
+    assert [row["step"] for row in rows] == ["4", "9"]  # every log_every_n_steps=5 steps, as the user's metrics
+    assert all(row["nobp/projected_grad"] and row["nobp/skipped_steps"] for row in rows)
 
 
 def test_reused_official_pass_costs_two_forwards_per_mezo_step() -> None:

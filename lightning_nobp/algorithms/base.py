@@ -89,9 +89,7 @@ class Algorithm(ABC):
         return len(self.ask(0))
 
 
-def sample_direction(
-    seed: int, shape: torch.Size, device: torch.device, distribution: str = "gaussian"
-) -> Tensor:
+def sample_direction(seed: int, shape: torch.Size, device: torch.device, distribution: str = "gaussian") -> Tensor:
     """Draw a float32 direction from a seeded generator: standard normal or Rademacher (+-1).
 
     Args:

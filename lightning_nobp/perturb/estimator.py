@@ -51,7 +51,9 @@ def scalar_loss(value: object, where: str) -> Tensor:
             " NoBackpropStrategy re-evaluates the loss at perturbed weights: compute it the same way on every call."
         )
     if not isinstance(value, Tensor):
-        raise TypeError(f"{where} must return a loss tensor (or a dict with a 'loss' tensor), got {type(value).__name__}")
+        raise TypeError(
+            f"{where} must return a loss tensor (or a dict with a 'loss' tensor), got {type(value).__name__}"
+        )
     if value.numel() != 1:
         raise ValueError(
             f"{where} returned a loss of shape {tuple(value.shape)}; forward-only training needs a scalar loss."
@@ -88,7 +90,9 @@ class PopulationEstimator:
         self.owners = ParameterOwners(roots, self.params)
         self.probed = False
 
-    def perturbation(self, population: Population, member: Member, probe: ParameterReadProbe | None = None) -> PerturbedForward:
+    def perturbation(
+        self, population: Population, member: Member, probe: ParameterReadProbe | None = None
+    ) -> PerturbedForward:
         """A context in which every parameter computes as ``theta + sigma * sign * E(member)``."""
         scale = population.sigma * member.sign
 

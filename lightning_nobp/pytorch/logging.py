@@ -36,13 +36,12 @@ def loss_from_step_output(output: Any) -> Tensor | None:
 
 
 def is_logging_step(trainer: pl.Trainer) -> bool:
-    """Whether the logger writes this step's values (every ``log_every_n_steps`` optimizer steps).
+    """Whether the logger writes this step's values (Lightning's own ``log_every_n_steps`` decision).
 
     ``self.log`` costs about a millisecond per call, more than a small model's forward pass, so the strategy
     logs its own metrics only on the steps that reach the logger (the progress bar shows the latest values).
     """
-    stepped = trainer.fit_loop.epoch_loop._batches_that_stepped
-    return stepped % max(1, trainer.log_every_n_steps) == 0 or trainer.should_stop
+    return trainer._logger_connector.should_update_logs
 
 
 def log_step_metrics(module: pl.LightningModule, metrics: Mapping[str, float], prog_bar: frozenset[str]) -> None:

@@ -224,7 +224,9 @@ class NoBackpropStrategy(DDPStrategy):
         return output
 
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
-        if self.engine.evaluating:  # manual optimization: the user's closure calls manual_backward during our evaluation
+        if (
+            self.engine.evaluating
+        ):  # manual optimization: the user's closure calls manual_backward during our evaluation
             return closure_loss
         if optimizer is None:
             raise RuntimeError(MANUAL_BACKWARD_MESSAGE)
