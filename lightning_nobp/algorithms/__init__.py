@@ -1,7 +1,19 @@
 """Forward-only estimators with an ask/tell interface, independent of Lightning."""
 
 from lightning_nobp.algorithms.base import Algorithm, Estimate, Member, Population, sample_direction
+from lightning_nobp.algorithms.evolution import EggRoll, EvolutionStrategy, OpenES
 from lightning_nobp.algorithms.mezo import MeZO
 from lightning_nobp.algorithms.seeds import derive_seed
 
-__all__ = ["Algorithm", "Estimate", "MeZO", "Member", "Population", "derive_seed", "sample_direction"]
+__all__ = [
+    "Algorithm",
+    "EggRoll",
+    "Estimate",
+    "EvolutionStrategy",
+    "MeZO",
+    "OpenES",
+    "Member",
+    "Population",
+    "derive_seed",
+    "sample_direction",
+]

@@ -9,6 +9,7 @@ regenerated from the seed whenever it is needed.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -82,6 +83,23 @@ class Algorithm(ABC):
     @abstractmethod
     def noise(self, noise_seed: int, param_index: int, param: Tensor) -> Tensor:
         """Regenerate the noise ``E`` of one parameter for one member seed, in float32, shaped like ``param``."""
+
+    def combine(self, weights: Mapping[int, float], param_index: int, param: Tensor) -> Tensor:
+        """``sum over seeds of weights[seed] * E(seed)`` for one parameter, in float32.
+
+        The update of every step goes through this. Subclasses with structured noise (low-rank factors)
+        override it to form the sum without materialising one ``E`` per member.
+
+        Args:
+            weights: coefficient of each noise seed (antithetic members already merged).
+            param_index: the parameter's position in the trained parameter list.
+            param: the parameter (for shape, device).
+        """
+        total = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+        for seed, weight in weights.items():
+            if weight != 0.0:
+                total.add_(self.noise(seed, param_index, param), alpha=weight)
+        return total
 
     @property
     def forwards_per_step(self) -> int:

@@ -159,12 +159,7 @@ class PopulationEstimator:
         for population, coefficients in terms:
             for member, coefficient in zip(population.members, coefficients.tolist()):
                 merged[member.noise_seed] = merged.get(member.noise_seed, 0.0) + coefficient * member.sign
-        param = self.params[index]
-        total = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
-        for seed, coefficient in merged.items():
-            if coefficient != 0.0:
-                total.add_(self.algorithm.noise(seed, index, param), alpha=coefficient)
-        return total
+        return self.algorithm.combine(merged, index, self.params[index])
 
     @torch.no_grad()
     def accumulate_gradient(self, population: Population, coefficients: Tensor, scale: float = 1.0) -> None:

@@ -1,0 +1,194 @@
+"""Evolution strategies: ``EggRoll`` (low-rank perturbations, Sarkar et al. 2025) and ``OpenES`` (full rank).
+
+Both estimate the gradient of the smoothed loss ``E[L(theta + sigma * E)]`` as
+``sum_i shaped(L_i) * sign_i * E_i / (sigma * n)``. EggRoll draws, for every weight matrix ``W`` of shape
+``(out, in)``, two Gaussian factors ``A (out, r)`` and ``B (in, r)`` and perturbs by ``E = A B^T / sqrt(r)``: a
+member costs ``(out + in) r`` random numbers instead of ``out * in``, its forward is ``x W^T + sigma (x B) A^T /
+sqrt(r)``, and the step's update ``sum_i c_i A_i B_i^T`` is one matrix product. Vectors (biases, norms) get
+full-rank Gaussian noise. OpenES uses full-rank Gaussian noise everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from lightning_nobp.algorithms.base import Algorithm, Estimate, Member, Population, sample_direction
+from lightning_nobp.algorithms.seeds import derive_seed
+from lightning_nobp.algorithms.shaping import FITNESS_SHAPINGS, shape_fitness
+
+
+def _check_positive_finite(owner: str, name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{owner}({name}={value!r}): {name} must be a positive finite number")
+
+
+class EvolutionStrategy(Algorithm):
+    """Shared population, fitness shaping and pair-dropping logic of ``EggRoll`` and ``OpenES``.
+
+    Args:
+        population: members per step (``P``); with ``antithetic`` an even number of at least 2.
+        sigma: perturbation scale.
+        antithetic: evaluate ``+E`` and ``-E`` for every noise (pairs share their noise and their data).
+        fitness_shaping: ``"centered_rank"``, ``"zscore"``, ``"sign"`` (antithetic only) or ``None``.
+    """
+
+    def __init__(
+        self, population: int, sigma: float, antithetic: bool = True, fitness_shaping: str | None = "centered_rank"
+    ) -> None:
+        owner = type(self).__name__
+        if not (isinstance(population, int) and population >= 2):
+            raise ValueError(f"{owner}(population={population!r}): the population must be an integer >= 2")
+        if antithetic and population % 2:
+            raise ValueError(
+                f"{owner}(population={population}, antithetic=True): antithetic sampling evaluates pairs, so the"
+                f" population must be even; use population={population + 1} or antithetic=False"
+            )
+        _check_positive_finite(owner, "sigma", sigma)
+        if fitness_shaping not in FITNESS_SHAPINGS:
+            raise ValueError(f"{owner}(fitness_shaping={fitness_shaping!r}): choose one of {FITNESS_SHAPINGS}")
+        if fitness_shaping == "sign" and not antithetic:
+            raise ValueError(f"{owner}(fitness_shaping='sign') compares antithetic pairs: set antithetic=True")
+        self.population = population
+        self.sigma = float(sigma)
+        self.antithetic = antithetic
+        self.fitness_shaping = fitness_shaping
+
+    def ask(self, step_seed: int) -> Population:
+        members: list[Member] = []
+        if self.antithetic:
+            for pair in range(self.population // 2):
+                seed = derive_seed(step_seed, pair)
+                members += [Member(seed, +1.0), Member(seed, -1.0)]
+        else:
+            members = [Member(derive_seed(step_seed, index), +1.0) for index in range(self.population)]
+        return Population(tuple(members), sigma=self.sigma)
+
+    def _usable(self, fitness: Tensor) -> Tensor:
+        """Members whose fitness is finite (with antithetic sampling: whose whole pair is finite)."""
+        finite = torch.isfinite(fitness)
+        if self.antithetic:
+            pairs = finite[0::2] & finite[1::2]
+            finite = pairs.repeat_interleave(2)
+        return finite
+
+    def tell(self, population: Population, fitness: Tensor) -> Estimate:
+        fitness = fitness.detach().to(torch.float64)
+        usable = self._usable(fitness)
+        dropped = int((~usable).sum())
+        if int(usable.sum()) < 2:
+            return Estimate(None, dropped_members=dropped)
+        shaped = torch.zeros_like(fitness)
+        shaped[usable] = shape_fitness(fitness[usable], self.fitness_shaping)
+        coefficients = shaped / (self.sigma * int(usable.sum()))
+        valid = fitness[usable]
+        stats = {
+            "fitness_mean": float(valid.mean()),
+            "fitness_std": float(valid.std(unbiased=False)),
+            "fitness_best": float(valid.min()),
+            "dropped_members": float(dropped),
+        }
+        return Estimate(coefficients.to(torch.float32), dropped_members=dropped, stats=stats)
+
+
+class OpenES(EvolutionStrategy):
+    """OpenAI-style evolution strategies with full-rank Gaussian noise and seed replay.
+
+    The defaults are those of Qiu et al. (2025) for fine-tuning LLMs (N = 30, sigma = 1e-3, with their learning
+    rate 5e-4 in the user's optimizer); from scratch on small models sigma of 0.02-0.1 works better.
+
+    Args:
+        population: members per step; even with antithetic sampling.
+        sigma: perturbation scale.
+        antithetic: evaluate ``+E`` and ``-E`` for every noise.
+        fitness_shaping: ``"centered_rank"``, ``"zscore"``, ``"sign"`` or ``None``.
+    """
+
+    def __init__(
+        self, population: int = 30, sigma: float = 1e-3, antithetic: bool = True, fitness_shaping: str | None = "zscore"
+    ) -> None:
+        super().__init__(population, sigma, antithetic, fitness_shaping)
+
+    def __repr__(self) -> str:
+        return (
+            f"OpenES(population={self.population}, sigma={self.sigma}, antithetic={self.antithetic},"
+            f" fitness_shaping={self.fitness_shaping!r})"
+        )
+
+    def noise(self, noise_seed: int, param_index: int, param: Tensor) -> Tensor:
+        return sample_direction(derive_seed(noise_seed, param_index), param.shape, param.device)
+
+
+class EggRoll(EvolutionStrategy):
+    """Evolution strategies with low-rank perturbations (EGGROLL): population-scale ES at inference cost.
+
+    Every parameter with two or more dimensions is treated as a matrix ``(shape[0], prod(shape[1:]))`` (Linear
+    and Embedding weights, attention projections, conv kernels) and perturbed by ``A B^T / sqrt(rank)``; vectors
+    get full-rank Gaussian noise.
+
+    How to pick sigma and lr: sigma sets how far members look; 1e-2 suits weights of order 0.1 (default
+    initialisations of layers up to a few thousand wide); use about 1e-3 for fine-tuning pretrained models. With
+    ``"centered_rank"`` shaping the estimate's scale is independent of the loss, so Adam with lr 1e-3 to 1e-2 (or
+    SGD with lr around ``sigma``) is a good start.
+
+    Args:
+        population: members per step (``P``); even with antithetic sampling.
+        rank: rank ``r`` of each matrix perturbation.
+        sigma: perturbation scale.
+        antithetic: evaluate ``+E`` and ``-E`` for every noise (pairs share noise and data).
+        fitness_shaping: ``"centered_rank"``, ``"zscore"``, ``"sign"`` or ``None``.
+    """
+
+    def __init__(
+        self,
+        population: int = 64,
+        rank: int = 1,
+        sigma: float = 1e-2,
+        antithetic: bool = True,
+        fitness_shaping: str | None = "centered_rank",
+    ) -> None:
+        super().__init__(population, sigma, antithetic, fitness_shaping)
+        if not (isinstance(rank, int) and rank >= 1):
+            raise ValueError(f"EggRoll(rank={rank!r}): the rank must be an integer >= 1")
+        self.rank = rank
+
+    def __repr__(self) -> str:
+        return (
+            f"EggRoll(population={self.population}, rank={self.rank}, sigma={self.sigma},"
+            f" antithetic={self.antithetic}, fitness_shaping={self.fitness_shaping!r})"
+        )
+
+    def factors(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[Tensor, Tensor]:
+        """The Gaussian factors ``A (out, r)`` and ``B (in, r)`` of a matrix parameter, from one seeded stream."""
+        out_features = param.shape[0]
+        in_features = param.numel() // out_features
+        both = sample_direction(
+            derive_seed(noise_seed, param_index), torch.Size(((out_features + in_features) * self.rank,)), param.device
+        )
+        return both[: out_features * self.rank].view(out_features, self.rank), both[out_features * self.rank :].view(
+            in_features, self.rank
+        )
+
+    def noise(self, noise_seed: int, param_index: int, param: Tensor) -> Tensor:
+        if param.dim() < 2:
+            return sample_direction(derive_seed(noise_seed, param_index), param.shape, param.device)
+        a, b = self.factors(noise_seed, param_index, param)
+        return (a @ b.t()).div_(math.sqrt(self.rank)).view(param.shape)
+
+    def combine(self, weights: Mapping[int, float], param_index: int, param: Tensor) -> Tensor:
+        """``sum_s w_s A_s B_s^T / sqrt(r)`` as one product ``(A diag(w)) B^T``: no per-member matrix."""
+        if param.dim() < 2:
+            return super().combine(weights, param_index, param)
+        seeds = [seed for seed, weight in weights.items() if weight != 0.0]
+        if not seeds:
+            return torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+        pairs = [self.factors(seed, param_index, param) for seed in seeds]
+        scale = torch.tensor([weights[s] for s in seeds], dtype=torch.float32, device=param.device)
+        a = torch.stack([a for a, _ in pairs])  # (K, out, r)
+        b = torch.stack([b for _, b in pairs])  # (K, in, r)
+        scaled_a = (a * scale.view(-1, 1, 1)).permute(1, 0, 2).reshape(a.shape[1], -1)  # (out, K r)
+        stacked_b = b.permute(1, 0, 2).reshape(b.shape[1], -1)  # (in, K r)
+        return (scaled_a @ stacked_b.t()).div_(math.sqrt(self.rank)).view(param.shape)

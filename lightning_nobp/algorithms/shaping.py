@@ -1,0 +1,54 @@
+"""Fitness shaping: turn raw losses into the weights of an evolution-strategies gradient estimate."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FITNESS_SHAPINGS = ("centered_rank", "zscore", "sign", None)
+
+
+def centered_ranks(fitness: Tensor) -> Tensor:
+    """Ranks scaled to [-0.5, 0.5] (ties broken by position): invariant to any monotone change of the loss."""
+    n = fitness.numel()
+    ranks = torch.empty_like(fitness)
+    ranks[fitness.argsort(stable=True)] = torch.arange(n, dtype=fitness.dtype, device=fitness.device)
+    return ranks / max(n - 1, 1) - 0.5
+
+
+def zscore(fitness: Tensor) -> Tensor:
+    """``(f - mean) / std``; all zeros when every member has the same fitness."""
+    std = fitness.std(unbiased=False)
+    if float(std) == 0.0:
+        return torch.zeros_like(fitness)
+    return (fitness - fitness.mean()) / std
+
+
+def antithetic_signs(fitness: Tensor) -> Tensor:
+    """Per antithetic pair ``(+, -)``: ``+0.5 * sign(f+ - f-)`` for the ``+`` member and the opposite for ``-``.
+
+    With each member's noise carrying its sign, both members then push the estimate the same way (EGGROLL's
+    integer fitness, 1.6 bits per pair).
+    """
+    signs = torch.sign(fitness[0::2] - fitness[1::2]) * 0.5
+    shaped = torch.empty_like(fitness)
+    shaped[0::2], shaped[1::2] = signs, -signs
+    return shaped
+
+
+def shape_fitness(fitness: Tensor, shaping: str | None) -> Tensor:
+    """Apply one of ``FITNESS_SHAPINGS`` to a fitness vector (losses: lower is better).
+
+    Args:
+        fitness: the losses of the members, ``[P]``; with ``"sign"`` ordered as antithetic pairs ``(+, -)``.
+        shaping: ``"centered_rank"``, ``"zscore"``, ``"sign"`` or ``None`` (the raw losses minus their mean).
+    """
+    if shaping == "centered_rank":
+        return centered_ranks(fitness)
+    if shaping == "zscore":
+        return zscore(fitness)
+    if shaping == "sign":
+        return antithetic_signs(fitness)
+    if shaping is None:
+        return fitness - fitness.mean()
+    raise ValueError(f"unknown fitness shaping {shaping!r}: choose one of {FITNESS_SHAPINGS}")
