@@ -7,20 +7,42 @@ and runs a whole step from a user's optimizer closure (Fabric, and the Trainer's
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_nobp.algorithms import Algorithm, Estimate, Population, derive_seed
+from lightning_nobp.algorithms import Algorithm, EggRoll, Estimate, MeZO, OpenES, Population, derive_seed
 from lightning_nobp.perturb import PopulationEstimator, RngSnapshot, scalar_loss
 
 UpdatePath = Literal["grad", "direct"]
 UPDATE_PATHS = ("grad", "direct")
 ROUNDING_STREAM = 0x5EED  # separates the stochastic-rounding seeds from the noise seeds
+
+
+#: the string aliases registered in the Trainer's and Fabric's strategy registries: name -> (algorithm, description)
+STRATEGY_ALIASES: dict[str, tuple[Callable[[], Algorithm], str]] = {
+    "nobp_mezo": (MeZO, "Forward-only training with MeZO (two-sided SPSA), lightning_nobp"),
+    "nobp_eggroll": (EggRoll, "Forward-only training with EggRoll (low-rank evolution strategies), lightning_nobp"),
+    "nobp_openes": (OpenES, "Forward-only training with OpenES (full-rank evolution strategies), lightning_nobp"),
+}
+
+
+def register_aliases(strategy_registry: Any, strategy_class: type) -> None:
+    """Register every ``STRATEGY_ALIASES`` entry for ``strategy_class`` (idempotent).
+
+    Args:
+        strategy_registry: Lightning's ``StrategyRegistry`` or Fabric's ``STRATEGY_REGISTRY``.
+        strategy_class: the Trainer or Fabric ``NoBackpropStrategy``.
+    """
+    for name, (make_algorithm, description) in STRATEGY_ALIASES.items():
+        strategy_registry.register(
+            name, strategy_class, description=description, override=True, algorithm=make_algorithm()
+        )
 
 
 def trainable_parameters(optimizer: Optimizer) -> list[Tensor]:
@@ -102,17 +124,20 @@ class ForwardOnlyEngine:
         optimizer: Optimizer,
         terms: Sequence[tuple[Population, Tensor]],
         step_seed: int,
-    ) -> None:
-        """Write the step's estimate: into ``.grad`` (summing ``terms``) or straight into the weights."""
+    ) -> float:
+        """Write the step's estimate: into ``.grad`` (summing ``terms``) or straight into the weights.
+
+        Returns:
+            The norm of the estimate written (with ``.grad``: of each term, combined as if orthogonal).
+        """
         if self.update == "grad":
-            for population, coefficients in terms:
-                estimator.accumulate_gradient(population, coefficients)
-            return
+            norms = [estimator.accumulate_gradient(population, coefficients) for population, coefficients in terms]
+            return sum(n * n for n in norms) ** 0.5
         group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         hyperparameters = [
             (float(group_of[id(p)]["lr"]), float(group_of[id(p)].get("weight_decay", 0.0))) for p in estimator.params
         ]
-        estimator.apply_update(terms, hyperparameters, derive_seed(step_seed, ROUNDING_STREAM))
+        return estimator.apply_update(terms, hyperparameters, derive_seed(step_seed, ROUNDING_STREAM))
 
     def closure_step(
         self,
@@ -142,7 +167,9 @@ class ForwardOnlyEngine:
             if not estimator.probed:
                 estimator.probe_parameter_reads(population, closure)
                 rng.restore()
+            started = time.perf_counter()
             fitness = estimator.evaluate(population, closure_loss, rng)
+            elapsed = time.perf_counter() - started
         finally:
             self.evaluating = False
         estimate = self.algorithm.tell(population, self.reduce_mean(fitness, device))
@@ -152,5 +179,8 @@ class ForwardOnlyEngine:
             self.skipped_steps += 1
         else:
             assert estimate.coefficients is not None
-            self.write(estimator, optimizer, [(population, estimate.coefficients)], step_seed)
+            estimate.stats["update_norm"] = self.write(
+                estimator, optimizer, [(population, estimate.coefficients)], step_seed
+            )
+        estimate.stats["members_per_second"] = len(population) / max(elapsed, 1e-9)
         return fitness[0], estimate

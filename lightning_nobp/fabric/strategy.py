@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_nobp.algorithms import Algorithm, MeZO, derive_seed
-from lightning_nobp.fabric.engine import ForwardOnlyEngine, UpdatePath
+from lightning_nobp.fabric.engine import ForwardOnlyEngine, UpdatePath, register_aliases
 
 FABRIC_CLOSURE_MESSAGE = (
     "NoBackpropStrategy trains without backpropagation: `fabric.backward(loss)` cannot compute gradients on its own."
@@ -150,10 +150,4 @@ class NoBackpropStrategy(DDPStrategy):
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
-        strategy_registry.register(
-            "nobp_mezo",
-            cls,
-            description="Forward-only training with MeZO (two-sided SPSA), lightning_nobp",
-            override=True,
-            algorithm=MeZO(),
-        )
+        register_aliases(strategy_registry, cls)

@@ -162,16 +162,23 @@ class PopulationEstimator:
         return self.algorithm.combine(merged, index, self.params[index])
 
     @torch.no_grad()
-    def accumulate_gradient(self, population: Population, coefficients: Tensor, scale: float = 1.0) -> None:
-        """``.grad`` path: ``p.grad += scale * sum_i coefficients[i] * sign_i * E_i(p)`` for every parameter."""
+    def accumulate_gradient(self, population: Population, coefficients: Tensor, scale: float = 1.0) -> float:
+        """``.grad`` path: ``p.grad += scale * sum_i coefficients[i] * sign_i * E_i(p)`` for every parameter.
+
+        Returns:
+            The norm of what was added, over all parameters.
+        """
+        squared_norm = 0.0
         for index, param in enumerate(self.params):
             total = self._estimate_of(index, [(population, coefficients)])
             if scale != 1.0:
                 total.mul_(scale)
+            squared_norm += float(total.square().sum())
             if param.grad is None:
                 param.grad = total.to(param.dtype)
             else:
                 param.grad.add_(total.to(param.grad.dtype))
+        return squared_norm**0.5
 
     @torch.no_grad()
     def apply_update(
@@ -179,7 +186,7 @@ class PopulationEstimator:
         terms: Sequence[tuple[Population, Tensor]],
         hyperparameters: Sequence[tuple[float, float]],
         rounding_seed: int,
-    ) -> None:
+    ) -> float:
         """Direct path: ``p <- p - lr * (estimate + weight_decay * p)`` in place, with no ``.grad`` buffer.
 
         The new value is computed in float32 and written back with stochastic rounding where the parameter is
@@ -189,10 +196,16 @@ class PopulationEstimator:
             terms: ``(population, coefficients)`` of every micro-batch of the step (gradient accumulation).
             hyperparameters: ``(lr, weight_decay)`` of every parameter, in parameter order.
             rounding_seed: counter-derived seed of the stochastic rounding (one stream per parameter).
+
+        Returns:
+            The norm of the estimate (before lr and weight decay), over all parameters.
         """
+        squared_norm = 0.0
         for index, (param, (lr, weight_decay)) in enumerate(zip(self.params, hyperparameters)):
             estimate = self._estimate_of(index, terms)
+            squared_norm += float(estimate.square().sum())
             if weight_decay:
                 estimate.add_(param.float(), alpha=weight_decay)
             updated = param.float().sub_(estimate, alpha=lr)
             param.copy_(stochastic_round(updated, param.dtype, derive_seed(rounding_seed, index)))
+        return squared_norm**0.5

@@ -10,6 +10,7 @@ perturbations on its own data and only the loss scalars are all-reduced.
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
 from typing import Any, Callable, Literal
 
@@ -29,7 +30,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_nobp.algorithms import Algorithm, MeZO, Population, derive_seed
-from lightning_nobp.fabric.engine import ForwardOnlyEngine, UpdatePath
+from lightning_nobp.fabric.engine import ForwardOnlyEngine, UpdatePath, register_aliases
 from lightning_nobp.perturb import RngSnapshot, scalar_loss
 from lightning_nobp.pytorch.logging import is_logging_step, log_step_metrics, loss_from_step_output, muted_logging
 
@@ -236,7 +237,10 @@ class NoBackpropStrategy(DDPStrategy):
         trainer = module.trainer
         estimator = self.engine.estimator(optimizer, [module])
         population: Population = self._step["population"]
+        started = time.perf_counter()
         fitness = estimator.evaluate(population, self._perturbed_training_loss, self._step["rng"], self._step["known"])
+        evaluated = len(population) - len(self._step["known"])
+        members_per_second = evaluated / max(time.perf_counter() - started, 1e-9)
         self._step["rng_after"].restore()
         estimate = self.algorithm.tell(population, self.engine.reduce_mean(fitness, self.root_device))
         window_ends = not trainer.fit_loop._should_accumulate()
@@ -251,10 +255,12 @@ class NoBackpropStrategy(DDPStrategy):
             assert estimate.coefficients is not None
             self._window.append((population, estimate.coefficients / trainer.accumulate_grad_batches))
             if self.engine.update == "grad" or window_ends:
-                self.engine.write(estimator, optimizer, self._window, self._step["seed"])
+                estimate.stats["update_norm"] = self.engine.write(
+                    estimator, optimizer, self._window, self._step["seed"]
+                )
                 self._window = []
         if is_logging_step(trainer):
-            metrics = dict(estimate.stats)
+            metrics = dict(estimate.stats, members_per_second=members_per_second)
             metrics["forwards_per_step"] = len(population) + (0 if self._step["known"] else 1)
             metrics["skipped_steps"] = self.skipped_steps
             log_step_metrics(module, {f"nobp/{k}": v for k, v in metrics.items()}, PROGRESS_BAR_METRICS)
@@ -281,10 +287,4 @@ class NoBackpropStrategy(DDPStrategy):
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
-        strategy_registry.register(
-            "nobp_mezo",
-            cls,
-            description="Forward-only training with MeZO (two-sided SPSA), lightning_nobp",
-            override=True,
-            algorithm=MeZO(),
-        )
+        register_aliases(strategy_registry, cls)
