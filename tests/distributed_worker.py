@@ -15,9 +15,21 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).parent))
 
 from lightning_nobp import NoBackpropStrategy  # noqa: E402
-from lightning_nobp.algorithms import MeZO  # noqa: E402
+from lightning_nobp.algorithms import EggRoll, MeZO  # noqa: E402
 from lightning_nobp.data import load_digits_split  # noqa: E402
 from user_models import DigitsClassifier  # noqa: E402
+
+
+class CountingClassifier(DigitsClassifier):
+    """Counts the evaluations of ``training_step`` on this rank."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__(hidden=hidden)
+        self.evaluations = 0
+
+    def training_step(self, batch, batch_idx):
+        self.evaluations += 1
+        return super().training_step(batch, batch_idx)
 
 
 def parameter_digest(module: torch.nn.Module) -> str:
@@ -39,11 +51,12 @@ def run_rank(local_rank: int, world_size: int, port: int, out_dir: str, steps: i
     )
     torch.set_num_threads(1)
     results = {}
-    for hidden in (16, 256):
+    for name, hidden in (("mezo", 16), ("mezo", 256), ("eggroll", 16), ("eggroll", 256)):
         pl.seed_everything(local_rank)  # different initial weights per rank: the strategy must align them
         os.environ["PL_GLOBAL_SEED"] = "0"
         train, _ = load_digits_split()
-        strategy = NoBackpropStrategy(algorithm=MeZO(directions=2), seed=0)
+        algorithm = MeZO(directions=2) if name == "mezo" else EggRoll(population=8)
+        strategy = NoBackpropStrategy(algorithm=algorithm, seed=0)
         trainer = pl.Trainer(
             strategy=strategy,
             accelerator="cpu",
@@ -54,9 +67,10 @@ def run_rank(local_rank: int, world_size: int, port: int, out_dir: str, steps: i
             enable_progress_bar=False,
             enable_model_summary=False,
         )
-        model = DigitsClassifier(hidden=hidden)
+        model = CountingClassifier(hidden=hidden)
         trainer.fit(model, DataLoader(train, batch_size=64, shuffle=True))
-        results[hidden] = {
+        results[f"{name}-{hidden}"] = {
+            "evaluations": model.evaluations,
             "digest": parameter_digest(model),
             "communicated_bytes": strategy.communicated_bytes,
             "parameters": sum(p.numel() for p in model.parameters()),

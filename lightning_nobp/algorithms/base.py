@@ -102,6 +102,14 @@ class Algorithm(ABC):
         return total
 
     @property
+    def shards_population(self) -> bool:
+        """Whether several processes split the members between them (ES) or all evaluate every member (MeZO).
+
+        Sharded members are evaluated on their process's data; unsharded fitness is averaged over processes.
+        """
+        return False
+
+    @property
     def forwards_per_step(self) -> int:
         """Loss evaluations per micro-batch (the population size)."""
         return len(self.ask(0))

@@ -57,6 +57,10 @@ class EvolutionStrategy(Algorithm):
         self.antithetic = antithetic
         self.fitness_shaping = fitness_shaping
 
+    @property
+    def shards_population(self) -> bool:
+        return True
+
     def ask(self, step_seed: int) -> Population:
         members: list[Member] = []
         if self.antithetic:

@@ -109,14 +109,44 @@ class ForwardOnlyEngine:
             self._estimators[id(optimizer)] = estimator
         return estimator
 
-    def reduce_mean(self, fitness: Tensor, device: torch.device) -> Tensor:
-        """Average the fitness vector over all processes (each rank evaluated the same members on its data)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def own_members(self, population: Population) -> list[int]:
+        """The members this process evaluates.
+
+        Unsharded algorithms (MeZO): every member, on every process. Sharded ones (ES): members sharing a noise
+        seed (antithetic pairs) stay together and the groups are dealt to the processes in turn.
+        """
+        rank, world = self._world()
+        if world == 1 or not self.algorithm.shards_population:
+            return list(range(len(population)))
+        group, previous_seed, own = -1, None, []
+        for index, member in enumerate(population.members):
+            if member.noise_seed != previous_seed:
+                group, previous_seed = group + 1, member.noise_seed
+            if group % world == rank:
+                own.append(index)
+        return own
+
+    def share_fitness(self, fitness: Tensor, device: torch.device) -> Tensor:
+        """Every process's fitness vector, combined: one all-reduce of ``P`` floats, whatever the model size.
+
+        Unsharded: the mean over processes (each evaluated every member on its own data). Sharded: each entry
+        comes from the one process that evaluated it (the others hold 0).
+        """
+        rank, world = self._world()
+        if world == 1:
             return fitness
         on_device = fitness.to(device)
         self.communicated_bytes += on_device.numel() * on_device.element_size()
         dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
-        return on_device.div_(dist.get_world_size()).cpu()
+        if not self.algorithm.shards_population:
+            on_device.div_(world)
+        return on_device.cpu()
 
     def write(
         self,
@@ -153,7 +183,7 @@ class ForwardOnlyEngine:
         optimizer's parameters are reset, then hold the estimate (``.grad`` path) or stay empty (direct path).
 
         Returns:
-            The first member's loss (the step's reported loss) and the estimate.
+            The first member's loss (the step's reported loss, after sharing between processes) and the estimate.
         """
         estimator = self.estimator(optimizer, roots)
         population = self.algorithm.ask(step_seed)
@@ -168,11 +198,13 @@ class ForwardOnlyEngine:
                 estimator.probe_parameter_reads(population, closure)
                 rng.restore()
             started = time.perf_counter()
-            fitness = estimator.evaluate(population, closure_loss, rng)
+            own = self.own_members(population)
+            fitness = estimator.evaluate(population, closure_loss, rng, members=own)
             elapsed = time.perf_counter() - started
         finally:
             self.evaluating = False
-        estimate = self.algorithm.tell(population, self.reduce_mean(fitness, device))
+        fitness = self.share_fitness(fitness, device)
+        estimate = self.algorithm.tell(population, fitness)
         for param in estimator.params:
             param.grad = None
         if estimate.skipped:
@@ -182,5 +214,5 @@ class ForwardOnlyEngine:
             estimate.stats["update_norm"] = self.write(
                 estimator, optimizer, [(population, estimate.coefficients)], step_seed
             )
-        estimate.stats["members_per_second"] = len(population) / max(elapsed, 1e-9)
+        estimate.stats["members_per_second"] = len(own) / max(elapsed, 1e-9)
         return fitness[0], estimate

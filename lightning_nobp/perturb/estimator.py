@@ -129,18 +129,21 @@ class PopulationEstimator:
         loss_fn: LossFn,
         rng: RngSnapshot | None = None,
         known: dict[int, Tensor] | None = None,
+        members: Sequence[int] | None = None,
     ) -> Tensor:
-        """The loss of every member, one perturbed evaluation each, as a float32 tensor ``[P]`` on the CPU.
+        """The loss of the members, one perturbed evaluation each, as a float32 tensor ``[P]`` on the CPU.
 
         Args:
             population: what ``algorithm.ask`` returned.
             loss_fn: evaluates the loss at the current (perturbed) weights.
             rng: restored before each evaluation, so random layers behave identically for every member.
             known: fitness of members already evaluated (e.g. the official training pass), by member index.
+            members: the indices to evaluate (this process's shard); the others are left at 0. All by default.
         """
         known = known or {}
-        fitness = torch.empty(len(population), dtype=torch.float32)
-        for index, member in enumerate(population.members):
+        fitness = torch.zeros(len(population), dtype=torch.float32)
+        for index in range(len(population)) if members is None else members:
+            member = population.members[index]
             if index in known:
                 fitness[index] = known[index].float().cpu()
                 continue

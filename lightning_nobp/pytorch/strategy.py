@@ -208,17 +208,25 @@ class NoBackpropStrategy(DDPStrategy):
         step_seed = self._step_seed()
         population = self.algorithm.ask(step_seed)
         rng = RngSnapshot(self.root_device)
-        self._step = {"args": (args, kwargs), "seed": step_seed, "population": population, "rng": rng, "known": {}}
+        own = self.engine.own_members(population)
+        self._step = {
+            "args": (args, kwargs),
+            "seed": step_seed,
+            "population": population,
+            "rng": rng,
+            "known": {},
+            "own": own,
+        }
         with torch.no_grad():
             if not estimator.probed:
                 estimator.probe_parameter_reads(population, self._muted_training_step)
                 rng.restore()
-            if self.reuse_official_pass:
-                with estimator.perturbation(population, population.members[0]):
+            if self.reuse_official_pass and own:
+                with estimator.perturbation(population, population.members[own[0]]):
                     output = super().training_step(*args, **kwargs)
                 loss = loss_from_step_output(output)
                 if isinstance(loss, Tensor) and loss.numel() == 1:
-                    self._step["known"] = {0: loss.detach().reshape(())}
+                    self._step["known"] = {own[0]: loss.detach().reshape(())}
             else:
                 output = super().training_step(*args, **kwargs)
         self._step["rng_after"] = RngSnapshot(self.root_device)
@@ -238,11 +246,14 @@ class NoBackpropStrategy(DDPStrategy):
         estimator = self.engine.estimator(optimizer, [module])
         population: Population = self._step["population"]
         started = time.perf_counter()
-        fitness = estimator.evaluate(population, self._perturbed_training_loss, self._step["rng"], self._step["known"])
-        evaluated = len(population) - len(self._step["known"])
+        own = self._step["own"]
+        fitness = estimator.evaluate(
+            population, self._perturbed_training_loss, self._step["rng"], self._step["known"], members=own
+        )
+        evaluated = len(own) - len(self._step["known"])
         members_per_second = evaluated / max(time.perf_counter() - started, 1e-9)
         self._step["rng_after"].restore()
-        estimate = self.algorithm.tell(population, self.engine.reduce_mean(fitness, self.root_device))
+        estimate = self.algorithm.tell(population, self.engine.share_fitness(fitness, self.root_device))
         window_ends = not trainer.fit_loop._should_accumulate()
         if estimate.skipped or self._window_poisoned:
             self._window_poisoned = not window_ends
@@ -261,7 +272,7 @@ class NoBackpropStrategy(DDPStrategy):
                 self._window = []
         if is_logging_step(trainer):
             metrics = dict(estimate.stats, members_per_second=members_per_second)
-            metrics["forwards_per_step"] = len(population) + (0 if self._step["known"] else 1)
+            metrics["forwards_per_step"] = len(own) + (0 if self._step["known"] else 1)
             metrics["skipped_steps"] = self.skipped_steps
             log_step_metrics(module, {f"nobp/{k}": v for k, v in metrics.items()}, PROGRESS_BAR_METRICS)
         return self.precision_plugin.post_backward(closure_loss, module)
