@@ -56,7 +56,8 @@ def run_rank(local_rank: int, world_size: int, port: int, out_dir: str, steps: i
         os.environ["PL_GLOBAL_SEED"] = "0"
         train, _ = load_digits_split()
         algorithm = MeZO(directions=2) if name == "mezo" else EggRoll(population=8)
-        strategy = NoBackpropStrategy(algorithm=algorithm, seed=0)
+        # one member per evaluation, so the evaluations counted below show how the population was shared
+        strategy = NoBackpropStrategy(algorithm=algorithm, seed=0, population_batching=False)
         trainer = pl.Trainer(
             strategy=strategy,
             accelerator="cpu",

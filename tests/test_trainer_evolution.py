@@ -80,7 +80,8 @@ def test_a_nan_member_drops_its_pair_and_the_step_goes_on() -> None:
     pl.seed_everything(0)
     train, _ = digits_loaders(batch_size=256)
     model = NaNMember(poisoned_call=1 + 8 + 4)  # probe, step 0 (8 members), then member 3 of step 1
-    strategy = NoBackpropStrategy(algorithm=EggRoll(population=8))
+    # one member per call, so that the poisoned call is exactly one member
+    strategy = NoBackpropStrategy(algorithm=EggRoll(population=8), population_batching=False)
     trainer = pl.Trainer(strategy=strategy, max_steps=3, log_every_n_steps=1, **quiet_trainer_kwargs())
     dropped: list[float] = []
 

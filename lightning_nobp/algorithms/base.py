@@ -101,6 +101,18 @@ class Algorithm(ABC):
                 total.add_(self.noise(seed, param_index, param), alpha=weight)
         return total
 
+    def low_rank_factors(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Factors ``(A, B)`` with ``E = A B^T`` for a matrix parameter, or ``None`` for dense noise.
+
+        Layers that can (``nn.Linear``) then compute ``x W^T + sigma (x B) A^T`` instead of forming ``W + sigma E``.
+        """
+        return None
+
+    @property
+    def population_chunk(self) -> int | None:
+        """Members evaluated together in one batched forward (``None``: all of this process's members)."""
+        return None
+
     @property
     def shards_population(self) -> bool:
         """Whether several processes split the members between them (ES) or all evaluate every member (MeZO).

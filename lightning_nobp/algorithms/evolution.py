@@ -21,6 +21,10 @@ from lightning_nobp.algorithms.seeds import derive_seed
 from lightning_nobp.algorithms.shaping import FITNESS_SHAPINGS, shape_fitness
 
 
+def _largest_divisor(number: int, at_most: int) -> int:
+    return max(d for d in range(1, min(number, at_most) + 1) if number % d == 0)
+
+
 def _check_positive_finite(owner: str, name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise ValueError(f"{owner}({name}={value!r}): {name} must be a positive finite number")
@@ -34,10 +38,17 @@ class EvolutionStrategy(Algorithm):
         sigma: perturbation scale.
         antithetic: evaluate ``+E`` and ``-E`` for every noise (pairs share their noise and their data).
         fitness_shaping: ``"centered_rank"``, ``"zscore"``, ``"sign"`` (antithetic only) or ``None``.
+        population_chunk: members evaluated together in one batched forward (bounds activation memory); must
+            divide the population. ``None`` evaluates all of a process's members at once.
     """
 
     def __init__(
-        self, population: int, sigma: float, antithetic: bool = True, fitness_shaping: str | None = "centered_rank"
+        self,
+        population: int,
+        sigma: float,
+        antithetic: bool = True,
+        fitness_shaping: str | None = "centered_rank",
+        population_chunk: int | None = None,
     ) -> None:
         owner = type(self).__name__
         if not (isinstance(population, int) and population >= 2):
@@ -52,6 +63,14 @@ class EvolutionStrategy(Algorithm):
             raise ValueError(f"{owner}(fitness_shaping={fitness_shaping!r}): choose one of {FITNESS_SHAPINGS}")
         if fitness_shaping == "sign" and not antithetic:
             raise ValueError(f"{owner}(fitness_shaping='sign') compares antithetic pairs: set antithetic=True")
+        if population_chunk is not None and not (
+            isinstance(population_chunk, int) and population_chunk >= 1 and population % population_chunk == 0
+        ):
+            raise ValueError(
+                f"{owner}(population={population}, population_chunk={population_chunk!r}): the chunk must be a"
+                f" positive divisor of the population, e.g. population_chunk={_largest_divisor(population, 16)}"
+            )
+        self._population_chunk = population_chunk
         self.population = population
         self.sigma = float(sigma)
         self.antithetic = antithetic
@@ -60,6 +79,10 @@ class EvolutionStrategy(Algorithm):
     @property
     def shards_population(self) -> bool:
         return True
+
+    @property
+    def population_chunk(self) -> int | None:
+        return self._population_chunk
 
     def ask(self, step_seed: int) -> Population:
         members: list[Member] = []
@@ -109,12 +132,18 @@ class OpenES(EvolutionStrategy):
         sigma: perturbation scale.
         antithetic: evaluate ``+E`` and ``-E`` for every noise.
         fitness_shaping: ``"centered_rank"``, ``"zscore"``, ``"sign"`` or ``None``.
+        population_chunk: members per batched forward; a divisor of the population (``None``: all).
     """
 
     def __init__(
-        self, population: int = 30, sigma: float = 1e-3, antithetic: bool = True, fitness_shaping: str | None = "zscore"
+        self,
+        population: int = 30,
+        sigma: float = 1e-3,
+        antithetic: bool = True,
+        fitness_shaping: str | None = "zscore",
+        population_chunk: int | None = None,
     ) -> None:
-        super().__init__(population, sigma, antithetic, fitness_shaping)
+        super().__init__(population, sigma, antithetic, fitness_shaping, population_chunk)
 
     def __repr__(self) -> str:
         return (
@@ -144,6 +173,7 @@ class EggRoll(EvolutionStrategy):
         sigma: perturbation scale.
         antithetic: evaluate ``+E`` and ``-E`` for every noise (pairs share noise and data).
         fitness_shaping: ``"centered_rank"``, ``"zscore"``, ``"sign"`` or ``None``.
+        population_chunk: members per batched forward; a divisor of the population (``None``: all).
     """
 
     def __init__(
@@ -153,8 +183,9 @@ class EggRoll(EvolutionStrategy):
         sigma: float = 1e-2,
         antithetic: bool = True,
         fitness_shaping: str | None = "centered_rank",
+        population_chunk: int | None = None,
     ) -> None:
-        super().__init__(population, sigma, antithetic, fitness_shaping)
+        super().__init__(population, sigma, antithetic, fitness_shaping, population_chunk)
         if not (isinstance(rank, int) and rank >= 1):
             raise ValueError(f"EggRoll(rank={rank!r}): the rank must be an integer >= 1")
         self.rank = rank
@@ -175,6 +206,12 @@ class EggRoll(EvolutionStrategy):
         return both[: out_features * self.rank].view(out_features, self.rank), both[out_features * self.rank :].view(
             in_features, self.rank
         )
+
+    def low_rank_factors(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[Tensor, Tensor] | None:
+        if param.dim() != 2:
+            return None
+        a, b = self.factors(noise_seed, param_index, param)
+        return a.div(math.sqrt(self.rank)), b
 
     def noise(self, noise_seed: int, param_index: int, param: Tensor) -> Tensor:
         if param.dim() < 2:

@@ -78,13 +78,16 @@ class ForwardOnlyEngine:
         update: ``"grad"`` writes the estimate into ``p.grad`` for the user's optimizer; ``"direct"`` applies it
             in place (plain SGD with the optimizer's lr and weight decay, stochastic rounding below fp32) and
             keeps no gradient buffers, so training memory equals inference memory.
+        population_batching: evaluate several members in one batched forward (``torch.func.vmap``) where the
+            user's code allows it; falls back to one member at a time with a warning.
     """
 
-    def __init__(self, algorithm: Algorithm, update: UpdatePath = "grad") -> None:
+    def __init__(self, algorithm: Algorithm, update: UpdatePath = "grad", population_batching: bool = True) -> None:
         if update not in UPDATE_PATHS:
             raise ValueError(f"update={update!r}: choose one of {UPDATE_PATHS}")
         self.algorithm = algorithm
         self.update = update
+        self.population_batching = population_batching
         self.skipped_steps = 0
         #: bytes this process sent through collectives for its estimates (fitness scalars only)
         self.communicated_bytes = 0
@@ -199,7 +202,9 @@ class ForwardOnlyEngine:
                 rng.restore()
             started = time.perf_counter()
             own = self.own_members(population)
-            fitness = estimator.evaluate(population, closure_loss, rng, members=own)
+            fitness = estimator.evaluate_members(
+                population, closure_loss, rng, members=own, batched=self.population_batching
+            )
             elapsed = time.perf_counter() - started
         finally:
             self.evaluating = False

@@ -41,6 +41,10 @@ class NoBackpropStrategy(DDPStrategy):
         algorithm: the forward-only estimator; ``MeZO()`` when omitted.
         update: ``"grad"`` (the estimate goes into ``p.grad`` and the user's optimizer steps) or ``"direct"``
             (applied in place as plain SGD with the optimizer's lr and weight decay; no gradient buffers).
+        population_batching: evaluate the population's members together in one batched forward
+            (``torch.func.vmap`` over the user's code; activation memory grows with the members per chunk, see
+            ``population_chunk`` of the ES algorithms). Falls back to one member at a time, with one warning, when
+            the code cannot be batched (``.item()``, data-dependent control flow).
         seed: base seed of every perturbation. ``None`` takes ``PL_GLOBAL_SEED`` (set by ``seed_everything``), else 0.
         accelerator: see ``lightning.fabric.strategies.DDPStrategy``.
         parallel_devices: see ``DDPStrategy``.
@@ -56,6 +60,7 @@ class NoBackpropStrategy(DDPStrategy):
         self,
         algorithm: Algorithm | None = None,
         update: UpdatePath = "grad",
+        population_batching: bool = True,
         seed: int | None = None,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -76,7 +81,7 @@ class NoBackpropStrategy(DDPStrategy):
             timeout=timeout,
             start_method=start_method,
         )
-        self.engine = ForwardOnlyEngine(algorithm if algorithm is not None else MeZO(), update)
+        self.engine = ForwardOnlyEngine(algorithm if algorithm is not None else MeZO(), update, population_batching)
         self._seed = seed
         #: optimizer steps taken so far; part of every perturbation's seed (save it to resume bit-exactly)
         self.steps = 0

@@ -6,6 +6,7 @@ loss callable and an :class:`~lightning_nobp.algorithms.Algorithm`, and nothing 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -89,6 +90,8 @@ class PopulationEstimator:
         self.names = list(names) if names is not None else [f"param[{i}]" for i in range(len(self.params))]
         self.owners = ParameterOwners(roots, self.params)
         self.probed = False
+        #: whether the user's code evaluates under vmap: None until tried, then True or False
+        self.batching: bool | None = None
 
     def perturbation(
         self, population: Population, member: Member, probe: ParameterReadProbe | None = None
@@ -152,6 +155,123 @@ class PopulationEstimator:
             with torch.no_grad(), self.perturbation(population, member):
                 fitness[index] = loss_fn().float().cpu()
         return fitness
+
+    def _stacked_perturbations(
+        self, population: Population, members: Sequence[int]
+    ) -> tuple[dict[int, Tensor], dict[int, tuple[Tensor, Tensor]]]:
+        """The perturbations of ``members``, stacked along a leading member dimension.
+
+        ``nn.Linear`` weights get low-rank factors ``(sigma sign A, B)`` when the algorithm has them (the layer adds
+        ``(x B) A^T``); every other parameter gets its dense ``sigma * sign * E``.
+        """
+        chosen = [population.members[i] for i in members]
+        dense: dict[int, Tensor] = {}
+        low_rank: dict[int, tuple[Tensor, Tensor]] = {}
+        low_rank_allowed = self.owners.linear_weights - self.owners.whole_evaluation
+        for index, param in enumerate(self.params):
+            if index in low_rank_allowed:
+                factors = [self.algorithm.low_rank_factors(m.noise_seed, index, param) for m in chosen]
+                if all(f is not None for f in factors):
+                    scales = [population.sigma * m.sign for m in chosen]
+                    a = torch.stack([f[0] * scale for f, scale in zip(factors, scales)])  # type: ignore[index]
+                    b = torch.stack([f[1] for f in factors])  # type: ignore[index]
+                    low_rank[index] = (a, b)
+                    continue
+            dense[index] = torch.stack(
+                [self.algorithm.noise(m.noise_seed, index, param).mul_(population.sigma * m.sign) for m in chosen]
+            )
+        return dense, low_rank
+
+    def evaluate_batched(
+        self,
+        population: Population,
+        loss_fn: LossFn,
+        rng: RngSnapshot | None = None,
+        known: dict[int, Tensor] | None = None,
+        members: Sequence[int] | None = None,
+        chunk: int | None = None,
+    ) -> Tensor:
+        """Like :meth:`evaluate`, but members are stacked along a leading dimension and evaluated together.
+
+        ``torch.func.vmap`` runs ``loss_fn`` once per chunk of members: each layer reads its shared weight once and
+        computes every member's output (``x W^T + (x B_m) A_m^T`` for ``nn.Linear`` with low-rank noise). Random
+        layers draw the same numbers for every member, as in :meth:`evaluate`. Raises whatever ``vmap`` raises
+        for code it cannot batch (``.item()``, data-dependent Python control flow).
+
+        Args:
+            population: what ``algorithm.ask`` returned.
+            loss_fn: evaluates the loss at the current (perturbed) weights; must return a one-element tensor.
+            rng: restored before each chunk.
+            known: fitness of members already evaluated, by member index.
+            members: the indices to evaluate (this process's shard); all by default.
+            chunk: members per batched forward (bounds activation memory); all at once by default.
+        """
+        known = known or {}
+        fitness = torch.zeros(len(population), dtype=torch.float32)
+        for index, value in known.items():
+            fitness[index] = value.float().cpu()
+        todo = [i for i in (range(len(population)) if members is None else members) if i not in known]
+        size = chunk or max(len(todo), 1)
+
+        def member_loss(dense: dict[int, Tensor], low_rank: dict[int, tuple[Tensor, Tensor]]) -> Tensor:
+            with PerturbedForward(self.owners, lambda index, stored: dense[index], low_rank=low_rank):
+                return loss_fn().reshape(())
+
+        for start in range(0, len(todo), size):
+            part = todo[start : start + size]
+            dense, low_rank = self._stacked_perturbations(population, part)
+            if rng is not None:
+                rng.restore()
+            with torch.no_grad():
+                losses = torch.func.vmap(member_loss, randomness="same")(dense, low_rank)
+            fitness[part] = losses.float().cpu()
+        return fitness
+
+    def evaluate_members(
+        self,
+        population: Population,
+        loss_fn: LossFn,
+        rng: RngSnapshot | None = None,
+        known: dict[int, Tensor] | None = None,
+        members: Sequence[int] | None = None,
+        batched: bool = True,
+    ) -> Tensor:
+        """Evaluate members batched with ``vmap`` where the user's code allows it, else one at a time.
+
+        The first batched attempt that fails (``.item()``, data-dependent control flow, an op without a batching
+        rule) switches this estimator to the loop for good, with one warning; after a batched success, errors
+        are raised as they are.
+
+        Args:
+            population: what ``algorithm.ask`` returned.
+            loss_fn: evaluates the loss at the current (perturbed) weights.
+            rng: restored before each (batched) evaluation.
+            known: fitness of members already evaluated, by member index.
+            members: the indices to evaluate (this process's shard); all by default.
+            batched: try the batched path at all.
+        """
+        pending = len(population) if members is None else len(members)
+        pending -= len(known or {})
+        if batched and self.batching is not False and pending > 1:
+            try:
+                fitness = self.evaluate_batched(
+                    population, loss_fn, rng, known, members, chunk=self.algorithm.population_chunk
+                )
+            except Exception as error:  # noqa: BLE001 - any failure of vmap means: fall back to the loop
+                if self.batching:
+                    raise
+                self.batching = False
+                warnings.warn(
+                    f"the loss cannot be evaluated for a whole population at once with torch.func.vmap"
+                    f" ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); evaluating"
+                    " the members one at a time instead (slower). Avoid `.item()` and data-dependent Python control"
+                    " flow in training_step to enable batched evaluation.",
+                    stacklevel=2,
+                )
+            else:
+                self.batching = True
+                return fitness
+        return self.evaluate(population, loss_fn, rng, known, members)
 
     def _estimate_of(self, index: int, terms: Sequence[tuple[Population, Tensor]]) -> Tensor:
         """The float32 estimate of parameter ``index``: ``sum over terms of sum_i c_i sign_i E_i``.

@@ -14,7 +14,7 @@ it watches one evaluation for torch calls that receive a stored (unperturbed) pa
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -52,6 +52,12 @@ class ParameterOwners:
         self.unowned: set[int] = set(range(len(self.params))) - owned
         #: parameters also read outside their owner's forward (found by ParameterReadProbe)
         self.read_outside: set[int] = set()
+        #: parameters held only as ``nn.Linear.weight``: these can take a low-rank correction in the forward
+        self.linear_weights: set[int] = set(range(len(self.params))) - self.unowned
+        for module, slots in self.slots.items():
+            for name, index in slots:
+                if not (isinstance(module, nn.Linear) and name == "weight"):
+                    self.linear_weights.discard(index)
 
     @property
     def whole_evaluation(self) -> set[int]:
@@ -73,12 +79,22 @@ class PerturbedForward:
         owners: the parameter-to-module map (built once, reused every step).
         delta: returns the perturbation of one parameter; called each time the owner's forward runs.
         probe: an active :class:`ParameterReadProbe` to pause while the perturbed values are computed.
+        low_rank: for ``nn.Linear`` weights, factors ``(A, B)`` of a perturbation ``A B^T``: the layer keeps its
+            stored weight and adds ``(x B) A^T`` to its output instead (the shared weight is read once for a
+            whole batched population; no perturbed matrix is formed).
     """
 
-    def __init__(self, owners: ParameterOwners, delta: DeltaFn, probe: ParameterReadProbe | None = None) -> None:
+    def __init__(
+        self,
+        owners: ParameterOwners,
+        delta: DeltaFn,
+        probe: ParameterReadProbe | None = None,
+        low_rank: Mapping[int, tuple[Tensor, Tensor]] | None = None,
+    ) -> None:
         self.owners = owners
         self.delta = delta
         self.probe = probe
+        self.low_rank = low_rank or {}
         self._handles: list[Any] = []
         self._saved_whole: list[tuple[nn.Module, str, Tensor]] = []
         self._depth: dict[nn.Module, int] = defaultdict(int)
@@ -100,6 +116,11 @@ class PerturbedForward:
         values: dict[int, Tensor] = {}
         for module, slots in self.owners.slots.items():
             layer_slots = [(name, index) for name, index in slots if index not in whole]
+            if isinstance(module, nn.Linear):
+                for name, index in list(layer_slots):
+                    if name == "weight" and index in self.low_rank:
+                        layer_slots.remove((name, index))
+                        self._handles.append(module.register_forward_hook(self._make_correction(index)))
             if layer_slots:
                 self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(layer_slots)))
                 self._handles.append(module.register_forward_hook(self._restore_hook, always_call=True))
@@ -134,6 +155,15 @@ class PerturbedForward:
                 module._parameters[name] = self._value(index)
 
         return pre_hook
+
+    def _make_correction(self, index: int) -> Callable[[nn.Module, Any, Any], Tensor]:
+        a, b = self.low_rank[index]
+
+        def add_low_rank_correction(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+            x = args[0]
+            return output + ((x @ b.to(x.dtype)) @ a.to(x.dtype).transpose(-1, -2)).to(output.dtype)
+
+        return add_low_rank_correction
 
     def _restore_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         self._depth[module] -= 1

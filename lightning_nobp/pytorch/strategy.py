@@ -54,6 +54,10 @@ class NoBackpropStrategy(DDPStrategy):
             costs one gradient-sized buffer). ``"direct"`` applies it in place as plain SGD with the optimizer's
             lr and weight decay (``torch.optim.SGD`` without momentum; the LR scheduler still drives the lr), with
             stochastic rounding for bf16/fp16 weights and no gradient buffers: memory equals inference memory.
+        population_batching: evaluate the population's members together in one batched forward
+            (``torch.func.vmap`` over the user's code; activation memory grows with the members per chunk, see
+            ``population_chunk`` of the ES algorithms). Falls back to one member at a time, with one warning, when
+            the code cannot be batched (``.item()``, data-dependent control flow).
         seed: base seed of every perturbation (counter-derived per step, member and parameter). ``None`` takes the
             seed of ``lightning.seed_everything`` (``PL_GLOBAL_SEED``), else 0.
         reuse_official_pass: evaluate the official ``training_step`` at the first member's perturbed weights and
@@ -76,6 +80,7 @@ class NoBackpropStrategy(DDPStrategy):
         self,
         algorithm: Algorithm | None = None,
         update: UpdatePath = "grad",
+        population_batching: bool = True,
         seed: int | None = None,
         reuse_official_pass: bool = True,
         accelerator: Accelerator | None = None,
@@ -97,7 +102,7 @@ class NoBackpropStrategy(DDPStrategy):
             timeout=timeout,
             start_method=start_method,
         )
-        self.engine = ForwardOnlyEngine(algorithm if algorithm is not None else MeZO(), update)
+        self.engine = ForwardOnlyEngine(algorithm if algorithm is not None else MeZO(), update, population_batching)
         self._seed = seed
         self.reuse_official_pass = reuse_official_pass
         self._window: list[tuple[Population, Tensor]] = []  # direct path: the accumulation window's estimates
@@ -247,8 +252,13 @@ class NoBackpropStrategy(DDPStrategy):
         population: Population = self._step["population"]
         started = time.perf_counter()
         own = self._step["own"]
-        fitness = estimator.evaluate(
-            population, self._perturbed_training_loss, self._step["rng"], self._step["known"], members=own
+        fitness = estimator.evaluate_members(
+            population,
+            self._perturbed_training_loss,
+            self._step["rng"],
+            self._step["known"],
+            members=own,
+            batched=self.engine.population_batching,
         )
         evaluated = len(own) - len(self._step["known"])
         members_per_second = evaluated / max(time.perf_counter() - started, 1e-9)

@@ -1,0 +1,97 @@
+"""Batched population evaluation (torch.func.vmap over the user's code) against the member-by-member loop."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_nobp import NoBackpropStrategy
+from lightning_nobp.algorithms import EggRoll, MeZO, OpenES
+from lightning_nobp.perturb import PopulationEstimator
+
+from conftest import quiet_trainer_kwargs
+from test_perturb_forward import EveryLayer, inputs
+from user_models import DigitsClassifier, digits_loaders
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [EggRoll(population=8, rank=2, sigma=0.05), OpenES(population=6, sigma=0.05), MeZO(eps=1e-2, directions=3)],
+    ids=["eggroll", "openes", "mezo"],
+)
+def test_vmap_and_loop_give_the_same_fitness(algorithm) -> None:
+    torch.manual_seed(0)
+    model = EveryLayer()
+    tokens, image = inputs()
+    targets = torch.randint(0, 11, (3,))
+    estimator = PopulationEstimator(algorithm, [model], list(model.parameters()))
+
+    def loss() -> torch.Tensor:
+        return F.cross_entropy(model(tokens, image), targets)
+
+    estimator.probe_parameter_reads(algorithm.ask(0), loss)
+    population = algorithm.ask(4)
+    looped = estimator.evaluate(population, loss)
+    batched = estimator.evaluate_batched(population, loss)
+    chunked = estimator.evaluate_batched(population, loss, chunk=2)
+    torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked, looped, rtol=1e-5, atol=1e-5)
+    assert len(set(looped.tolist())) == len(population)  # the members really differ
+
+
+def test_linear_layers_take_the_low_rank_correction_not_a_perturbed_matrix() -> None:
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+    algorithm = EggRoll(population=4)
+    estimator = PopulationEstimator(algorithm, [model], list(model.parameters()))
+    dense, low_rank = estimator._stacked_perturbations(algorithm.ask(0), [0, 1, 2, 3])
+    assert set(low_rank) == {0, 2}  # the two weights
+    assert set(dense) == {1, 3}  # the biases
+    a, b = low_rank[0]
+    assert a.shape == (4, 5, 1) and b.shape == (4, 6, 1)
+
+
+class ItemInTrainingStep(DigitsClassifier):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if loss.item() > 100:  # data-dependent Python control flow: vmap cannot batch this
+            return loss * 0
+        return loss
+
+
+def test_unbatchable_training_step_falls_back_to_the_loop_with_one_warning(no_backprop: None) -> None:
+    pl.seed_everything(0)
+    train, _ = digits_loaders()
+    strategy = NoBackpropStrategy(algorithm=EggRoll(population=8))
+    trainer = pl.Trainer(strategy=strategy, max_steps=4, **quiet_trainer_kwargs())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(ItemInTrainingStep(), train)
+    messages = [str(w.message) for w in caught if "one at a time" in str(w.message)]
+    assert len(messages) == 1 and "item()" in messages[0]
+    assert trainer.global_step == 4
+    estimator = strategy.engine.estimator(trainer.optimizers[0], [trainer.lightning_module])
+    assert estimator.batching is False
+
+
+def test_batched_and_looped_training_end_at_the_same_weights() -> None:
+    def train(batched: bool) -> list[torch.Tensor]:
+        pl.seed_everything(0)
+        loader, _ = digits_loaders()
+        model = DigitsClassifier(lr=1e-3)
+        strategy = NoBackpropStrategy(algorithm=EggRoll(population=8, population_chunk=4), population_batching=batched)
+        pl.Trainer(strategy=strategy, max_steps=5, **quiet_trainer_kwargs()).fit(model, loader)
+        return [p.detach().clone() for p in model.parameters()]
+
+    for p, q in zip(train(True), train(False)):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_population_chunk_must_divide_the_population() -> None:
+    with pytest.raises(ValueError, match="positive divisor of the population, e.g. population_chunk=16"):
+        EggRoll(population=64, population_chunk=24)
+    assert EggRoll(population=64, population_chunk=16).population_chunk == 16
