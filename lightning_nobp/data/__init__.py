@@ -1,5 +1,12 @@
 """DataModules used by the recipes; every dataset installs offline."""
 
 from lightning_nobp.data.digits import DigitsDataModule, load_digits_split
+from lightning_nobp.data.fashion_mnist import FashionMNISTDataModule, fashion_mnist_available, load_fashion_mnist
 
-__all__ = ["DigitsDataModule", "load_digits_split"]
+__all__ = [
+    "DigitsDataModule",
+    "FashionMNISTDataModule",
+    "fashion_mnist_available",
+    "load_digits_split",
+    "load_fashion_mnist",
+]
