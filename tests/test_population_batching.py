@@ -95,3 +95,62 @@ def test_population_chunk_must_divide_the_population() -> None:
     with pytest.raises(ValueError, match="positive divisor of the population, e.g. population_chunk=16"):
         EggRoll(population=64, population_chunk=24)
     assert EggRoll(population=64, population_chunk=16).population_chunk == 16
+
+
+class RecordsBatchSizes(DigitsClassifier):
+    def __init__(self) -> None:
+        super().__init__(lr=1e-3)
+        self.sizes: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        self.sizes.append(batch[0].shape[-2] if batch[0].dim() > 1 else 1)
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_pair_slices_give_each_antithetic_pair_its_own_slice_of_the_batch(batched: bool) -> None:
+    pl.seed_everything(0)
+    loader, _ = digits_loaders(batch_size=128)
+    model = RecordsBatchSizes()
+    strategy = NoBackpropStrategy(
+        algorithm=EggRoll(population=8), member_data="pair_slices", population_batching=batched
+    )
+    pl.Trainer(strategy=strategy, max_steps=2, **quiet_trainer_kwargs()).fit(model, loader)
+    assert strategy.reuse_official_pass is False
+    # per step: the official pass on the whole batch, then the members on 128 / 4 pairs = 32 samples each
+    # (batched: one vmapped call per step, its per-member view also 32 samples)
+    member_calls = 1 if batched else 8
+    assert model.sizes[-(1 + member_calls) :] == [128] + [32] * member_calls
+
+
+def test_pair_slices_match_a_loop_over_explicit_slices() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    algorithm = EggRoll(population=6, sigma=0.1)
+    estimator = PopulationEstimator(algorithm, [model], list(model.parameters()))
+    population = algorithm.ask(0)
+    groups = population.groups()
+
+    def stacked(members):
+        picked = torch.tensor([groups[i] for i in members])
+        return x.view(3, 4, 4)[picked], y.view(3, 4)[picked]
+
+    def loss(inputs):
+        xs, ys = inputs
+        return F.cross_entropy(model(xs), ys)
+
+    looped = estimator.evaluate(population, loss, member_inputs=stacked)
+    batched = estimator.evaluate_batched(population, loss, member_inputs=stacked)
+    expected = []
+    for index, member in enumerate(population.members):
+        with torch.no_grad(), estimator.perturbation(population, member):
+            g = groups[index]
+            expected.append(float(F.cross_entropy(model(x[4 * g : 4 * g + 4]), y[4 * g : 4 * g + 4])))
+    torch.testing.assert_close(looped, torch.tensor(expected))
+    torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_member_data_is_refused() -> None:
+    with pytest.raises(ValueError, match="choose one of"):
+        NoBackpropStrategy(member_data="per_member")  # type: ignore[arg-type]

@@ -44,6 +44,18 @@ class Population:
     def __len__(self) -> int:
         return len(self.members)
 
+    def groups(self) -> list[int]:
+        """For every member, the index of its noise group (consecutive members sharing a seed: antithetic pairs)."""
+        labels: list[int] = []
+        previous: int | None = None
+        for member in self.members:
+            if member.noise_seed != previous:
+                previous = member.noise_seed
+                labels.append(labels[-1] + 1 if labels else 0)
+            else:
+                labels.append(labels[-1])
+        return labels
+
 
 @dataclass
 class Estimate:

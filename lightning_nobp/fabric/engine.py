@@ -127,12 +127,7 @@ class ForwardOnlyEngine:
         rank, world = self._world()
         if world == 1 or not self.algorithm.shards_population:
             return list(range(len(population)))
-        group, previous_seed, own = -1, None, []
-        for index, member in enumerate(population.members):
-            if member.noise_seed != previous_seed:
-                group, previous_seed = group + 1, member.noise_seed
-            if group % world == rank:
-                own.append(index)
+        own = [index for index, group in enumerate(population.groups()) if group % world == rank]
         return own
 
     def share_fitness(self, fitness: Tensor, device: torch.device) -> Tensor:

@@ -8,17 +8,26 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from lightning_nobp.algorithms.base import Algorithm, Member, Population
 from lightning_nobp.algorithms.seeds import derive_seed
 from lightning_nobp.kernels.stochastic_rounding import stochastic_round
 from lightning_nobp.perturb.forward import ParameterOwners, ParameterReadProbe, PerturbedForward
 
-LossFn = Callable[[], Tensor]
-"""Evaluates the loss at the current (possibly perturbed) weights."""
+LossFn = Callable[..., Tensor]
+"""Evaluates the loss at the current (possibly perturbed) weights; takes the member's inputs when there are any."""
+
+MemberInputs = Callable[[Sequence[int]], Any]
+"""Given member indices, the inputs of those members stacked along a leading dimension (a pytree of tensors)."""
+
+
+def _first(stacked: Any) -> Any:
+    return tree_map(lambda tensor: tensor[0] if isinstance(tensor, Tensor) else tensor, stacked)
 
 
 class RngSnapshot:
@@ -133,6 +142,7 @@ class PopulationEstimator:
         rng: RngSnapshot | None = None,
         known: dict[int, Tensor] | None = None,
         members: Sequence[int] | None = None,
+        member_inputs: MemberInputs | None = None,
     ) -> Tensor:
         """The loss of the members, one perturbed evaluation each, as a float32 tensor ``[P]`` on the CPU.
 
@@ -142,6 +152,8 @@ class PopulationEstimator:
             rng: restored before each evaluation, so random layers behave identically for every member.
             known: fitness of members already evaluated (e.g. the official training pass), by member index.
             members: the indices to evaluate (this process's shard); the others are left at 0. All by default.
+            member_inputs: per-member inputs passed to ``loss_fn`` (e.g. each antithetic pair's slice of the batch);
+                ``loss_fn`` takes no argument when omitted.
         """
         known = known or {}
         fitness = torch.zeros(len(population), dtype=torch.float32)
@@ -153,7 +165,8 @@ class PopulationEstimator:
             if rng is not None:
                 rng.restore()
             with torch.no_grad(), self.perturbation(population, member):
-                fitness[index] = loss_fn().float().cpu()
+                loss = loss_fn() if member_inputs is None else loss_fn(_first(member_inputs([index])))
+            fitness[index] = loss.float().cpu()
         return fitness
 
     def _stacked_perturbations(
@@ -190,6 +203,7 @@ class PopulationEstimator:
         known: dict[int, Tensor] | None = None,
         members: Sequence[int] | None = None,
         chunk: int | None = None,
+        member_inputs: MemberInputs | None = None,
     ) -> Tensor:
         """Like :meth:`evaluate`, but members are stacked along a leading dimension and evaluated together.
 
@@ -205,6 +219,7 @@ class PopulationEstimator:
             known: fitness of members already evaluated, by member index.
             members: the indices to evaluate (this process's shard); all by default.
             chunk: members per batched forward (bounds activation memory); all at once by default.
+            member_inputs: per-member inputs, vmapped along with the perturbations (see :meth:`evaluate`).
         """
         known = known or {}
         fitness = torch.zeros(len(population), dtype=torch.float32)
@@ -213,17 +228,19 @@ class PopulationEstimator:
         todo = [i for i in (range(len(population)) if members is None else members) if i not in known]
         size = chunk or max(len(todo), 1)
 
-        def member_loss(dense: dict[int, Tensor], low_rank: dict[int, tuple[Tensor, Tensor]]) -> Tensor:
+        def member_loss(dense: dict[int, Tensor], low_rank: dict[int, tuple[Tensor, Tensor]], inputs: Any) -> Tensor:
             with PerturbedForward(self.owners, lambda index, stored: dense[index], low_rank=low_rank):
-                return loss_fn().reshape(())
+                return (loss_fn() if member_inputs is None else loss_fn(inputs)).reshape(())
 
         for start in range(0, len(todo), size):
             part = todo[start : start + size]
             dense, low_rank = self._stacked_perturbations(population, part)
+            inputs = None if member_inputs is None else member_inputs(part)
             if rng is not None:
                 rng.restore()
             with torch.no_grad():
-                losses = torch.func.vmap(member_loss, randomness="same")(dense, low_rank)
+                in_dims = (0, 0, None if inputs is None else 0)
+                losses = torch.func.vmap(member_loss, in_dims=in_dims, randomness="same")(dense, low_rank, inputs)
             fitness[part] = losses.float().cpu()
         return fitness
 
@@ -235,6 +252,7 @@ class PopulationEstimator:
         known: dict[int, Tensor] | None = None,
         members: Sequence[int] | None = None,
         batched: bool = True,
+        member_inputs: MemberInputs | None = None,
     ) -> Tensor:
         """Evaluate members batched with ``vmap`` where the user's code allows it, else one at a time.
 
@@ -249,13 +267,14 @@ class PopulationEstimator:
             known: fitness of members already evaluated, by member index.
             members: the indices to evaluate (this process's shard); all by default.
             batched: try the batched path at all.
+            member_inputs: per-member inputs passed to ``loss_fn`` (see :meth:`evaluate`).
         """
         pending = len(population) if members is None else len(members)
         pending -= len(known or {})
         if batched and self.batching is not False and pending > 1:
             try:
                 fitness = self.evaluate_batched(
-                    population, loss_fn, rng, known, members, chunk=self.algorithm.population_chunk
+                    population, loss_fn, rng, known, members, self.algorithm.population_chunk, member_inputs
                 )
             except Exception as error:  # noqa: BLE001 - any failure of vmap means: fall back to the loop
                 if self.batching:
@@ -271,7 +290,7 @@ class PopulationEstimator:
             else:
                 self.batching = True
                 return fitness
-        return self.evaluate(population, loss_fn, rng, known, members)
+        return self.evaluate(population, loss_fn, rng, known, members, member_inputs)
 
     def _estimate_of(self, index: int, terms: Sequence[tuple[Population, Tensor]]) -> Tensor:
         """The float32 estimate of parameter ``index``: ``sum over terms of sum_i c_i sign_i E_i``.

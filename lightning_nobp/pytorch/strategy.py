@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from datetime import timedelta
+from collections.abc import Sequence
 from typing import Any, Callable, Literal
 
 import torch
@@ -28,6 +29,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_nobp.algorithms import Algorithm, MeZO, Population, derive_seed
 from lightning_nobp.fabric.engine import ForwardOnlyEngine, UpdatePath, register_aliases
@@ -42,6 +44,7 @@ MANUAL_BACKWARD_MESSAGE = (
 )
 
 PROGRESS_BAR_METRICS = frozenset({"nobp/projected_grad", "nobp/skipped_steps"})
+MEMBER_DATA = ("shared", "pair_slices")
 MANUAL_STEP_STREAM = 1 << 32  # separates manual-optimization step seeds from the automatic ones
 
 
@@ -58,6 +61,10 @@ class NoBackpropStrategy(DDPStrategy):
             (``torch.func.vmap`` over the user's code; activation memory grows with the members per chunk, see
             ``population_chunk`` of the ES algorithms). Falls back to one member at a time, with one warning, when
             the code cannot be batched (``.item()``, data-dependent control flow).
+        member_data: ``"shared"``: every member is evaluated on the whole batch. ``"pair_slices"``: the batch (a
+            tensor or a tuple/list/dict of tensors sharing their first dimension) is split into one slice per noise
+            group (antithetic pair), and each pair is evaluated on its own slice: more data per step for the same
+            forward cost. The official pass then runs on the whole batch at the unperturbed weights.
         seed: base seed of every perturbation (counter-derived per step, member and parameter). ``None`` takes the
             seed of ``lightning.seed_everything`` (``PL_GLOBAL_SEED``), else 0.
         reuse_official_pass: evaluate the official ``training_step`` at the first member's perturbed weights and
@@ -81,6 +88,7 @@ class NoBackpropStrategy(DDPStrategy):
         algorithm: Algorithm | None = None,
         update: UpdatePath = "grad",
         population_batching: bool = True,
+        member_data: Literal["shared", "pair_slices"] = "shared",
         seed: int | None = None,
         reuse_official_pass: bool = True,
         accelerator: Accelerator | None = None,
@@ -103,8 +111,11 @@ class NoBackpropStrategy(DDPStrategy):
             start_method=start_method,
         )
         self.engine = ForwardOnlyEngine(algorithm if algorithm is not None else MeZO(), update, population_batching)
+        if member_data not in MEMBER_DATA:
+            raise ValueError(f"member_data={member_data!r}: choose one of {MEMBER_DATA}")
+        self.member_data = member_data
         self._seed = seed
-        self.reuse_official_pass = reuse_official_pass
+        self.reuse_official_pass = reuse_official_pass and member_data == "shared"
         self._window: list[tuple[Population, Tensor]] = []  # direct path: the accumulation window's estimates
         self._window_poisoned = False
         self._step: dict[str, Any] = {}
@@ -201,8 +212,39 @@ class NoBackpropStrategy(DDPStrategy):
         with self.precision_plugin.train_step_context(), muted_logging(module):
             return module.training_step(*args, **kwargs)
 
-    def _perturbed_training_loss(self) -> Tensor:
-        return scalar_loss(loss_from_step_output(self._muted_training_step()), "training_step")
+    def _perturbed_training_loss(self, batch: Any = None) -> Tensor:
+        if batch is None:
+            return scalar_loss(loss_from_step_output(self._muted_training_step()), "training_step")
+        args, kwargs = self._step["args"]
+        module = self.lightning_module
+        with self.precision_plugin.train_step_context(), muted_logging(module):
+            output = module.training_step(batch, *args[1:], **kwargs)
+        return scalar_loss(loss_from_step_output(output), "training_step")
+
+    def _pair_slices(self, members: Sequence[int]) -> Any:
+        """The batch slices of ``members`` (one slice per noise group), stacked along a leading member dimension."""
+        population: Population = self._step["population"]
+        groups = population.groups()
+        count = groups[-1] + 1
+        batch = self._step["args"][0][0]
+        leaves, _ = tree_flatten(batch)
+        if not leaves or not all(isinstance(leaf, Tensor) and leaf.dim() >= 1 for leaf in leaves):
+            raise TypeError(
+                "member_data='pair_slices' splits the batch along its first dimension: the batch must be a tensor"
+                " or a tuple/list/dict of tensors. Use member_data='shared' for other batches."
+            )
+        size = leaves[0].shape[0] // count
+        if size == 0:
+            raise ValueError(
+                f"member_data='pair_slices' needs at least one sample per noise group: the batch has"
+                f" {leaves[0].shape[0]} samples for {count} groups. Use a larger batch or member_data='shared'."
+            )
+        picked = torch.tensor([groups[i] for i in members])
+
+        def slices(leaf: Tensor) -> Tensor:
+            return leaf[: count * size].reshape(count, size, *leaf.shape[1:])[picked.to(leaf.device)]
+
+        return tree_map(slices, batch)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         module = self.lightning_module
@@ -259,6 +301,7 @@ class NoBackpropStrategy(DDPStrategy):
             self._step["known"],
             members=own,
             batched=self.engine.population_batching,
+            member_inputs=self._pair_slices if self.member_data == "pair_slices" else None,
         )
         evaluated = len(own) - len(self._step["known"])
         members_per_second = evaluated / max(time.perf_counter() - started, 1e-9)
