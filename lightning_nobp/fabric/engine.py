@@ -7,6 +7,7 @@ and runs a whole step from a user's optimizer closure (Fabric, and the Trainer's
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
@@ -216,3 +217,44 @@ class ForwardOnlyEngine:
             )
         estimate.stats["members_per_second"] = len(own) / max(elapsed, 1e-9)
         return fitness[0], estimate
+
+
+class ForwardOnlyStrategyMixin:
+    """What the Trainer and Fabric ``NoBackpropStrategy`` share on top of their ``DDPStrategy`` parents.
+
+    The host class sets ``self.engine`` (a :class:`ForwardOnlyEngine`) and ``self._seed``. With one process the
+    strategy starts no launcher and no process group: it runs like a single-device strategy.
+    """
+
+    engine: ForwardOnlyEngine
+    _seed: int | None
+
+    @property
+    def algorithm(self) -> Algorithm:
+        """The forward-only estimator."""
+        return self.engine.algorithm
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped because a perturbed loss was not finite."""
+        return self.engine.skipped_steps
+
+    @property
+    def communicated_bytes(self) -> int:
+        """Bytes this process sent through collectives for its estimates (fitness scalars only)."""
+        return self.engine.communicated_bytes
+
+    @property
+    def seed(self) -> int:
+        """The base seed of all perturbations: the one given, else ``PL_GLOBAL_SEED`` (``seed_everything``), else 0."""
+        return self._seed if self._seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    @property
+    def _single_process(self) -> bool:
+        return self.num_nodes * self.num_processes <= 1  # type: ignore[attr-defined]
+
+    def _configure_launcher(self) -> None:
+        if self._single_process:
+            self._launcher = None
+        else:
+            super()._configure_launcher()  # type: ignore[misc]

@@ -8,7 +8,6 @@ closure raises an error that shows the change.
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 from typing import Any, Callable, Literal
 
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_nobp.algorithms import Algorithm, MeZO, derive_seed
-from lightning_nobp.fabric.engine import ForwardOnlyEngine, UpdatePath, register_aliases
+from lightning_nobp.fabric.engine import ForwardOnlyEngine, ForwardOnlyStrategyMixin, UpdatePath, register_aliases
 
 FABRIC_CLOSURE_MESSAGE = (
     "NoBackpropStrategy trains without backpropagation: `fabric.backward(loss)` cannot compute gradients on its own."
@@ -32,7 +31,7 @@ FABRIC_CLOSURE_MESSAGE = (
 )
 
 
-class NoBackpropStrategy(DDPStrategy):
+class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
     """Fabric strategy that replaces backpropagation by a forward-only estimate, on one device or many processes.
 
     Fabric scripts call ``fabric.launch()`` as for any DDP-family strategy (also with one device).
@@ -88,33 +87,6 @@ class NoBackpropStrategy(DDPStrategy):
         #: the estimate's statistics of the last step (``projected_grad``, ``loss_spread``, ...), for logging
         self.last_metrics: dict[str, float] = {}
         self._modules: list[nn.Module] = []
-
-    @property
-    def algorithm(self) -> Algorithm:
-        return self.engine.algorithm
-
-    @property
-    def skipped_steps(self) -> int:
-        return self.engine.skipped_steps
-
-    @property
-    def communicated_bytes(self) -> int:
-        return self.engine.communicated_bytes
-
-    @property
-    def seed(self) -> int:
-        """The base seed of all perturbations."""
-        return self._seed if self._seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-
-    @property
-    def _single_process(self) -> bool:
-        return self.num_nodes * self.num_processes <= 1
-
-    def _configure_launcher(self) -> None:
-        if self._single_process:
-            self._launcher = None
-        else:
-            super()._configure_launcher()
 
     def setup_environment(self) -> None:
         if self._single_process:

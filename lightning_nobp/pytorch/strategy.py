@@ -9,7 +9,6 @@ perturbations on its own data and only the loss scalars are all-reduced.
 
 from __future__ import annotations
 
-import os
 import time
 from datetime import timedelta
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ from torch.optim import Optimizer
 from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_nobp.algorithms import Algorithm, MeZO, Population, derive_seed
-from lightning_nobp.fabric.engine import ForwardOnlyEngine, UpdatePath, register_aliases
+from lightning_nobp.fabric.engine import ForwardOnlyEngine, ForwardOnlyStrategyMixin, UpdatePath, register_aliases
 from lightning_nobp.perturb import RngSnapshot, scalar_loss
 from lightning_nobp.pytorch.logging import is_logging_step, log_step_metrics, loss_from_step_output, muted_logging
 
@@ -48,7 +47,7 @@ MEMBER_DATA = ("shared", "pair_slices")
 MANUAL_STEP_STREAM = 1 << 32  # separates manual-optimization step seeds from the automatic ones
 
 
-class NoBackpropStrategy(DDPStrategy):
+class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
     """Train an unmodified LightningModule without backpropagation, on one device or many processes.
 
     Args:
@@ -119,37 +118,6 @@ class NoBackpropStrategy(DDPStrategy):
         self._window: list[tuple[Population, Tensor]] = []  # direct path: the accumulation window's estimates
         self._window_poisoned = False
         self._step: dict[str, Any] = {}
-
-    @property
-    def algorithm(self) -> Algorithm:
-        """The forward-only estimator."""
-        return self.engine.algorithm
-
-    @property
-    def skipped_steps(self) -> int:
-        """Optimizer steps skipped because a perturbed loss was not finite."""
-        return self.engine.skipped_steps
-
-    @property
-    def communicated_bytes(self) -> int:
-        """Bytes this process sent through collectives for its estimates (fitness scalars only)."""
-        return self.engine.communicated_bytes
-
-    @property
-    def seed(self) -> int:
-        """The base seed of all perturbations."""
-        return self._seed if self._seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-
-    # ------------------------------------------------------------------ processes: no DDP wrapper, no gradients
-    @property
-    def _single_process(self) -> bool:
-        return self.num_nodes * self.num_processes <= 1
-
-    def _configure_launcher(self) -> None:
-        if self._single_process:
-            self._launcher = None
-        else:
-            super()._configure_launcher()
 
     def setup_distributed(self) -> None:
         if self._single_process:
