@@ -44,15 +44,21 @@ def test_vmap_and_loop_give_the_same_fitness(algorithm) -> None:
     assert len(set(looped.tolist())) == len(population)  # the members really differ
 
 
-def test_linear_layers_take_the_low_rank_correction_not_a_perturbed_matrix() -> None:
-    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+def test_linear_and_embedding_layers_take_the_low_rank_correction_not_a_perturbed_matrix() -> None:
+    model = nn.Sequential(nn.Embedding(9, 6), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
     algorithm = EggRoll(population=4)
     estimator = PopulationEstimator(algorithm, [model], list(model.parameters()))
     dense, low_rank = estimator._stacked_perturbations(algorithm.ask(0), [0, 1, 2, 3])
-    assert set(low_rank) == {0, 2}  # the two weights
-    assert set(dense) == {1, 3}  # the biases
-    a, b = low_rank[0]
+    assert set(low_rank) == {0, 1, 3}  # the embedding and the two Linear weights
+    assert set(dense) == {2, 4}  # the biases
+    a, b = low_rank[1]
     assert a.shape == (4, 5, 1) and b.shape == (4, 6, 1)
+    tied = EveryLayer()  # embed.weight is also head.weight; conv, attention and norms stay dense
+    estimator = PopulationEstimator(algorithm, [tied], list(tied.parameters()))
+    names = [name for name, _ in tied.named_parameters()]
+    _, low_rank = estimator._stacked_perturbations(algorithm.ask(0), [0, 1])
+    # attention reads out_proj.weight without calling out_proj, so it stays dense
+    assert {names[i] for i in low_rank} == {"embed.weight", "proj.weight"}
 
 
 class ItemInTrainingStep(DigitsClassifier):

@@ -174,13 +174,13 @@ class PopulationEstimator:
     ) -> tuple[dict[int, Tensor], dict[int, tuple[Tensor, Tensor]]]:
         """The perturbations of ``members``, stacked along a leading member dimension.
 
-        ``nn.Linear`` weights get low-rank factors ``(sigma sign A, B)`` when the algorithm has them (the layer adds
-        ``(x B) A^T``); every other parameter gets its dense ``sigma * sign * E``.
+        ``nn.Linear`` and ``nn.Embedding`` weights get low-rank factors ``(sigma sign A, B)`` when the algorithm has
+        them (the layer adds ``(x B) A^T`` or ``A[x] B^T``); every other parameter gets its dense ``sigma sign E``.
         """
         chosen = [population.members[i] for i in members]
         dense: dict[int, Tensor] = {}
         low_rank: dict[int, tuple[Tensor, Tensor]] = {}
-        low_rank_allowed = self.owners.linear_weights - self.owners.whole_evaluation
+        low_rank_allowed = self.owners.low_rank_capable - self.owners.whole_evaluation
         for index, param in enumerate(self.params):
             if index in low_rank_allowed:
                 factors = [self.algorithm.low_rank_factors(m.noise_seed, index, param) for m in chosen]

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
@@ -52,17 +53,36 @@ class ParameterOwners:
         self.unowned: set[int] = set(range(len(self.params))) - owned
         #: parameters also read outside their owner's forward (found by ParameterReadProbe)
         self.read_outside: set[int] = set()
-        #: parameters held only as ``nn.Linear.weight``: these can take a low-rank correction in the forward
-        self.linear_weights: set[int] = set(range(len(self.params))) - self.unowned
+        #: parameters held only as ``nn.Linear`` or plain ``nn.Embedding`` weights (tied pairs included): these
+        #: can take a low-rank correction in the forward instead of a perturbed copy
+        self.low_rank_capable: set[int] = set(range(len(self.params))) - self.unowned
         for module, slots in self.slots.items():
             for name, index in slots:
-                if not (isinstance(module, nn.Linear) and name == "weight"):
-                    self.linear_weights.discard(index)
+                if not (name == "weight" and takes_low_rank_correction(module)):
+                    self.low_rank_capable.discard(index)
 
     @property
     def whole_evaluation(self) -> set[int]:
         """Indices of the parameters that must stay swapped for the whole evaluation."""
         return self.unowned | self.read_outside
+
+
+def takes_low_rank_correction(module: nn.Module) -> bool:
+    """Layers whose output under ``W + A B^T`` is their output under ``W`` plus a cheap low-rank term.
+
+    ``nn.Linear``: ``x W^T + (x B) A^T``. ``nn.Embedding`` (without ``max_norm``, which rewrites the weight):
+    ``W[i] + A[i] B^T``.
+    """
+    if type(module) is nn.Linear:
+        return True
+    return type(module) is nn.Embedding and module.max_norm is None
+
+
+def low_rank_correction(module: nn.Module, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """The change of ``module(x)`` when its weight gains ``A B^T`` (``a``: ``(out, r)``, ``b``: ``(in, r)``)."""
+    if isinstance(module, nn.Embedding):
+        return F.embedding(x, a) @ b.transpose(-1, -2)
+    return (x @ b.to(x.dtype)) @ a.to(x.dtype).transpose(-1, -2)
 
 
 def perturbed_value(stored: Tensor, delta: Tensor) -> Tensor:
@@ -79,9 +99,9 @@ class PerturbedForward:
         owners: the parameter-to-module map (built once, reused every step).
         delta: returns the perturbation of one parameter; called each time the owner's forward runs.
         probe: an active :class:`ParameterReadProbe` to pause while the perturbed values are computed.
-        low_rank: for ``nn.Linear`` weights, factors ``(A, B)`` of a perturbation ``A B^T``: the layer keeps its
-            stored weight and adds ``(x B) A^T`` to its output instead (the shared weight is read once for a
-            whole batched population; no perturbed matrix is formed).
+        low_rank: for ``nn.Linear`` and ``nn.Embedding`` weights, factors ``(A, B)`` of a perturbation ``A B^T``:
+            the layer keeps its stored weight and adds ``(x B) A^T`` (``A[x] B^T``) to its output instead (the
+            shared weight is read once for a whole batched population; no perturbed matrix is formed).
     """
 
     def __init__(
@@ -116,7 +136,7 @@ class PerturbedForward:
         values: dict[int, Tensor] = {}
         for module, slots in self.owners.slots.items():
             layer_slots = [(name, index) for name, index in slots if index not in whole]
-            if isinstance(module, nn.Linear):
+            if takes_low_rank_correction(module):
                 for name, index in list(layer_slots):
                     if name == "weight" and index in self.low_rank:
                         layer_slots.remove((name, index))
@@ -160,8 +180,7 @@ class PerturbedForward:
         a, b = self.low_rank[index]
 
         def add_low_rank_correction(module: nn.Module, args: Any, output: Tensor) -> Tensor:
-            x = args[0]
-            return output + ((x @ b.to(x.dtype)) @ a.to(x.dtype).transpose(-1, -2)).to(output.dtype)
+            return output + low_rank_correction(module, args[0], a, b).to(output.dtype)
 
         return add_low_rank_correction
 
