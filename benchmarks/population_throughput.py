@@ -3,7 +3,7 @@
 One run measures (a) an inference forward (``no_grad``, next-token loss over the batch) and (b) for every
 population size ``P`` and rank ``r`` asked for, an EggRoll population evaluation through
 ``PopulationEstimator.evaluate_batched`` (``torch.func.vmap`` over chunks of members, low-rank corrections in
-every ``nn.Linear``) and the full step: that evaluation, ``EggRoll.tell`` and the in-place update
+every ``nn.Linear`` and ``nn.Embedding``) and the full step: that evaluation, ``EggRoll.tell`` and the in-place update
 ``PopulationEstimator.apply_update``. Every member evaluates the whole batch, so a population's tokens/s is
 ``P * batch_tokens / seconds``; the ratios compare it with the inference tokens/s measured in the same run.
 
@@ -53,7 +53,7 @@ MEMORY_BASIS = {
     "cpu": (
         "peak_memory_bytes is null on CPU (no allocator peak counter). tensor_bytes_estimate: parameter bytes for"
         " inference; parameter bytes plus the stacked perturbation tensors of one chunk (low-rank factors of the"
-        " nn.Linear weights, dense noise for the other parameters) for a population. Activations are not counted."
+        " nn.Linear and nn.Embedding weights, dense noise for the other parameters) for a population. Activations are not counted."
         " memory_ratio compares the two estimates."
     ),
 }
@@ -216,7 +216,7 @@ def perturbation_bytes(estimator: PopulationEstimator, algorithm: EggRoll, chunk
     """Bytes of the stacked perturbation tensors of one chunk, as ``evaluate_batched`` builds them.
 
     Uses the estimator's private ``_stacked_perturbations`` (as the library's tests do), so the estimate follows
-    whatever the library actually stacks: low-rank factors for ``nn.Linear`` weights, dense noise otherwise.
+    whatever the library actually stacks: low-rank factors for ``nn.Linear`` and ``nn.Embedding`` weights, dense noise otherwise.
 
     Args:
         estimator: the population estimator.
