@@ -53,7 +53,8 @@ MEMORY_BASIS = {
     "cpu": (
         "peak_memory_bytes is null on CPU (no allocator peak counter). tensor_bytes_estimate: parameter bytes for"
         " inference; parameter bytes plus the stacked perturbation tensors of one chunk (low-rank factors of the"
-        " nn.Linear and nn.Embedding weights, dense noise for the other parameters) for a population. Activations are not counted."
+        " nn.Linear and nn.Embedding weights, dense noise for the other parameters) for a population."
+        " Activations are not counted."
         " memory_ratio compares the two estimates."
     ),
 }
@@ -216,7 +217,8 @@ def perturbation_bytes(estimator: PopulationEstimator, algorithm: EggRoll, chunk
     """Bytes of the stacked perturbation tensors of one chunk, as ``evaluate_batched`` builds them.
 
     Uses the estimator's private ``_stacked_perturbations`` (as the library's tests do), so the estimate follows
-    whatever the library actually stacks: low-rank factors for ``nn.Linear`` and ``nn.Embedding`` weights, dense noise otherwise.
+    whatever the library actually stacks: low-rank factors for ``nn.Linear`` and ``nn.Embedding`` weights,
+    dense noise otherwise.
 
     Args:
         estimator: the population estimator.
