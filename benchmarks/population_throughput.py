@@ -22,11 +22,9 @@ and writes it to ``--out``.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +36,8 @@ from torch import Tensor
 from lightning_nobp.algorithms import EggRoll
 from lightning_nobp.models.gpt import GPT, GPTConfig
 from lightning_nobp.perturb import PopulationEstimator
+
+from devices import device_name, free_memory, peak_memory, reset_peak_memory, synchronize
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SIGMA = 1e-2
@@ -93,37 +93,6 @@ class Setup:
     @property
     def batch_tokens(self) -> int:
         return self.inputs.numel()
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued kernels, so wall-clock time covers the work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new CUDA peak-memory window (a no-op elsewhere)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory(device: torch.device) -> int | None:
-    """The CUDA allocator's peak since the last reset; ``None`` on devices without one."""
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-
-
-def device_name(device: torch.device) -> str:
-    """A human-readable name of the device."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
-
-
-def free_memory() -> None:
-    """Drop the last configuration's perturbations and caches before the next one starts."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def build_model(setup: Setup) -> GPT:

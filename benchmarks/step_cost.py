@@ -13,9 +13,7 @@ gradients, optimizer state); on CUDA it is ``torch.cuda.max_memory_allocated``.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +28,8 @@ from torch import Tensor, nn
 from lightning_nobp.algorithms import MeZO
 from lightning_nobp.fabric import NoBackpropStrategy
 from lightning_nobp.models.gpt import GPT, GPTConfig
+
+from devices import device_name, free_memory, peak_memory, reset_peak_memory, synchronize
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -88,12 +88,6 @@ def build_model(setup: Setup, dtype: torch.dtype) -> GPT:
     return model.to(dtype)
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued kernels, so wall-clock time covers the work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def seconds_per_step(step: Callable[[], Any], setup: Setup) -> float:
     """Run ``step`` ``warmup`` times untimed, then ``steps`` times timed; return the mean seconds per call.
 
@@ -127,17 +121,6 @@ def tensor_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = Non
         for state in optimizer.state.values():
             total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, Tensor))
     return total
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new CUDA peak-memory window (a no-op elsewhere)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory(device: torch.device) -> int | None:
-    """The CUDA allocator's peak since the last reset; ``None`` on devices without one."""
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
 def measure(name: str, setup: Setup, step: Callable[[], Tensor], model: nn.Module, optimizer: Any = None) -> dict:
@@ -217,20 +200,6 @@ def run_mezo(setup: Setup) -> dict:
     result["precision"] = precision
     result["update"] = setup.mezo_update
     return result
-
-
-def free_memory() -> None:
-    """Drop the last mode's model and optimizer before the next one starts."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def device_name(device: torch.device) -> str:
-    """A human-readable name of the device."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
 
 
 def ratios(modes: dict[str, dict], memory_key: str) -> dict[str, float]:

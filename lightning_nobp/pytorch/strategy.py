@@ -174,20 +174,17 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         return derive_seed(self.seed, trainer.global_step, micro_batches)
 
     # ------------------------------------------------------------------ automatic optimization
-    def _muted_training_step(self) -> Any:
+    def _muted_training_step(self, batch: Any = None) -> Any:
+        """The user's ``training_step`` on this step's arguments (or on ``batch`` instead), with logging muted."""
         args, kwargs = self._step["args"]
+        if batch is not None:
+            args = (batch, *args[1:])
         module = self.lightning_module
         with self.precision_plugin.train_step_context(), muted_logging(module):
             return module.training_step(*args, **kwargs)
 
     def _perturbed_training_loss(self, batch: Any = None) -> Tensor:
-        if batch is None:
-            return scalar_loss(loss_from_step_output(self._muted_training_step()), "training_step")
-        args, kwargs = self._step["args"]
-        module = self.lightning_module
-        with self.precision_plugin.train_step_context(), muted_logging(module):
-            output = module.training_step(batch, *args[1:], **kwargs)
-        return scalar_loss(loss_from_step_output(output), "training_step")
+        return scalar_loss(loss_from_step_output(self._muted_training_step(batch)), "training_step")
 
     def _pair_slices(self, members: Sequence[int]) -> Any:
         """The batch slices of ``members`` (one slice per noise group), stacked along a leading member dimension."""
@@ -248,9 +245,8 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         return output
 
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
-        if (
-            self.engine.evaluating
-        ):  # manual optimization: the user's closure calls manual_backward during our evaluation
+        if self.engine.evaluating:
+            # manual optimization: the user's closure calls manual_backward while the strategy evaluates it
             return closure_loss
         if optimizer is None:
             raise RuntimeError(MANUAL_BACKWARD_MESSAGE)
