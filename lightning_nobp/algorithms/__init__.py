@@ -2,6 +2,7 @@
 
 from lightning_nobp.algorithms.base import Algorithm, Estimate, Member, Population, sample_direction
 from lightning_nobp.algorithms.evolution import EggRoll, EvolutionStrategy, OpenES
+from lightning_nobp.algorithms.forward_gradient import ForwardGradient
 from lightning_nobp.algorithms.mezo import MeZO
 from lightning_nobp.algorithms.seeds import derive_seed
 
@@ -10,6 +11,7 @@ __all__ = [
     "EggRoll",
     "Estimate",
     "EvolutionStrategy",
+    "ForwardGradient",
     "MeZO",
     "OpenES",
     "Member",

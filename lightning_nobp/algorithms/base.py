@@ -134,6 +134,12 @@ class Algorithm(ABC):
         return False
 
     @property
+    def uses_jvp(self) -> bool:
+        """Whether ``tell`` takes directional derivatives ``grad L . E_i`` (one forward-mode pass per member,
+        ``ForwardGradient``) instead of losses at perturbed weights."""
+        return False
+
+    @property
     def forwards_per_step(self) -> int:
         """Loss evaluations per micro-batch (the population size)."""
         return len(self.ask(0))

@@ -17,8 +17,19 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_nobp.algorithms import Algorithm, EggRoll, Estimate, MeZO, OpenES, Population, derive_seed
+from lightning_nobp.algorithms import (
+    Algorithm,
+    EggRoll,
+    Estimate,
+    ForwardGradient,
+    MeZO,
+    OpenES,
+    Population,
+    derive_seed,
+)
 from lightning_nobp.perturb import PopulationEstimator, RngSnapshot, scalar_loss
+from lightning_nobp.perturb.estimator import LossFn, MemberInputs
+from lightning_nobp.perturb.jvp import directional_derivatives
 
 UpdatePath = Literal["grad", "direct"]
 UPDATE_PATHS = ("grad", "direct")
@@ -30,6 +41,7 @@ STRATEGY_ALIASES: dict[str, tuple[Callable[[], Algorithm], str]] = {
     "nobp_mezo": (MeZO, "Forward-only training with MeZO (two-sided SPSA), lightning_nobp"),
     "nobp_eggroll": (EggRoll, "Forward-only training with EggRoll (low-rank evolution strategies), lightning_nobp"),
     "nobp_openes": (OpenES, "Forward-only training with OpenES (full-rank evolution strategies), lightning_nobp"),
+    "nobp_fgrad": (ForwardGradient, "Training with forward gradients (forward-mode JVP, no backward), lightning_nobp"),
 }
 
 
@@ -147,6 +159,36 @@ class ForwardOnlyEngine:
             on_device.div_(world)
         return on_device.cpu()
 
+    def evaluate(
+        self,
+        estimator: PopulationEstimator,
+        population: Population,
+        loss_fn: LossFn,
+        rng: RngSnapshot | None = None,
+        known: dict[int, Tensor] | None = None,
+        members: Sequence[int] | None = None,
+        member_inputs: MemberInputs | None = None,
+    ) -> Tensor:
+        """The fitness ``tell`` expects: losses at perturbed weights, or directional derivatives (``uses_jvp``).
+
+        Args:
+            estimator: the optimizer's estimator.
+            population: what ``algorithm.ask`` returned.
+            loss_fn: evaluates the loss at the current weights.
+            rng: restored before each evaluation.
+            known: losses already evaluated, by member index (ignored by JVP algorithms).
+            members: this process's members.
+            member_inputs: per-member inputs of ``loss_fn``.
+        """
+        if self.algorithm.uses_jvp:
+            derivatives, _ = directional_derivatives(
+                estimator, population, loss_fn, rng, members, self.population_batching, member_inputs
+            )
+            return derivatives
+        return estimator.evaluate_members(
+            population, loss_fn, rng, known, members, self.population_batching, member_inputs
+        )
+
     def write(
         self,
         estimator: PopulationEstimator,
@@ -198,9 +240,7 @@ class ForwardOnlyEngine:
                 rng.restore()
             started = time.perf_counter()
             own = self.own_members(population)
-            fitness = estimator.evaluate_members(
-                population, closure_loss, rng, members=own, batched=self.population_batching
-            )
+            fitness = self.evaluate(estimator, population, closure_loss, rng, members=own)
             elapsed = time.perf_counter() - started
         finally:
             self.evaluating = False

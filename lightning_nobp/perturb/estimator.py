@@ -49,7 +49,10 @@ class RngSnapshot:
 
 
 def scalar_loss(value: object, where: str) -> Tensor:
-    """Check that ``value`` is a one-element tensor loss and return it detached.
+    """Check that ``value`` is a one-element tensor loss and return it as a 0-dim tensor.
+
+    It is not detached: evaluations run under ``torch.no_grad()`` already, and forward-mode tangents
+    (``ForwardGradient``) must survive.
 
     Args:
         value: what the user's code returned as its loss.
@@ -69,7 +72,7 @@ def scalar_loss(value: object, where: str) -> Tensor:
             f"{where} returned a loss of shape {tuple(value.shape)}; forward-only training needs a scalar loss."
             " Reduce it first, e.g. `loss = loss.mean()`."
         )
-    return value.detach().reshape(())
+    return value.reshape(())
 
 
 class PopulationEstimator:

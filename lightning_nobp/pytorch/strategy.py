@@ -233,7 +233,7 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             if not estimator.probed:
                 estimator.probe_parameter_reads(population, self._muted_training_step)
                 rng.restore()
-            if self.reuse_official_pass and own:
+            if self.reuse_official_pass and own and not self.algorithm.uses_jvp:
                 with estimator.perturbation(population, population.members[own[0]]):
                     output = super().training_step(*args, **kwargs)
                 loss = loss_from_step_output(output)
@@ -258,13 +258,13 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         population: Population = self._step["population"]
         started = time.perf_counter()
         own = self._step["own"]
-        fitness = estimator.evaluate_members(
+        fitness = self.engine.evaluate(
+            estimator,
             population,
             self._perturbed_training_loss,
             self._step["rng"],
             self._step["known"],
             members=own,
-            batched=self.engine.population_batching,
             member_inputs=self._pair_slices if self.member_data == "pair_slices" else None,
         )
         evaluated = len(own) - len(self._step["known"])
