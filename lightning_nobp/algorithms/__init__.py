@@ -3,6 +3,7 @@
 from lightning_nobp.algorithms.base import Algorithm, Estimate, Member, Population, sample_direction
 from lightning_nobp.algorithms.evolution import EggRoll, EvolutionStrategy, OpenES
 from lightning_nobp.algorithms.forward_gradient import ForwardGradient
+from lightning_nobp.algorithms.local import ForwardForward, LocalLearning, MonoForward
 from lightning_nobp.algorithms.mezo import MeZO
 from lightning_nobp.algorithms.seeds import derive_seed
 
@@ -11,7 +12,10 @@ __all__ = [
     "EggRoll",
     "Estimate",
     "EvolutionStrategy",
+    "ForwardForward",
     "ForwardGradient",
+    "LocalLearning",
+    "MonoForward",
     "MeZO",
     "OpenES",
     "Member",

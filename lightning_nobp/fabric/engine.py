@@ -29,7 +29,9 @@ from lightning_nobp.algorithms import (
 )
 from lightning_nobp.perturb import PopulationEstimator, RngSnapshot, scalar_loss
 from lightning_nobp.perturb.estimator import LossFn, MemberInputs
+from lightning_nobp.algorithms.local import ForwardForward, LocalLearning
 from lightning_nobp.perturb.jvp import directional_derivatives
+from lightning_nobp.perturb.local import LocalLearner
 
 UpdatePath = Literal["grad", "direct"]
 UPDATE_PATHS = ("grad", "direct")
@@ -37,11 +39,12 @@ ROUNDING_STREAM = 0x5EED  # separates the stochastic-rounding seeds from the noi
 
 
 #: the string aliases registered in the Trainer's and Fabric's strategy registries: name -> (algorithm, description)
-STRATEGY_ALIASES: dict[str, tuple[Callable[[], Algorithm], str]] = {
+STRATEGY_ALIASES: dict[str, tuple[Callable[[], Algorithm | LocalLearning], str]] = {
     "nobp_mezo": (MeZO, "Forward-only training with MeZO (two-sided SPSA), lightning_nobp"),
     "nobp_eggroll": (EggRoll, "Forward-only training with EggRoll (low-rank evolution strategies), lightning_nobp"),
     "nobp_openes": (OpenES, "Forward-only training with OpenES (full-rank evolution strategies), lightning_nobp"),
     "nobp_fgrad": (ForwardGradient, "Training with forward gradients (forward-mode JVP, no backward), lightning_nobp"),
+    "nobp_ff": (ForwardForward, "Local learning with Forward-Forward (per-layer goodness), lightning_nobp"),
 }
 
 
@@ -95,9 +98,15 @@ class ForwardOnlyEngine:
             user's code allows it; falls back to one member at a time with a warning.
     """
 
-    def __init__(self, algorithm: Algorithm, update: UpdatePath = "grad", population_batching: bool = True) -> None:
+    def __init__(
+        self, algorithm: Algorithm | LocalLearning, update: UpdatePath = "grad", population_batching: bool = True
+    ) -> None:
         if update not in UPDATE_PATHS:
             raise ValueError(f"update={update!r}: choose one of {UPDATE_PATHS}")
+        if isinstance(algorithm, LocalLearning) and update != "grad":
+            raise ValueError(
+                f"{type(algorithm).__name__} writes each layer's local gradient into .grad: use update='grad'"
+            )
         self.algorithm = algorithm
         self.update = update
         self.population_batching = population_batching
@@ -107,10 +116,26 @@ class ForwardOnlyEngine:
         #: True while a user closure is re-evaluated (its backward call must then do nothing)
         self.evaluating = False
         self._estimators: dict[int, PopulationEstimator] = {}
+        self._learners: dict[int, LocalLearner] = {}
+
+    @property
+    def local(self) -> bool:
+        """Whether the algorithm is a per-layer local rule (``ForwardForward``, ``MonoForward``)."""
+        return isinstance(self.algorithm, LocalLearning)
+
+    def learner(self, optimizer: Optimizer, root: nn.Module) -> LocalLearner:
+        """The local learner of ``optimizer``'s layers (built once per optimizer)."""
+        learner = self._learners.get(id(optimizer))
+        if learner is None:
+            assert isinstance(self.algorithm, LocalLearning)
+            learner = LocalLearner(self.algorithm, root, trainable_parameters(optimizer))
+            self._learners[id(optimizer)] = learner
+        return learner
 
     def reset(self) -> None:
         """Forget the estimators (the modules or optimizers changed)."""
         self._estimators.clear()
+        self._learners.clear()
 
     def estimator(self, optimizer: Optimizer, roots: Iterable[nn.Module]) -> PopulationEstimator:
         """The estimator of ``optimizer``'s trainable parameters (built once per optimizer)."""

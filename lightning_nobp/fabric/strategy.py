@@ -81,6 +81,11 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             start_method=start_method,
         )
         self.engine = ForwardOnlyEngine(algorithm if algorithm is not None else MeZO(), update, population_batching)
+        if self.engine.local:
+            raise ValueError(
+                f"{self.engine.algorithm!r} drives the model's layers on data it builds from each batch, which a"
+                " Fabric closure cannot provide: use the Trainer's NoBackpropStrategy for local learning."
+            )
         self._seed = seed
         #: optimizer steps taken so far; part of every perturbation's seed (save it to resume bit-exactly)
         self.steps = 0

@@ -31,6 +31,7 @@ from torch.optim import Optimizer
 from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_nobp.algorithms import Algorithm, MeZO, Population, derive_seed
+from lightning_nobp.algorithms.local import LocalLearning
 from lightning_nobp.fabric.engine import ForwardOnlyEngine, ForwardOnlyStrategyMixin, UpdatePath, register_aliases
 from lightning_nobp.perturb import RngSnapshot, scalar_loss
 from lightning_nobp.pytorch.logging import is_logging_step, log_step_metrics, loss_from_step_output, muted_logging
@@ -51,7 +52,8 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
     """Train an unmodified LightningModule without backpropagation, on one device or many processes.
 
     Args:
-        algorithm: the forward-only estimator; ``MeZO()`` when omitted.
+        algorithm: the forward-only estimator (``MeZO``, ``EggRoll``, ``OpenES``, ``ForwardGradient``) or a local
+            learning rule (``ForwardForward``, ``MonoForward``); ``MeZO()`` when omitted.
         update: ``"grad"`` writes the estimate into ``p.grad`` and lets the user's optimizer step (any optimizer;
             costs one gradient-sized buffer). ``"direct"`` applies it in place as plain SGD with the optimizer's
             lr and weight decay (``torch.optim.SGD`` without momentum; the LR scheduler still drives the lr), with
@@ -84,7 +86,7 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
 
     def __init__(
         self,
-        algorithm: Algorithm | None = None,
+        algorithm: Algorithm | LocalLearning | None = None,
         update: UpdatePath = "grad",
         population_batching: bool = True,
         member_data: Literal["shared", "pair_slices"] = "shared",
@@ -165,6 +167,11 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
                 "NoBackpropStrategy found no optimizer: return one over the parameters to train from"
                 " `configure_optimizers`; its lr, weight decay and scheduler drive the update."
             )
+        if self.engine.local:
+            if not self.lightning_module.automatic_optimization or len(self.optimizers) != 1:
+                raise ValueError(f"{self.algorithm!r} needs automatic optimization with one optimizer")
+            self.engine.learner(self.optimizers[0], self.lightning_module)  # raises for models it cannot train
+            return
         for optimizer in self.optimizers:
             self.engine.estimator(optimizer, [self.lightning_module])  # raises on bad optimizers or no parameters
 
@@ -216,6 +223,10 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         if not module.automatic_optimization:
             with torch.no_grad():
                 return super().training_step(*args, **kwargs)
+        if self.engine.local:  # local learning: the official pass only; the layers learn in `backward`
+            self._step = {"args": (args, kwargs), "seed": self._step_seed()}
+            with torch.no_grad():
+                return super().training_step(*args, **kwargs)
         estimator = self.engine.estimator(self.optimizers[0], [module])
         step_seed = self._step_seed()
         population = self.algorithm.ask(step_seed)
@@ -254,6 +265,9 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         module = self.lightning_module
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
         trainer = module.trainer
+        if self.engine.local:
+            self._local_step(optimizer)
+            return self.precision_plugin.post_backward(closure_loss, module)
         estimator = self.engine.estimator(optimizer, [module])
         population: Population = self._step["population"]
         started = time.perf_counter()
@@ -293,6 +307,17 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             metrics["skipped_steps"] = self.skipped_steps
             log_step_metrics(module, {f"nobp/{k}": v for k, v in metrics.items()}, PROGRESS_BAR_METRICS)
         return self.precision_plugin.post_backward(closure_loss, module)
+
+    def _local_step(self, optimizer: Optimizer) -> None:
+        """Local learning: every layer's local gradient goes into ``.grad`` (layer inputs tapped in forwards)."""
+        module = self.lightning_module
+        trainer = module.trainer
+        learner = self.engine.learner(optimizer, module)
+        batch = self._step["args"][0][0]
+        scale = 1.0 / trainer.accumulate_grad_batches
+        losses = learner.step(batch, self._muted_training_step, self._step["seed"], scale)
+        if is_logging_step(trainer):
+            log_step_metrics(module, {f"nobp/{k}": v for k, v in losses.items()}, PROGRESS_BAR_METRICS)
 
     # ------------------------------------------------------------------ manual optimization
     def optimizer_step(
