@@ -25,6 +25,15 @@ from conftest import BackpropCalled, quiet_trainer_kwargs
 from user_models import DigitsClassifier, digits_loaders
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: faster for these small models, and steady when other processes share the two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def ban_backprop(monkeypatch: pytest.MonkeyPatch) -> None:
     """The ``no_backprop`` fixture, applied mid-test (after the reference gradient was computed by autograd)."""
 
@@ -201,7 +210,9 @@ def test_fabric_loop_learns_digits_with_forward_gradients(no_backprop: None) -> 
 
 
 @pytest.mark.slow
-def test_forward_gradient_reaches_95_percent_on_digits_within_three_minutes(no_backprop: None) -> None:
+def test_forward_gradient_reaches_95_percent_on_digits_within_three_minutes(
+    no_backprop: None, one_thread: None
+) -> None:
     pl.seed_everything(0)
     train, test = digits_loaders()
     model = DigitsClassifier(lr=5e-3, momentum=0.9, step_size=60)

@@ -14,7 +14,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from torch import nn
 
 from lightning_nobp import NoBackpropStrategy
-from lightning_nobp.algorithms import ForwardForward, MonoForward
+from lightning_nobp.algorithms import ForwardForward, MonoForward, quietest_features
 from lightning_nobp.algorithms.local import readout_update
 from lightning_nobp.data import load_digits_split
 from lightning_nobp.data.digits import batched_loader
@@ -23,6 +23,15 @@ from lightning_nobp.perturb.local import LocalLearner
 
 from conftest import quiet_trainer_kwargs
 from user_models import DigitsClassifier, digits_loaders
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: faster for these small models, and steady when other processes share the two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def layer_and_data(out: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -173,11 +182,12 @@ def fit(model: pl.LightningModule, rule, train, epochs: int, minutes: float = 3)
 
 
 @pytest.mark.slow
-def test_forward_forward_reaches_93_percent_on_digits(no_backprop: None) -> None:
+def test_forward_forward_reaches_93_percent_on_digits(no_backprop: None, one_thread: None) -> None:
     pl.seed_everything(0)
     train, test = digits_loaders()
     model = AdamDigits(lr=1e-2)
-    rule = ForwardForward()
+    x_train = load_digits_split()[0].tensors[0]
+    rule = ForwardForward(label_features=quietest_features(x_train, 10))  # digits' own always-blank pixels
     trainer, seconds = fit(model, rule, train, epochs=100)
     logged = {k: float(v) for k, v in trainer.logged_metrics.items()}
     accuracy = trainer.test(model, test, verbose=False)[0]["test_acc"]
@@ -202,7 +212,7 @@ def test_forward_forward_reaches_93_percent_on_digits(no_backprop: None) -> None
 
 
 @pytest.mark.slow
-def test_mono_forward_learns_digits(no_backprop: None) -> None:
+def test_mono_forward_learns_digits(no_backprop: None, one_thread: None) -> None:
     pl.seed_everything(0)
     train, test = digits_loaders()
     model = AdamDigits(lr=1e-2)
@@ -237,7 +247,7 @@ class FashionMLP(pl.LightningModule):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rule", [ForwardForward(), MonoForward()], ids=["ForwardForward", "MonoForward"])
-def test_fashion_mnist_accuracy_is_reported(rule, no_backprop: None) -> None:
+def test_fashion_mnist_accuracy_is_reported(rule, no_backprop: None, one_thread: None) -> None:
     from lightning_nobp.data.fashion_mnist import fashion_mnist_available, load_fashion_mnist
 
     if not fashion_mnist_available():

@@ -3,7 +3,7 @@
 from lightning_nobp.algorithms.base import Algorithm, Estimate, Member, Population, sample_direction
 from lightning_nobp.algorithms.evolution import EggRoll, EvolutionStrategy, OpenES
 from lightning_nobp.algorithms.forward_gradient import ForwardGradient
-from lightning_nobp.algorithms.local import ForwardForward, LocalLearning, MonoForward
+from lightning_nobp.algorithms.local import ForwardForward, LocalLearning, MonoForward, quietest_features
 from lightning_nobp.algorithms.mezo import MeZO
 from lightning_nobp.algorithms.seeds import derive_seed
 
@@ -21,5 +21,6 @@ __all__ = [
     "Member",
     "Population",
     "derive_seed",
+    "quietest_features",
     "sample_direction",
 ]

@@ -98,43 +98,89 @@ class LocalLearning(ABC):
         return readout_update(weight, bias, inputs["data"], labels)
 
 
-def embed_labels(inputs: Tensor, labels: Tensor, classes: int, scale: float) -> Tensor:
-    """Hinton's label embedding: the first ``classes`` features of each flattened input become ``scale * one_hot``."""
+def embed_labels(
+    inputs: Tensor, labels: Tensor, classes: int, scale: float, features: Sequence[int] | None = None
+) -> Tensor:
+    """Hinton's label embedding: ``classes`` features of each flattened input become ``scale * one_hot(label)``.
+
+    Args:
+        inputs: float inputs ``(N, ...)``.
+        labels: class indices ``(N,)``.
+        classes: number of classes.
+        scale: value of the hot feature.
+        features: which flattened features carry the label (``classes`` of them); the first ``classes`` by default.
+    """
     flat = inputs.reshape(len(inputs), -1).float().clone()
     if flat.shape[1] <= classes:
         raise ValueError(
-            f"ForwardForward embeds the label in the first {classes} input features, but the inputs have only"
+            f"ForwardForward embeds the label in {classes} input features, but the inputs have only"
             f" {flat.shape[1]} features per sample."
         )
-    flat[:, :classes] = F.one_hot(labels, classes).float() * scale
+    columns = torch.arange(classes) if features is None else torch.as_tensor(list(features))
+    if len(columns) != classes or int(columns.max()) >= flat.shape[1] or int(columns.min()) < 0:
+        raise ValueError(
+            f"ForwardForward(label_features=...) must name {classes} distinct features below {flat.shape[1]}"
+        )
+    flat[:, columns.to(flat.device)] = F.one_hot(labels, classes).float() * scale
     return flat.reshape(inputs.shape)
+
+
+def quietest_features(inputs: Tensor, count: int) -> list[int]:
+    """The ``count`` flattened features that vary least over ``inputs``: where an embedded label hides least data.
+
+    For MNIST-like images these are border pixels. Compute them once from the training data and pass them as
+    ``ForwardForward(label_features=...)`` (a fixed list, so resumed runs embed labels in the same place).
+
+    Args:
+        inputs: training inputs ``(N, ...)``.
+        count: how many features (the number of classes).
+    """
+    variance = inputs.reshape(len(inputs), -1).float().var(0)
+    return sorted(int(i) for i in variance.argsort(stable=True)[:count])
 
 
 class ForwardForward(LocalLearning):
     """Forward-Forward (Hinton 2022): hidden layers separate positive from negative data by their goodness.
 
-    Positive data is the input with its true label embedded in the first ``classes`` features, negative data the
-    same input with a wrong label (drawn from counter seeds). For each hidden layer with input ``x`` (length-
-    normalised after the first layer, as in the paper) the goodness is ``g = mean_j relu(x W^T + b)_j^2`` and
-    the local loss ``softplus(theta - g_pos) + softplus(g_neg - theta)``. Its gradient is derived by hand from
-    the layer's own input and weights. The classifier layer learns a softmax read-out of what it receives for
-    the plain batch (the "linear classifier on top" variant, so the user's forward predicts unchanged).
+    Positive data is the input with its true label embedded in ``classes`` of its features (the first ones, or
+    ``label_features``), negative data the same input with a wrong label (drawn from counter seeds). At test time
+    the user's forward sees the plain input, so the label features should be ones that carry little data
+    (MNIST's top-left pixels are always 0; see :func:`quietest_features` for other data).
+
+    For each hidden layer with input ``x`` (length-normalised after the first layer, as in the paper) the goodness
+    is ``g = mean_j relu(x W^T + b)_j^2`` and the local loss ``softplus(theta - g_pos) + softplus(g_neg - theta)``.
+    Its gradient is derived by hand from the layer's own input and weights. The classifier layer learns a softmax
+    read-out of what it receives for the plain batch (the "linear classifier on top" variant, so the user's
+    forward predicts unchanged).
 
     Args:
         threshold: the goodness threshold ``theta``.
         label_scale: value written for the embedded label (1.0 for inputs scaled to [0, 1]).
+        label_features: indices of the flattened input features that carry the label; ``None``: the first ones.
         layers: names of the ``nn.Linear`` submodules to train; ``None``: all trained ``nn.Linear`` layers.
     """
 
-    def __init__(self, threshold: float = 2.0, label_scale: float = 1.0, layers: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        threshold: float = 2.0,
+        label_scale: float = 1.0,
+        label_features: Sequence[int] | None = None,
+        layers: Sequence[str] | None = None,
+    ) -> None:
         super().__init__(layers)
+        if label_features is not None and len(set(label_features)) != len(list(label_features)):
+            raise ValueError(f"ForwardForward(label_features={label_features!r}): the features must be distinct")
+        self.label_features = None if label_features is None else [int(i) for i in label_features]
         if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
             raise ValueError(f"ForwardForward(threshold={threshold!r}): the threshold must be positive")
         self.threshold = float(threshold)
         self.label_scale = float(label_scale)
 
     def __repr__(self) -> str:
-        return f"ForwardForward(threshold={self.threshold}, label_scale={self.label_scale}, layers={self.layers})"
+        return (
+            f"ForwardForward(threshold={self.threshold}, label_scale={self.label_scale},"
+            f" label_features={self.label_features}, layers={self.layers})"
+        )
 
     def variants(self, inputs: Tensor, labels: Tensor, classes: int, step_seed: int) -> dict[str, Tensor]:
         generator = torch.Generator(device=labels.device).manual_seed(derive_seed(step_seed, 0xFF))
@@ -142,9 +188,13 @@ class ForwardForward(LocalLearning):
         wrong = (labels + shift) % classes
         return {
             "data": inputs,
-            "positive": embed_labels(inputs, labels, classes, self.label_scale).to(inputs.dtype),
-            "negative": embed_labels(inputs, wrong, classes, self.label_scale).to(inputs.dtype),
+            "positive": self.embed(inputs, labels, classes),
+            "negative": self.embed(inputs, wrong, classes),
         }
+
+    def embed(self, inputs: Tensor, labels: Tensor, classes: int) -> Tensor:
+        """``inputs`` with ``labels`` embedded in the label features."""
+        return embed_labels(inputs, labels, classes, self.label_scale, self.label_features).to(inputs.dtype)
 
     def goodness(
         self, position: int, weight: Tensor, bias: Tensor | None, inputs: Tensor

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_nobp.algorithms.local import ForwardForward, LocalLearning, embed_labels
+from lightning_nobp.algorithms.local import ForwardForward, LocalLearning
 
 UNSUPPORTED_BATCH = (
     "{name} needs classification batches of the form (inputs, labels, ...): a tuple or list whose first element is"
@@ -186,7 +186,7 @@ class LocalLearner:
         for label in range(classes):
             labels = torch.full((len(inputs),), label, dtype=torch.long, device=inputs.device)
             with LayerInputTaps(self.layers) as tap:
-                run((embed_labels(inputs, labels, classes, algorithm.label_scale).to(inputs.dtype), labels))
+                run((algorithm.embed(inputs, labels, classes), labels))
             for position, name in enumerate(self.order[:-1]):
                 layer = self.layers[name]
                 _, _, goodness = algorithm.goodness(position, layer.weight, layer.bias, tap.inputs[name])
