@@ -215,10 +215,10 @@ def test_forward_gradient_reaches_95_percent_on_digits_within_three_minutes(
 ) -> None:
     pl.seed_everything(0)
     train, test = digits_loaders()
-    model = DigitsClassifier(lr=5e-3, momentum=0.9, step_size=60)
+    model = DigitsClassifier(lr=1e-2, momentum=0.9, step_size=20)  # the user's SGD and StepLR, their own knobs
     trainer = pl.Trainer(
         strategy=NoBackpropStrategy(algorithm=ForwardGradient(directions=16)),
-        max_epochs=150,
+        max_epochs=80,
         max_time={"minutes": 3},
         log_every_n_steps=10,
         **quiet_trainer_kwargs(),
@@ -226,7 +226,8 @@ def test_forward_gradient_reaches_95_percent_on_digits_within_three_minutes(
     start = time.perf_counter()
     trainer.fit(model, train)
     seconds = time.perf_counter() - start
+    logged = dict(trainer.logged_metrics)
     accuracy = trainer.test(model, test, verbose=False)[0]["test_acc"]
     print(f"digits ForwardGradient: test accuracy {accuracy:.3f} after {trainer.global_step} steps in {seconds:.1f} s")
     assert seconds < 185 and accuracy >= 0.95
-    assert float(trainer.logged_metrics["nobp/forwards_per_step"]) == 17  # 16 JVPs + the official pass
+    assert float(logged["nobp/forwards_per_step"]) == 17  # 16 JVPs + the official pass

@@ -246,8 +246,10 @@ class FashionMLP(pl.LightningModule):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule", [ForwardForward(), MonoForward()], ids=["ForwardForward", "MonoForward"])
-def test_fashion_mnist_accuracy_is_reported(rule, no_backprop: None, one_thread: None) -> None:
+@pytest.mark.parametrize(
+    "rule, lr", [(ForwardForward(), 3e-3), (MonoForward(), 1e-3)], ids=["ForwardForward", "MonoForward"]
+)
+def test_fashion_mnist_accuracy_is_reported(rule, lr: float, no_backprop: None, one_thread: None) -> None:
     from lightning_nobp.data.fashion_mnist import fashion_mnist_available, load_fashion_mnist
 
     if not fashion_mnist_available():
@@ -255,7 +257,7 @@ def test_fashion_mnist_accuracy_is_reported(rule, no_backprop: None, one_thread:
     L.seed_everything(0)
     train = batched_loader(load_fashion_mnist("train"), 256, shuffle=True)
     test = batched_loader(load_fashion_mnist("test"), 2048, shuffle=False)
-    model = FashionMLP()
+    model = FashionMLP(lr=lr)
     trainer, seconds = fit(model, rule, train, epochs=3, minutes=2)
     accuracy = trainer.test(model, test, verbose=False)[0]["test_acc"]
     print(
@@ -263,3 +265,33 @@ def test_fashion_mnist_accuracy_is_reported(rule, no_backprop: None, one_thread:
         f" in {seconds:.1f} s"
     )
     assert accuracy >= 0.75
+
+
+def test_local_learning_benchmark_smoke(tmp_path) -> None:
+    """The equal-wall-clock benchmark runs every method and writes its JSON and PNG (smoke: 1 s per method)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("matplotlib", reason="the benchmark's plot needs the `bench` extra")
+    root = Path(__file__).resolve().parents[1]
+    out, png = tmp_path / "local.json", tmp_path / "local.png"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/local_learning.py", "--smoke", "--out", str(out), "--plot", str(png)],
+        cwd=root,
+        env=dict(os.environ, PYTHONPATH=str(root)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(out.read_text())
+    expected = {"backprop", "mezo", "eggroll", "forward_gradient", "forward_forward", "mono_forward"}
+    assert set(report["methods"]) == expected
+    for method in report["methods"].values():
+        assert method["steps"] > 0 and 0.0 <= method["test_accuracy"] <= 1.0
+        assert method["training_seconds"] >= 1.0 and method["curve"] and method["memory_bytes"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
