@@ -39,7 +39,7 @@ METHODS: dict[str, tuple[Callable[[torch.Tensor], Any] | None, str, float, int]]
     "mezo": (lambda x: MeZO(eps=1e-3), "sgd", 3e-4, 128),
     "eggroll": (lambda x: EggRoll(population=64, rank=1, sigma=1e-2), "adam", 1e-2, 256),
     "forward_gradient": (lambda x: ForwardGradient(directions=16), "sgd", 5e-3, 128),
-    "forward_forward": (lambda x: ForwardForward(label_features=quietest_features(x, 10)), "adam", 1e-2, 128),
+    "forward_forward": (lambda x: ForwardForward(label_features=quietest_features(x, 10)), "adam", 3e-3, 128),
     "mono_forward": (lambda x: MonoForward(), "adam", 1e-2, 128),
 }
 

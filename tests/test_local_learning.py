@@ -185,10 +185,10 @@ def fit(model: pl.LightningModule, rule, train, epochs: int, minutes: float = 3)
 def test_forward_forward_reaches_93_percent_on_digits(no_backprop: None, one_thread: None) -> None:
     pl.seed_everything(0)
     train, test = digits_loaders()
-    model = AdamDigits(lr=1e-2)
+    model = AdamDigits(lr=3e-3)  # at 1e-2 the read-out peaks near 98 % after ~1000 steps, then degrades
     x_train = load_digits_split()[0].tensors[0]
     rule = ForwardForward(label_features=quietest_features(x_train, 10))  # digits' own always-blank pixels
-    trainer, seconds = fit(model, rule, train, epochs=100)
+    trainer, seconds = fit(model, rule, train, epochs=150)
     logged = {k: float(v) for k, v in trainer.logged_metrics.items()}
     accuracy = trainer.test(model, test, verbose=False)[0]["test_acc"]
     x_test, y_test = load_digits_split()[1].tensors
