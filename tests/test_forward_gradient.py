@@ -176,6 +176,20 @@ def test_direct_update_equals_the_grad_path(no_backprop: None) -> None:
         assert torch.allclose(grad_path, direct, atol=1e-6)
 
 
+def test_each_direction_on_its_own_slice_of_the_batch(no_backprop: None) -> None:
+    """member_data='pair_slices' gives every direction its own slice (the vmapped JVP takes per-member inputs)."""
+    pl.seed_everything(0)
+    train, _ = digits_loaders()
+    model = NoMomentum(lr=5e-3)
+    strategy = NoBackpropStrategy(algorithm=ForwardGradient(directions=4), member_data="pair_slices")
+    trainer = pl.Trainer(strategy=strategy, max_steps=3, **quiet_trainer_kwargs())
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer.fit(model, train)
+    assert strategy.engine.estimator(trainer.optimizers[0], [model]).batching is True
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
 def test_alias_selects_forward_gradient() -> None:
     assert "nobp_fgrad" in StrategyRegistry and "nobp_fgrad" in STRATEGY_REGISTRY
     trainer = pl.Trainer(strategy="nobp_fgrad", **quiet_trainer_kwargs(max_steps=1))
