@@ -17,11 +17,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_nobp.lowbit.formats import is_low_bit
 from lightning_nobp.algorithms import Algorithm, EggRoll, Estimate, MeZO, OpenES, Population, derive_seed
 from lightning_nobp.perturb import PopulationEstimator, RngSnapshot, scalar_loss
 
 UpdatePath = Literal["grad", "direct"]
 UPDATE_PATHS = ("grad", "direct")
+DirectStep = Literal["sgd", "normalized"]
+DIRECT_STEPS = ("sgd", "normalized")
 ROUNDING_STREAM = 0x5EED  # separates the stochastic-rounding seeds from the noise seeds
 
 
@@ -79,15 +82,29 @@ class ForwardOnlyEngine:
         update: ``"grad"`` writes the estimate into ``p.grad`` for the user's optimizer; ``"direct"`` applies it
             in place (plain SGD with the optimizer's lr and weight decay, stochastic rounding below fp32) and
             keeps no gradient buffers, so training memory equals inference memory.
+        direct_step: the direct path's step: ``"sgd"`` (``w -= lr * estimate``) or ``"normalized"`` (each
+            tensor's estimate divided by its root-mean-square first, so ``lr`` is the typical change of a weight,
+            as with Adam, with no optimizer state).
         population_batching: evaluate several members in one batched forward (``torch.func.vmap``) where the
             user's code allows it; falls back to one member at a time with a warning.
     """
 
-    def __init__(self, algorithm: Algorithm, update: UpdatePath = "grad", population_batching: bool = True) -> None:
-        if update not in UPDATE_PATHS:
+    def __init__(
+        self,
+        algorithm: Algorithm,
+        update: UpdatePath | None = None,
+        population_batching: bool = True,
+        direct_step: DirectStep = "sgd",
+    ) -> None:
+        if direct_step not in DIRECT_STEPS:
+            raise ValueError(f"direct_step={direct_step!r}: choose one of {DIRECT_STEPS}")
+        self.direct_step = direct_step
+        if update is not None and update not in UPDATE_PATHS:
             raise ValueError(f"update={update!r}: choose one of {UPDATE_PATHS}")
         self.algorithm = algorithm
-        self.update = update
+        #: what the user asked for (``None``: decided by :meth:`resolve_update`)
+        self.requested_update = update
+        self.update: UpdatePath = update or "grad"
         self.population_batching = population_batching
         self.skipped_steps = 0
         #: bytes this process sent through collectives for its estimates (fitness scalars only)
@@ -95,6 +112,22 @@ class ForwardOnlyEngine:
         #: True while a user closure is re-evaluated (its backward call must then do nothing)
         self.evaluating = False
         self._estimators: dict[int, PopulationEstimator] = {}
+
+    def resolve_update(self, modules: Iterable[nn.Module]) -> UpdatePath:
+        """Pick the update path once the model is converted: ``"direct"`` when any weight is stored in low bit
+        (it has no gradient buffer), else what the user asked for (``"grad"`` by default).
+
+        Raises:
+            ValueError: ``update="grad"`` was asked for with low-bit weights.
+        """
+        low_bit = any(is_low_bit(p) for module in modules for p in module.parameters())
+        if low_bit and self.requested_update == "grad":
+            raise ValueError(
+                "update='grad' cannot train low-bit weights (LowBitPrecision): they have no gradient buffer and are"
+                " updated in place. Use NoBackpropStrategy(update='direct'), or leave `update` unset."
+            )
+        self.update = "direct" if low_bit else (self.requested_update or "grad")
+        return self.update
 
     def reset(self) -> None:
         """Forget the estimators (the modules or optimizers changed)."""
@@ -166,7 +199,9 @@ class ForwardOnlyEngine:
         hyperparameters = [
             (float(group_of[id(p)]["lr"]), float(group_of[id(p)].get("weight_decay", 0.0))) for p in estimator.params
         ]
-        return estimator.apply_update(terms, hyperparameters, derive_seed(step_seed, ROUNDING_STREAM))
+        return estimator.apply_update(
+            terms, hyperparameters, derive_seed(step_seed, ROUNDING_STREAM), self.direct_step == "normalized"
+        )
 
     def closure_step(
         self,

@@ -88,6 +88,18 @@ class UpdateTerms:
     factor_b: Tensor | None = None
     dense: Tensor | None = None
 
+    def scaled(self, factor: float) -> UpdateTerms:
+        """These terms with every added term (not ``decay``) multiplied by ``factor``."""
+        return UpdateTerms(
+            decay=self.decay,
+            seeds=self.seeds,
+            coefficients=None if self.coefficients is None else self.coefficients * factor,
+            gaussian=self.gaussian,
+            factor_a=None if self.factor_a is None else self.factor_a * factor,
+            factor_b=self.factor_b,
+            dense=None if self.dense is None else self.dense * factor,
+        )
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # reference twin

@@ -4,7 +4,7 @@
 | --- | --- | --- | --- |
 | ``fp8_e4m3`` | ``Float8Tensor`` | e4m3 ``qdata [N, K]``, fp32 power-of-two row ``scale [N, 1]`` | 1 + 4/K |
 | ``int8`` | ``Int8Tensor`` | int8 ``qdata [N, K]`` (within +-127), fp32 power-of-two row ``scale [N, 1]`` | 1 + 4/K |
-| ``nvfp4`` | ``NVFP4Tensor`` | e2m1 packed ``qdata [N, K/2]``, e4m3 ``scale [N, K/16]`` (unswizzled), fp32 scalar | 0.5 + 1/16 |
+| ``nvfp4`` | ``NVFP4Tensor`` | e2m1 ``qdata [N, K/2]``, e4m3 ``scale [N, K/16]`` unswizzled, fp32 scalar | 0.5 + 1/16 |
 | ``mxfp4`` | ``MXTensor`` | e2m1 packed ``qdata [N, K/2]``, e8m0 ``scale [N, K/32]`` (emulated kernels) | 0.5 + 1/32 |
 
 No class of our own is needed: every torchao class above holds its format and runs ``F.linear`` on CPU and on
@@ -14,6 +14,8 @@ Our kernels write ``qdata`` and ``scale`` in place.
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
 
 import torch
@@ -23,6 +25,23 @@ from lightning_nobp.kernels.lowbit_grids import BLOCK_SIZES
 from lightning_nobp.kernels.lowbit_update import LowBitLayout, quantize_into
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # CUDA-only extensions; the subclasses are Python
+
+
+def _quietly_import_torchao() -> None:
+    """Import torchao without its import-time log lines (skipped C++ extensions, pytree Enum notices)."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        importlib.import_module("torchao.quantization")
+        importlib.import_module("torchao.prototype.mx_formats.nvfp4_tensor")
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+_quietly_import_torchao()
 
 from torchao.prototype.mx_formats.mx_tensor import MXTensor, QuantizeTensorToMXKwargs  # noqa: E402
 from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor  # noqa: E402
@@ -55,7 +74,9 @@ def is_low_bit(tensor: object) -> bool:
     return isinstance(tensor, LOW_BIT_CLASSES)
 
 
-def _empty_layout(kind: str, rows: int, cols: int, device: torch.device, per_tensor_scale: Tensor | None) -> LowBitLayout:
+def _empty_layout(
+    kind: str, rows: int, cols: int, device: torch.device, per_tensor_scale: Tensor | None
+) -> LowBitLayout:
     if kind == "fp8_e4m3":
         return LowBitLayout(kind, torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=device),
                             torch.ones(rows, 1, device=device))  # fmt: skip
@@ -102,7 +123,7 @@ def quantize_weight(
 
 def wrap_layout(layout: LowBitLayout, compute_dtype: torch.dtype, activation_quantization: bool = False) -> Tensor:
     """The torchao tensor holding ``layout``'s inner tensors (no copy)."""
-    rows, cols = layout.rows, layout.cols
+    cols = layout.cols
     if layout.kind == "fp8_e4m3":
         act = QuantizeTensorToFloat8Kwargs(granularity=PerRow()) if activation_quantization else None
         return Float8Tensor(layout.qdata, layout.scale, block_size=[1, cols], act_quant_kwargs=act, dtype=compute_dtype)
