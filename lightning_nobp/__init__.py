@@ -1,13 +1,13 @@
 """lightning_nobp: train unmodified Lightning models with forward passes only (no backpropagation).
 
 ``Trainer(strategy=NoBackpropStrategy(algorithm=MeZO()))`` or ``Trainer(strategy="nobp_mezo")`` after
-``import lightning_nobp``.
+``import lightning_nobp``; ``plugins=[LowBitPrecision("fp8_e4m3")]`` stores the weights in FP8.
 """
 
 from lightning_nobp.__about__ import __version__
-from lightning_nobp.pytorch import NoBackpropStrategy
+from lightning_nobp.pytorch import LowBitPrecision, NoBackpropStrategy
 from lightning_nobp.registry import register_strategies
 
 register_strategies()
 
-__all__ = ["NoBackpropStrategy", "__version__"]
+__all__ = ["LowBitPrecision", "NoBackpropStrategy", "__version__"]

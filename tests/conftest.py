@@ -1,4 +1,4 @@
-"""Shared fixtures: backprop banned, two CPU threads, quiet Trainers."""
+"""Shared fixtures: backprop banned, two CPU threads, Triton interpreter without a GPU, quiet Trainers."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import pytest
 import torch
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors in the interpreter; must be set before lightning_nobp defines them
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(2)
 
 

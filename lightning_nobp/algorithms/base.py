@@ -113,6 +113,17 @@ class Algorithm(ABC):
                 total.add_(self.noise(seed, param_index, param), alpha=weight)
         return total
 
+    def noise_stream(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[int, str] | None:
+        """The counter-based stream ``(seed, distribution)`` of this parameter's dense noise, or ``None``.
+
+        Low-bit weights regenerate their noise inside fused kernels from a Philox stream (element ``i`` of the
+        flattened parameter at offset ``i``) instead of calling :meth:`noise`: an algorithm that returns a stream
+        here promises that its noise is that stream's distribution (``"gaussian"`` or ``"rademacher"``), scaled by
+        one. ``None`` (the default, and for low-rank noise) makes the kernels use :meth:`noise` /
+        :meth:`low_rank_factors` instead.
+        """
+        return None
+
     def low_rank_factors(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[Tensor, Tensor] | None:
         """Factors ``(A, B)`` with ``E = A B^T`` for a matrix parameter, or ``None`` for dense noise.
 

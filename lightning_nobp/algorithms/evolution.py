@@ -154,6 +154,9 @@ class OpenES(EvolutionStrategy):
     def noise(self, noise_seed: int, param_index: int, param: Tensor) -> Tensor:
         return sample_direction(derive_seed(noise_seed, param_index), param.shape, param.device)
 
+    def noise_stream(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[int, str] | None:
+        return derive_seed(noise_seed, param_index), "gaussian"
+
 
 class EggRoll(EvolutionStrategy):
     """Evolution strategies with low-rank perturbations (EGGROLL): population-scale ES at inference cost.
@@ -212,6 +215,9 @@ class EggRoll(EvolutionStrategy):
             return None
         a, b = self.factors(noise_seed, param_index, param)
         return a.div(math.sqrt(self.rank)), b
+
+    def noise_stream(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[int, str] | None:
+        return (derive_seed(noise_seed, param_index), "gaussian") if param.dim() < 2 else None
 
     def noise(self, noise_seed: int, param_index: int, param: Tensor) -> Tensor:
         if param.dim() < 2:

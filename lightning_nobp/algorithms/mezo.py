@@ -66,3 +66,6 @@ class MeZO(Algorithm):
 
     def noise(self, noise_seed: int, param_index: int, param: Tensor) -> Tensor:
         return sample_direction(derive_seed(noise_seed, param_index), param.shape, param.device, self.distribution)
+
+    def noise_stream(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[int, str] | None:
+        return derive_seed(noise_seed, param_index), self.distribution

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_nobp.lowbit.formats import is_low_bit
 from lightning_nobp.algorithms import (
     Algorithm,
     EggRoll,
@@ -35,6 +36,8 @@ from lightning_nobp.perturb.local import LocalLearner
 
 UpdatePath = Literal["grad", "direct"]
 UPDATE_PATHS = ("grad", "direct")
+DirectStep = Literal["sgd", "normalized"]
+DIRECT_STEPS = ("sgd", "normalized")
 ROUNDING_STREAM = 0x5EED  # separates the stochastic-rounding seeds from the noise seeds
 
 
@@ -94,21 +97,33 @@ class ForwardOnlyEngine:
         update: ``"grad"`` writes the estimate into ``p.grad`` for the user's optimizer; ``"direct"`` applies it
             in place (plain SGD with the optimizer's lr and weight decay, stochastic rounding below fp32) and
             keeps no gradient buffers, so training memory equals inference memory.
+        direct_step: the direct path's step: ``"sgd"`` (``w -= lr * estimate``) or ``"normalized"`` (each
+            tensor's estimate divided by its root-mean-square first, so ``lr`` is the typical change of a weight,
+            as with Adam, with no optimizer state).
         population_batching: evaluate several members in one batched forward (``torch.func.vmap``) where the
             user's code allows it; falls back to one member at a time with a warning.
     """
 
     def __init__(
-        self, algorithm: Algorithm | LocalLearning, update: UpdatePath = "grad", population_batching: bool = True
+        self,
+        algorithm: Algorithm | LocalLearning,
+        update: UpdatePath | None = None,
+        population_batching: bool = True,
+        direct_step: DirectStep = "sgd",
     ) -> None:
-        if update not in UPDATE_PATHS:
+        if direct_step not in DIRECT_STEPS:
+            raise ValueError(f"direct_step={direct_step!r}: choose one of {DIRECT_STEPS}")
+        self.direct_step = direct_step
+        if update is not None and update not in UPDATE_PATHS:
             raise ValueError(f"update={update!r}: choose one of {UPDATE_PATHS}")
-        if isinstance(algorithm, LocalLearning) and update != "grad":
+        if isinstance(algorithm, LocalLearning) and update not in (None, "grad"):
             raise ValueError(
                 f"{type(algorithm).__name__} writes each layer's local gradient into .grad: use update='grad'"
             )
         self.algorithm = algorithm
-        self.update = update
+        #: what the user asked for (``None``: decided by :meth:`resolve_update`)
+        self.requested_update = update
+        self.update: UpdatePath = update or "grad"
         self.population_batching = population_batching
         self.skipped_steps = 0
         #: bytes this process sent through collectives for its estimates (fitness scalars only)
@@ -128,9 +143,30 @@ class ForwardOnlyEngine:
         learner = self._learners.get(id(optimizer))
         if learner is None:
             assert isinstance(self.algorithm, LocalLearning)
+            if self.update != "grad":
+                raise ValueError(
+                    f"{type(self.algorithm).__name__} writes each layer's local gradient into .grad, which low-bit"
+                    " weights (LowBitPrecision) do not have: train them with MeZO, EggRoll or ForwardGradient."
+                )
             learner = LocalLearner(self.algorithm, root, trainable_parameters(optimizer))
             self._learners[id(optimizer)] = learner
         return learner
+
+    def resolve_update(self, modules: Iterable[nn.Module]) -> UpdatePath:
+        """Pick the update path once the model is converted: ``"direct"`` when any weight is stored in low bit
+        (it has no gradient buffer), else what the user asked for (``"grad"`` by default).
+
+        Raises:
+            ValueError: ``update="grad"`` was asked for with low-bit weights.
+        """
+        low_bit = any(is_low_bit(p) for module in modules for p in module.parameters())
+        if low_bit and self.requested_update == "grad":
+            raise ValueError(
+                "update='grad' cannot train low-bit weights (LowBitPrecision): they have no gradient buffer and are"
+                " updated in place. Use NoBackpropStrategy(update='direct'), or leave `update` unset."
+            )
+        self.update = "direct" if low_bit else (self.requested_update or "grad")
+        return self.update
 
     def reset(self) -> None:
         """Forget the estimators (the modules or optimizers changed)."""
@@ -233,7 +269,9 @@ class ForwardOnlyEngine:
         hyperparameters = [
             (float(group_of[id(p)]["lr"]), float(group_of[id(p)].get("weight_decay", 0.0))) for p in estimator.params
         ]
-        return estimator.apply_update(terms, hyperparameters, derive_seed(step_seed, ROUNDING_STREAM))
+        return estimator.apply_update(
+            terms, hyperparameters, derive_seed(step_seed, ROUNDING_STREAM), self.direct_step == "normalized"
+        )
 
     def closure_step(
         self,

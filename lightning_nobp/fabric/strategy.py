@@ -21,7 +21,15 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_nobp.algorithms import Algorithm, MeZO, derive_seed
-from lightning_nobp.fabric.engine import ForwardOnlyEngine, ForwardOnlyStrategyMixin, UpdatePath, register_aliases
+from lightning_nobp.fabric.precision import LowBitPrecision
+from lightning_nobp.lowbit.formats import inner_tensors, is_low_bit
+from lightning_nobp.fabric.engine import (
+    DirectStep,
+    ForwardOnlyEngine,
+    ForwardOnlyStrategyMixin,
+    UpdatePath,
+    register_aliases,
+)
 
 FABRIC_CLOSURE_MESSAGE = (
     "NoBackpropStrategy trains without backpropagation: `fabric.backward(loss)` cannot compute gradients on its own."
@@ -40,6 +48,9 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         algorithm: the forward-only estimator; ``MeZO()`` when omitted.
         update: ``"grad"`` (the estimate goes into ``p.grad`` and the user's optimizer steps) or ``"direct"``
             (applied in place as plain SGD with the optimizer's lr and weight decay; no gradient buffers).
+            ``None`` (default): ``"direct"`` when ``LowBitPrecision`` stores weights in low bit, else ``"grad"``.
+        direct_step: ``"sgd"`` or ``"normalized"`` (each tensor's estimate divided by its root-mean-square, so
+            ``lr`` is the typical change of one weight per step, with no optimizer state).
         population_batching: evaluate the population's members together in one batched forward
             (``torch.func.vmap`` over the user's code; activation memory grows with the members per chunk, see
             ``population_chunk`` of the ES algorithms). Falls back to one member at a time, with one warning, when
@@ -58,7 +69,8 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
     def __init__(
         self,
         algorithm: Algorithm | None = None,
-        update: UpdatePath = "grad",
+        update: UpdatePath | None = None,
+        direct_step: DirectStep = "sgd",
         population_batching: bool = True,
         seed: int | None = None,
         accelerator: Accelerator | None = None,
@@ -80,7 +92,9 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             timeout=timeout,
             start_method=start_method,
         )
-        self.engine = ForwardOnlyEngine(algorithm if algorithm is not None else MeZO(), update, population_batching)
+        self.engine = ForwardOnlyEngine(
+            algorithm if algorithm is not None else MeZO(), update, population_batching, direct_step
+        )
         if self.engine.local:
             raise ValueError(
                 f"{self.engine.algorithm!r} drives the model's layers on data it builds from each batch, which a"
@@ -101,12 +115,28 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             return
         super().setup_environment()
 
+    def setup_module_and_optimizers(
+        self, module: nn.Module, optimizers: list[Optimizer], scheduler: Any = None
+    ) -> tuple[nn.Module, list[Optimizer], Any]:
+        """Point optimizers built before ``LowBitPrecision`` converted the module at the converted weights."""
+        if isinstance(self.precision, LowBitPrecision):
+            for optimizer in optimizers:
+                self.precision.point_optimizer_at_converted(optimizer)
+        return super().setup_module_and_optimizers(module, optimizers, scheduler)
+
+    def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        if isinstance(self.precision, LowBitPrecision):
+            self.precision.point_optimizer_at_converted(optimizer)
+        return super().setup_optimizer(optimizer)
+
     def setup_module(self, module: nn.Module) -> nn.Module:
         """Keep the module as it is (no DDP wrapper: no gradients are exchanged); align ranks' initial weights."""
         if dist.is_available() and dist.is_initialized():
             for tensor in list(module.parameters()) + list(module.buffers()):
-                dist.broadcast(tensor.data, src=0)
+                for part in inner_tensors(tensor).values() if is_low_bit(tensor) else [tensor.data]:
+                    dist.broadcast(part, src=0)
         self._modules.append(module)
+        self.engine.resolve_update(self._modules)
         self.engine.reset()
         return module
 

@@ -6,6 +6,7 @@ loss callable and an :class:`~lightning_nobp.algorithms.Algorithm`, and nothing 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -16,7 +17,11 @@ from torch.utils._pytree import tree_map
 
 from lightning_nobp.algorithms.base import Algorithm, Member, Population
 from lightning_nobp.algorithms.seeds import derive_seed
+from lightning_nobp.kernels.lowbit_update import UpdateTerms
+from lightning_nobp.kernels.perturbed_weight import perturbed_weight
+from lightning_nobp.kernels.philox import philox_noise
 from lightning_nobp.kernels.stochastic_rounding import stochastic_round
+from lightning_nobp.lowbit import apply_low_bit_update, is_low_bit, layout_of
 from lightning_nobp.perturb.forward import ParameterOwners, ParameterReadProbe, PerturbedForward
 
 LossFn = Callable[..., Tensor]
@@ -24,6 +29,11 @@ LossFn = Callable[..., Tensor]
 
 MemberInputs = Callable[[Sequence[int]], Any]
 """Given member indices, the inputs of those members stacked along a leading dimension (a pytree of tensors)."""
+
+
+def _rms(squared_norm: float, numel: int) -> float:
+    """Root-mean-square from a squared norm (1 for an all-zero estimate, which then stays zero)."""
+    return math.sqrt(squared_norm / numel) if squared_norm > 0 else 1.0
 
 
 def _first(stacked: Any) -> Any:
@@ -101,6 +111,8 @@ class PopulationEstimator:
         self.params = list(params)
         self.names = list(names) if names is not None else [f"param[{i}]" for i in range(len(self.params))]
         self.owners = ParameterOwners(roots, self.params)
+        #: indices of the parameters stored in low bit (torchao subclasses): noise from Philox streams, fused updates
+        self.low_bit = {index for index, param in enumerate(self.params) if is_low_bit(param)}
         self.probed = False
         #: whether the user's code evaluates under vmap: None until tried, then True or False
         self.batching: bool | None = None
@@ -112,9 +124,29 @@ class PopulationEstimator:
         scale = population.sigma * member.sign
 
         def delta(index: int, stored: Tensor) -> Tensor:
-            return self.algorithm.noise(member.noise_seed, index, stored).mul_(scale)
+            return self.dense_noise(member.noise_seed, index).mul_(scale)
 
-        return PerturbedForward(self.owners, delta, probe)
+        def low_bit_value(index: int, stored: Tensor) -> Tensor | None:
+            stream = self.algorithm.noise_stream(member.noise_seed, index, stored)
+            if index not in self.low_bit or stream is None:
+                return None
+            seed, distribution = stream
+            return perturbed_weight(layout_of(stored), [seed], [scale], distribution == "gaussian", stored.dtype)
+
+        return PerturbedForward(self.owners, delta, probe, value=low_bit_value if self.low_bit else None)
+
+    def dense_noise(self, noise_seed: int, index: int) -> Tensor:
+        """The float32 noise ``E`` of parameter ``index`` for one member seed.
+
+        Low-bit parameters draw it from the algorithm's Philox stream (the one the fused update kernel
+        regenerates); the others from :meth:`Algorithm.noise`.
+        """
+        param = self.params[index]
+        stream = self.algorithm.noise_stream(noise_seed, index, param) if index in self.low_bit else None
+        if stream is None:
+            return self.algorithm.noise(noise_seed, index, param)
+        seed, distribution = stream
+        return philox_noise(seed, param.shape, distribution, param.device)
 
     def probe_parameter_reads(self, population: Population, evaluation: Callable[[], object]) -> None:
         """Find parameters read outside their owner's forward, once, by watching perturbed evaluations.
@@ -194,7 +226,7 @@ class PopulationEstimator:
                     low_rank[index] = (a, b)
                     continue
             dense[index] = torch.stack(
-                [self.algorithm.noise(m.noise_seed, index, param).mul_(population.sigma * m.sign) for m in chosen]
+                [self.dense_noise(m.noise_seed, index).mul_(population.sigma * m.sign) for m in chosen]
             )
         return dense, low_rank
 
@@ -300,11 +332,7 @@ class PopulationEstimator:
 
         Members sharing a noise seed (antithetic pairs) are merged first, so each noise is regenerated once.
         """
-        merged: dict[int, float] = {}
-        for population, coefficients in terms:
-            for member, coefficient in zip(population.members, coefficients.tolist()):
-                merged[member.noise_seed] = merged.get(member.noise_seed, 0.0) + coefficient * member.sign
-        return self.algorithm.combine(merged, index, self.params[index])
+        return self.algorithm.combine(self._merged_weights(terms), index, self.params[index])
 
     @torch.no_grad()
     def accumulate_gradient(self, population: Population, coefficients: Tensor, scale: float = 1.0) -> float:
@@ -313,6 +341,12 @@ class PopulationEstimator:
         Returns:
             The norm of what was added, over all parameters.
         """
+        if self.low_bit:
+            names = ", ".join(self.names[i] for i in sorted(self.low_bit))
+            raise ValueError(
+                f"low-bit weights ({names}) have no gradient buffer: they are updated in place. Use"
+                " NoBackpropStrategy(update='direct') (the default with LowBitPrecision)."
+            )
         squared_norm = 0.0
         for index, param in enumerate(self.params):
             total = self._estimate_of(index, [(population, coefficients)])
@@ -331,26 +365,91 @@ class PopulationEstimator:
         terms: Sequence[tuple[Population, Tensor]],
         hyperparameters: Sequence[tuple[float, float]],
         rounding_seed: int,
+        normalize: bool = False,
     ) -> float:
         """Direct path: ``p <- p - lr * (estimate + weight_decay * p)`` in place, with no ``.grad`` buffer.
 
         The new value is computed in float32 and written back with stochastic rounding where the parameter is
-        stored in lower precision, so updates smaller than the dtype's grid step are kept on average.
+        stored in lower precision (low-bit weights through the fused kernel), so updates smaller than the grid
+        step are kept on average. Nothing is written when the coefficients are not finite.
 
         Args:
             terms: ``(population, coefficients)`` of every micro-batch of the step (gradient accumulation).
             hyperparameters: ``(lr, weight_decay)`` of every parameter, in parameter order.
             rounding_seed: counter-derived seed of the stochastic rounding (one stream per parameter).
+            normalize: divide each parameter's estimate by its root-mean-square, so ``lr`` is the typical step
+                of one weight (as with Adam) without any optimizer state.
 
         Returns:
-            The norm of the estimate (before lr and weight decay), over all parameters.
+            The norm of the estimate (before normalization, lr and weight decay), over all parameters; NaN when
+            the update was not finite and nothing was written.
         """
+        merged = self._merged_weights(terms)
+        if not all(map(math.isfinite, merged.values())):
+            return float("nan")  # never write a non-finite update: the weights stay untouched
         squared_norm = 0.0
         for index, (param, (lr, weight_decay)) in enumerate(zip(self.params, hyperparameters)):
-            estimate = self._estimate_of(index, terms)
-            squared_norm += float(estimate.square().sum())
+            if index in self.low_bit:
+                update_terms = self._low_bit_terms(index, merged, 1.0 - lr * weight_decay)
+                squared = self._squared_norm(index, update_terms)
+                squared_norm += squared
+                step = -lr / _rms(squared, param.numel()) if normalize else -lr
+                apply_low_bit_update(param, update_terms.scaled(step), derive_seed(rounding_seed, index))
+                continue
+            estimate = self.algorithm.combine(merged, index, param)
+            squared = float(estimate.square().sum())
+            squared_norm += squared
+            if normalize:
+                estimate.div_(_rms(squared, param.numel()))
             if weight_decay:
                 estimate.add_(param.float(), alpha=weight_decay)
             updated = param.float().sub_(estimate, alpha=lr)
             param.copy_(stochastic_round(updated, param.dtype, derive_seed(rounding_seed, index)))
         return squared_norm**0.5
+
+    @staticmethod
+    def _merged_weights(terms: Sequence[tuple[Population, Tensor]]) -> dict[int, float]:
+        """Coefficient of every noise seed over all terms (antithetic members merged)."""
+        merged: dict[int, float] = {}
+        for population, coefficients in terms:
+            for member, coefficient in zip(population.members, coefficients.tolist()):
+                merged[member.noise_seed] = merged.get(member.noise_seed, 0.0) + coefficient * member.sign
+        return merged
+
+    def _low_bit_terms(self, index: int, merged: dict[int, float], decay: float) -> UpdateTerms:
+        """The fused kernel's description of ``decay * w + estimate`` for a low-bit weight (scale it with
+        :meth:`UpdateTerms.scaled`).
+
+        Low-rank noise: the factors of every seed, coefficients folded into ``A``. Stream noise: the seeds and
+        coefficients. Otherwise the algorithm's dense estimate.
+        """
+        param = self.params[index]
+        seeds = [seed for seed, weight in merged.items() if weight != 0.0]
+        terms = UpdateTerms(decay=decay)
+        if not seeds:
+            return terms
+        factors = [self.algorithm.low_rank_factors(seed, index, param) for seed in seeds]
+        if all(f is not None for f in factors):
+            terms.factor_a = torch.cat([f[0] * merged[s] for f, s in zip(factors, seeds)], dim=1)  # type: ignore[index]
+            terms.factor_b = torch.cat([f[1] for f in factors], dim=1)  # type: ignore[index]
+            return terms
+        streams = [self.algorithm.noise_stream(seed, index, param) for seed in seeds]
+        if all(stream is not None for stream in streams) and len({st[1] for st in streams}) == 1:  # type: ignore[index]
+            terms.seeds = torch.tensor([st[0] for st in streams], dtype=torch.int64)  # type: ignore[index]
+            terms.coefficients = torch.tensor([merged[s] for s in seeds], dtype=torch.float32)
+            terms.gaussian = streams[0][1] == "gaussian"  # type: ignore[index]
+            return terms
+        terms.dense = self.algorithm.combine(merged, index, param)
+        return terms
+
+    def _squared_norm(self, index: int, terms: UpdateTerms) -> float:
+        """Squared norm of a low-bit weight's estimate without forming it: exact for low-rank and dense terms,
+        the expectation ``numel * sum_m c_m^2`` for noise streams."""
+        if terms.factor_a is not None and terms.factor_b is not None:
+            gram = (terms.factor_a.t() @ terms.factor_a) * (terms.factor_b.t() @ terms.factor_b)
+            return float(gram.sum())
+        if terms.dense is not None:
+            return float(terms.dense.square().sum())
+        if terms.coefficients is not None:
+            return float(terms.coefficients.square().sum()) * self.params[index].numel()
+        return 0.0

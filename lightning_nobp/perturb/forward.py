@@ -25,6 +25,10 @@ from torch.overrides import TorchFunctionMode
 DeltaFn = Callable[[int, Tensor], Tensor]
 """``delta(param_index, stored_param) -> Tensor``: the perturbation to add, in float32, shaped like the param."""
 
+ValueFn = Callable[[int, Tensor], "Tensor | None"]
+"""``value(param_index, stored_param)``: the whole perturbed tensor (e.g. from a fused low-bit kernel), or ``None``
+to fall back to ``stored + delta``."""
+
 
 class ParameterOwners:
     """Which module holds which tracked parameter, by identity (tied parameters have several owners).
@@ -86,7 +90,13 @@ def low_rank_correction(module: nn.Module, x: Tensor, a: Tensor, b: Tensor) -> T
 
 
 def perturbed_value(stored: Tensor, delta: Tensor) -> Tensor:
-    """``stored + delta`` computed in float32 (at least) and returned in the stored dtype; ``stored`` is not written."""
+    """``stored + delta`` computed in float32 (at least) and returned in the stored dtype; ``stored`` is not written.
+
+    A low-bit ``stored`` (a torchao tensor subclass) is dequantized first; the result is a plain tensor of its
+    compute dtype.
+    """
+    if hasattr(stored, "dequantize") and type(stored) not in (Tensor, nn.Parameter):
+        return (stored.dequantize().to(torch.float32) + delta).to(stored.dtype)
     if stored.dtype == torch.float64:
         return stored + delta.to(torch.float64)
     return (stored.to(torch.float32) + delta).to(stored.dtype)
@@ -102,6 +112,8 @@ class PerturbedForward:
         low_rank: for ``nn.Linear`` and ``nn.Embedding`` weights, factors ``(A, B)`` of a perturbation ``A B^T``:
             the layer keeps its stored weight and adds ``(x B) A^T`` (``A[x] B^T``) to its output instead (the
             shared weight is read once for a whole batched population; no perturbed matrix is formed).
+        value: computes a parameter's whole perturbed tensor where it can do better than ``stored + delta`` (the
+            fused low-bit kernel); returns ``None`` to fall back.
     """
 
     def __init__(
@@ -110,9 +122,11 @@ class PerturbedForward:
         delta: DeltaFn,
         probe: ParameterReadProbe | None = None,
         low_rank: Mapping[int, tuple[Tensor, Tensor]] | None = None,
+        value: ValueFn | None = None,
     ) -> None:
         self.owners = owners
         self.delta = delta
+        self.value = value
         self.probe = probe
         self.low_rank = low_rank or {}
         self._handles: list[Any] = []
@@ -126,7 +140,8 @@ class PerturbedForward:
             self.probe.paused = True
         try:
             with torch.no_grad():
-                return perturbed_value(stored, self.delta(index, stored))
+                whole = self.value(index, stored) if self.value is not None else None
+                return whole if whole is not None else perturbed_value(stored, self.delta(index, stored))
         finally:
             if self.probe is not None:
                 self.probe.paused = False

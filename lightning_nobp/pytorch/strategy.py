@@ -32,7 +32,13 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_nobp.algorithms import Algorithm, MeZO, Population, derive_seed
 from lightning_nobp.algorithms.local import LocalLearning
-from lightning_nobp.fabric.engine import ForwardOnlyEngine, ForwardOnlyStrategyMixin, UpdatePath, register_aliases
+from lightning_nobp.fabric.engine import (
+    DirectStep,
+    ForwardOnlyEngine,
+    ForwardOnlyStrategyMixin,
+    UpdatePath,
+    register_aliases,
+)
 from lightning_nobp.perturb import RngSnapshot, scalar_loss
 from lightning_nobp.pytorch.logging import is_logging_step, log_step_metrics, loss_from_step_output, muted_logging
 
@@ -58,6 +64,10 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             costs one gradient-sized buffer). ``"direct"`` applies it in place as plain SGD with the optimizer's
             lr and weight decay (``torch.optim.SGD`` without momentum; the LR scheduler still drives the lr), with
             stochastic rounding for bf16/fp16 weights and no gradient buffers: memory equals inference memory.
+            ``None`` (default): ``"direct"`` when ``LowBitPrecision`` stores weights in low bit, else ``"grad"``.
+        direct_step: the direct path's step: ``"sgd"`` (``w -= lr * estimate``) or ``"normalized"`` (each
+            tensor's estimate divided by its root-mean-square, so ``lr`` is the typical change of one weight per
+            step, as with Adam, with no optimizer state: the usual choice for evolution strategies).
         population_batching: evaluate the population's members together in one batched forward
             (``torch.func.vmap`` over the user's code; activation memory grows with the members per chunk, see
             ``population_chunk`` of the ES algorithms). Falls back to one member at a time, with one warning, when
@@ -87,7 +97,8 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
     def __init__(
         self,
         algorithm: Algorithm | LocalLearning | None = None,
-        update: UpdatePath = "grad",
+        update: UpdatePath | None = None,
+        direct_step: DirectStep = "sgd",
         population_batching: bool = True,
         member_data: Literal["shared", "pair_slices"] = "shared",
         seed: int | None = None,
@@ -111,7 +122,9 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             timeout=timeout,
             start_method=start_method,
         )
-        self.engine = ForwardOnlyEngine(algorithm if algorithm is not None else MeZO(), update, population_batching)
+        self.engine = ForwardOnlyEngine(
+            algorithm if algorithm is not None else MeZO(), update, population_batching, direct_step
+        )
         if member_data not in MEMBER_DATA:
             raise ValueError(f"member_data={member_data!r}: choose one of {MEMBER_DATA}")
         self.member_data = member_data
@@ -135,10 +148,6 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
                 " forward-only estimate and skip steps on its own inf checks. Use `precision='bf16-mixed'`,"
                 " `'bf16-true'` or `'32-true'`."
             )
-        if self.engine.update == "direct" and trainer.gradient_clip_val:
-            raise ValueError(
-                "update='direct' keeps no gradient to clip: remove `gradient_clip_val` or use update='grad'."
-            )
         assert self.accelerator is not None and self.model is not None
         if self._single_process:
             # one process: keep the user's own samplers (Lightning would insert a DistributedSampler because this
@@ -146,6 +155,11 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             trainer._accelerator_connector.use_distributed_sampler = False
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
+        if self.engine.resolve_update([self.model]) == "direct" and trainer.gradient_clip_val:
+            raise ValueError(
+                "update='direct' (the path of low-bit weights) keeps no gradient to clip: remove"
+                " `gradient_clip_val`, or use update='grad' with weights that are not low-bit."
+            )
         self.model_to_device()
         # every rank applies the identical update from seeds and scalars: no DDP wrapper, no gradient all-reduce;
         # the ranks only need the same initial weights

@@ -1,0 +1,112 @@
+"""``LowBitPrecision`` for Fabric: weights stored in FP8 / int8 / FP4 torchao tensors, no FP32 copy anywhere.
+
+Pair it with ``NoBackpropStrategy``: forward-only training never needs a gradient or a master weight, so each
+weight is stored once, in low bit, and updated in place by a fused kernel with stochastic rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.precision import Precision
+from lightning.fabric.plugins.precision.utils import _convert_fp_tensor, _DtypeContextManager
+from lightning_utilities import apply_to_collection
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_nobp.lowbit.convert import ConversionResult, convert_to_low_bit
+from lightning_nobp.lowbit.formats import check_format
+
+_PRECISION_NAMES = {torch.bfloat16: "bf16-true", torch.float16: "16-true", torch.float32: "32-true"}
+
+
+class LowBitPrecision(Precision):
+    """Store ``nn.Linear`` and ``nn.Embedding`` weights in low bit; everything else in ``compute_dtype``.
+
+    Args:
+        weights: storage format of the weights: ``"fp8_e4m3"`` (torchao ``Float8Tensor``, 1 byte per weight),
+            ``"int8"`` (``Int8Tensor``), ``"int8_lattice"`` (int8 moved by whole grid steps, EGGROLL's
+            integer-only training), ``"nvfp4"`` (``NVFP4Tensor``, 0.56 bytes), ``"mxfp4"`` (``MXTensor``, 0.53
+            bytes) or ``"bf16"`` (no low-bit storage, for comparison). Embeddings take fp8 under the fp4 formats.
+        ignore_modules: qualified module names or ``fnmatch`` patterns (``"lm_head"``, ``"blocks.*.mlp"``) whose
+            weights stay in ``compute_dtype``.
+        compute_dtype: dtype of the forward computation, of vectors (biases, norms) and of buffers.
+        activation_quantization: fp8 only: also quantize activations per row so ``F.linear`` runs
+            ``torch._scaled_mm`` on fp8 tensor cores. ``None``: on when converting on a CUDA device with compute
+            capability 8.9 or newer.
+        lattice_threshold: ``"int8_lattice"`` only: a weight moves one grid step where its standardized update
+            exceeds this many standard deviations.
+    """
+
+    def __init__(
+        self,
+        weights: str = "fp8_e4m3",
+        ignore_modules: Sequence[str] | None = None,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        activation_quantization: bool | None = None,
+        lattice_threshold: float = 2.0,
+    ) -> None:
+        self.weights = check_format(weights)
+        self.ignore_modules = list(ignore_modules or [])
+        if compute_dtype not in _PRECISION_NAMES:
+            raise ValueError(f"compute_dtype={compute_dtype}: choose torch.bfloat16, torch.float16 or torch.float32")
+        self.compute_dtype = compute_dtype
+        self.precision = _PRECISION_NAMES[compute_dtype]  # type: ignore[assignment]
+        self.activation_quantization = activation_quantization
+        if lattice_threshold <= 0:
+            raise ValueError(f"lattice_threshold must be positive, got {lattice_threshold}")
+        self.lattice_threshold = lattice_threshold
+        #: the last conversion (formats per weight, weights kept in the compute dtype, replaced parameters)
+        self.conversion: ConversionResult | None = None
+
+    def _quantize_activations(self, module: nn.Module) -> bool:
+        if self.activation_quantization is not None:
+            return self.activation_quantization and self.weights == "fp8_e4m3"
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        return (
+            self.weights == "fp8_e4m3" and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+        )
+
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        """Convert ``module``'s weights in place (and return it): low-bit weights, compute-dtype vectors."""
+        self.conversion = convert_to_low_bit(
+            module,
+            self.weights,
+            self.ignore_modules,
+            self.compute_dtype,
+            self._quantize_activations(module),
+            self.lattice_threshold,
+        )
+        return module
+
+    def point_optimizer_at_converted(self, optimizer: Optimizer) -> None:
+        """Replace, in an optimizer built before :meth:`convert_module`, the parameters the conversion replaced."""
+        replaced = self.conversion.replaced if self.conversion is not None else {}
+        if not replaced:
+            return
+        for group in optimizer.param_groups:
+            group["params"] = [replaced.get(id(param), param) for param in group["params"]]
+
+    def tensor_init_context(self) -> AbstractContextManager:
+        return _DtypeContextManager(self.compute_dtype)
+
+    def module_init_context(self) -> AbstractContextManager:
+        """Build modules in ``compute_dtype`` (never FP32); ``convert_module`` then stores the weights in low bit."""
+        return self.tensor_init_context()
+
+    @contextmanager
+    def forward_context(self) -> Generator[None, None, None]:
+        """No autograd graph, tensors created in the forward in ``compute_dtype``."""
+        with ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(_DtypeContextManager(self.compute_dtype))
+            yield
+
+    def convert_input(self, data: Any) -> Any:
+        return apply_to_collection(data, function=_convert_fp_tensor, dtype=Tensor, dst_type=self.compute_dtype)
+
+    def convert_output(self, data: Any) -> Any:
+        return apply_to_collection(data, function=_convert_fp_tensor, dtype=Tensor, dst_type=torch.get_default_dtype())

@@ -1,0 +1,184 @@
+"""Counter-based Philox4x32-10 random streams: Triton's generator and a pure-PyTorch twin with the same output.
+
+A stream is a pure function of ``(seed, element index)``: the update kernel regenerates every member's noise in
+registers instead of reading it from memory, and the reference twin on the CPU produces the same numbers. Integer
+and uniform streams are bit-exact between the two; Gaussian streams agree to a few ulps (``log``/``cos`` differ
+between libdevice and torch), see ``knowledge/lowbit.md``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_nobp.kernels.triton_support import triton, tl, use_triton
+
+DISTRIBUTIONS = ("gaussian", "rademacher")
+
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_MASK32 = 0xFFFFFFFF
+_UNIFORM_SCALE = 4.6566127342e-10  # 2^-31, as Triton's uint_to_uniform_float writes it
+
+
+def _mulhilo(constant: int, value: Tensor) -> tuple[Tensor, Tensor]:
+    """High and low 32-bit words of ``constant * value`` for uint32 values held in int64.
+
+    The int64 product wraps modulo 2^64, which keeps both 32-bit words of the (< 2^64) true product intact.
+    """
+    product = value * constant
+    return (product >> 32) & _MASK32, product & _MASK32
+
+
+def philox_words(seed: int, counters: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four uint32 words (in int64 tensors) of Philox4x32-10 at counter ``(counter_lo, counter_hi, 0, 0)``.
+
+    Args:
+        seed: a 64-bit seed; its low and high words are the Philox key, as in ``triton.language.randint4x``.
+        counters: int64 counters (any shape).
+    """
+    counters = counters.to(torch.int64)
+    c0 = counters & _MASK32
+    c1 = (counters >> 32) & _MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        high_b, low_b = _mulhilo(_ROUND_B, c2)
+        high_a, low_a = _mulhilo(_ROUND_A, c0)
+        c0, c1, c2, c3 = high_b ^ c1 ^ k0, low_b, high_a ^ c3 ^ k1, low_a
+        k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def _to_uniform(word: Tensor) -> Tensor:
+    """Triton's ``uint_to_uniform_float``: reinterpret as int32, fold negatives, scale to [0, 1)."""
+    signed = torch.where(word >= 1 << 31, word - (1 << 32), word)
+    folded = torch.where(signed < 0, -signed - 1, signed)
+    return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+
+
+def _words_for(seed: int, numel: int, per_call: int, device: torch.device | str) -> Tensor:
+    """The Philox words of counters ``0 .. ceil(numel / per_call) - 1``, as an int64 tensor ``[counters, 4]``."""
+    counters = torch.arange(-(-numel // per_call), dtype=torch.int64, device=device)
+    return torch.stack(philox_words(seed, counters), dim=-1)
+
+
+def reference_uniform(seed: int, numel: int, device: torch.device | str = "cpu") -> Tensor:
+    """Uniform float32 in [0, 1): element ``i`` is word ``i % 4`` of Philox at counter ``i // 4``."""
+    return _to_uniform(_words_for(seed, numel, 4, device).view(-1)[:numel])
+
+
+def reference_normal(seed: int, numel: int, device: torch.device | str = "cpu") -> Tensor:
+    """Standard normal float32: Box-Muller on the word pairs (0, 1) and (2, 3) of counter ``i // 4``.
+
+    Element ``i`` is the cosine (``i`` even) or sine (``i`` odd) branch of pair ``(i % 4) // 2``.
+    """
+    words = _words_for(seed, numel, 4, device)
+    u1 = _to_uniform(words[:, 0::2]).clamp_min(1.0e-7)  # [counters, 2]: words 0 and 2
+    u2 = _to_uniform(words[:, 1::2])  # words 1 and 3
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    angle = 6.283185307179586 * u2
+    normals = torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=-1)  # [counters, 2, 2]
+    return normals.view(-1)[:numel]
+
+
+def reference_rademacher(seed: int, numel: int, device: torch.device | str = "cpu") -> Tensor:
+    """+1 or -1: element ``i`` is bit ``i % 32`` of word ``(i // 32) % 4`` of Philox at counter ``i // 128``."""
+    words = _words_for(seed, numel, 128, device).view(-1, 1)
+    bits = (words >> torch.arange(32, device=words.device)) & 1
+    return bits.view(-1)[:numel].to(torch.float32).mul_(2.0).sub_(1.0)
+
+
+def reference_noise(seed: int, numel: int, distribution: str, device: torch.device | str = "cpu") -> Tensor:
+    """The reference stream of ``distribution`` (``"gaussian"`` or ``"rademacher"``), elements ``0 .. numel-1``."""
+    if distribution == "gaussian":
+        return reference_normal(seed, numel, device)
+    if distribution == "rademacher":
+        return reference_rademacher(seed, numel, device)
+    raise ValueError(f"unknown distribution {distribution!r}: use one of {DISTRIBUTIONS}")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _word(seed, offsets, PER_CALL: tl.constexpr):
+        """Word ``(offsets // (PER_CALL // 4)) % 4`` of Philox at counter ``offsets // PER_CALL``."""
+        w0, w1, w2, w3 = tl.randint4x(seed, offsets // PER_CALL)
+        lane = (offsets // (PER_CALL // 4)) % 4
+        return tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
+
+    @triton.jit
+    def uniform_at(seed, offsets):
+        """The uniform stream of ``reference_uniform`` at int64 ``offsets``."""
+        return tl.uint_to_uniform_float(_word(seed, offsets, 4))
+
+    @triton.jit
+    def normal_at(seed, offsets):
+        """The Gaussian stream of ``reference_normal`` at int64 ``offsets``."""
+        w0, w1, w2, w3 = tl.randint4x(seed, offsets // 4)
+        second_pair = (offsets % 4) >= 2
+        u1 = tl.uint_to_uniform_float(tl.where(second_pair, w2, w0))
+        u2 = tl.uint_to_uniform_float(tl.where(second_pair, w3, w1))
+        u1 = tl.maximum(1.0e-7, u1)
+        radius = tl.sqrt(-2.0 * tl.log(u1))
+        angle = 6.283185307179586 * u2
+        return tl.where((offsets % 2) == 0, radius * tl.cos(angle), radius * tl.sin(angle))
+
+    @triton.jit
+    def rademacher_at(seed, offsets):
+        """The Rademacher stream of ``reference_rademacher`` at int64 ``offsets``."""
+        word = _word(seed, offsets, 128)
+        bit = (word >> (offsets % 32).to(tl.uint32)) & 1
+        return bit.to(tl.float32) * 2.0 - 1.0
+
+    @triton.jit
+    def noise_at(seed, offsets, GAUSSIAN: tl.constexpr):
+        """One member's noise at ``offsets``: the Gaussian or the Rademacher stream."""
+        if GAUSSIAN:
+            return normal_at(seed, offsets)
+        return rademacher_at(seed, offsets)
+
+    @triton.jit
+    def _stream_kernel(out_ptr, seed, numel, KIND: tl.constexpr, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < numel
+        if KIND == 0:
+            values = uniform_at(seed, offsets)
+        elif KIND == 1:
+            values = normal_at(seed, offsets)
+        else:
+            values = rademacher_at(seed, offsets)
+        tl.store(out_ptr + offsets, values, mask=mask)
+
+
+_KINDS = {"uniform": 0, "gaussian": 1, "rademacher": 2}
+
+
+def triton_stream(seed: int, numel: int, kind: str, device: torch.device | str) -> Tensor:
+    """The Triton stream ``kind`` (``uniform``, ``gaussian``, ``rademacher``) at offsets 0..numel-1."""
+    if triton is None:
+        raise RuntimeError("Triton is not installed: pip install triton (or use the reference streams)")
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    block = 256
+    _stream_kernel[(triton.cdiv(numel, block),)](out, seed, numel, KIND=_KINDS[kind], BLOCK=block)
+    return out
+
+
+def philox_noise(seed: int, shape: torch.Size | tuple[int, ...], distribution: str, device: torch.device) -> Tensor:
+    """Float32 noise of ``shape`` from the counter stream ``seed`` (element ``i`` at offset ``i``).
+
+    Runs the Triton generator on CUDA and the PyTorch twin elsewhere; both give the same stream.
+
+    Args:
+        seed: the stream's 63-bit seed (see ``derive_seed``).
+        shape: the noise shape.
+        distribution: ``"gaussian"`` or ``"rademacher"``.
+        device: where to generate it.
+    """
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    if use_triton(torch.device(device)):
+        return triton_stream(seed, numel, distribution, device).view(shape)
+    return reference_noise(seed, numel, distribution, device).view(shape)

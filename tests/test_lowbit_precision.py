@@ -1,0 +1,216 @@
+"""LowBitPrecision: conversion into torchao subclasses, no FP32 weights, bad input, checkpoints, torchao interop."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_nobp import LowBitPrecision, NoBackpropStrategy
+from lightning_nobp.algorithms import EggRoll, MeZO
+from lightning_nobp.lowbit import FORMATS, is_low_bit, layout_of, memory_report
+from lightning_nobp.lowbit.formats import inner_tensors
+
+from conftest import quiet_trainer_kwargs
+from user_models import DigitsClassifier, digits_loaders
+
+LOW_BIT = ("fp8_e4m3", "int8", "int8_lattice", "nvfp4", "mxfp4")
+BYTES_PER_WEIGHT_BAR = {"fp8_e4m3": 1.01, "int8": 1.01, "int8_lattice": 1.01, "nvfp4": 0.57, "mxfp4": 0.54}
+
+
+class TextModel(nn.Module):
+    """Embedding, two Linear layers with K >= 512, a norm and a buffer: what a small LM holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(64, 512)
+        self.up = nn.Linear(512, 1024)
+        self.norm = nn.LayerNorm(1024)
+        self.down = nn.Linear(1024, 512)
+        self.register_buffer("position", torch.arange(8, dtype=torch.float32))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.norm(self.up(self.embed(tokens)))))
+
+
+@pytest.mark.parametrize("weights", LOW_BIT)
+def test_no_fp32_tensor_is_left_but_scales_and_bytes_per_weight_meet_the_bar(weights: str) -> None:
+    model = TextModel()
+    LowBitPrecision(weights).convert_module(model)
+    for name, value in model.state_dict().items():
+        if is_low_bit(value):
+            for inner_name, inner in inner_tensors(value).items():
+                assert inner.dtype != torch.float32 or "scale" in inner_name, (name, inner_name)
+        else:
+            assert value.dtype == torch.bfloat16, name
+    assert is_low_bit(model.up.weight) and is_low_bit(model.down.weight) and is_low_bit(model.embed.weight)
+    report = memory_report(model)
+    kind = layout_of(model.up.weight).kind
+    assert report.formats[kind].bytes_per_element <= BYTES_PER_WEIGHT_BAR[weights]
+    assert "total" in str(report) and report.as_metrics()["memory/bytes_per_weight"] < 1.1
+
+
+def test_low_bit_forward_matches_the_dequantized_weights() -> None:
+    torch.manual_seed(0)
+    model = TextModel()
+    reference = copy.deepcopy(model)
+    LowBitPrecision("fp8_e4m3").convert_module(model)
+    tokens = torch.randint(0, 64, (4, 8))
+    expected = reference(tokens)
+    relative = (model(tokens).float() - expected).norm() / expected.norm()
+    assert relative < 0.08  # e4m3 weights and bf16 compute
+    dequantized = F.linear(torch.randn(3, 512).bfloat16(), model.up.weight.dequantize())
+    assert dequantized.dtype == torch.bfloat16
+
+
+def test_unknown_format_lists_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="fp8_e4m3.*nvfp4"):
+        LowBitPrecision("fp8")
+    assert set(LOW_BIT) | {"bf16"} == set(FORMATS)
+
+
+def test_layers_whose_k_is_not_divisible_by_the_block_stay_bf16_with_one_warning() -> None:
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(40, 8), nn.Linear(24, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LowBitPrecision("nvfp4").convert_module(model)
+    messages = [str(w.message) for w in caught if "block size" in str(w.message)]
+    assert len(messages) == 1 and "1.weight" in messages[0] and "2.weight" in messages[0]
+    assert is_low_bit(model[0].weight)
+    assert model[1].weight.dtype == torch.bfloat16 and not is_low_bit(model[1].weight)
+
+
+def test_quantizing_huge_values_and_huge_updates_never_produces_nan() -> None:
+    from lightning_nobp.kernels.lowbit_update import UpdateTerms, reference_dequantize
+    from lightning_nobp.lowbit import apply_low_bit_update, quantize_weight
+
+    for weights in ("fp8_e4m3", "int8", "nvfp4", "mxfp4"):
+        weight = quantize_weight(torch.tensor([[1e30, -3.0] * 16, [1e-30, 0.5] * 16]), weights)
+        assert torch.isfinite(weight.dequantize().float()).all()
+        huge = UpdateTerms(dense=torch.full((2, 32), 1e35))
+        apply_low_bit_update(weight, huge, rounding_seed=0)
+        assert torch.isfinite(reference_dequantize(layout_of(weight))).all(), weights
+
+
+def test_grad_update_with_low_bit_weights_is_refused_with_the_fix() -> None:
+    model = DigitsClassifier(momentum=0.0)
+    trainer = pl.Trainer(
+        strategy=NoBackpropStrategy(algorithm=MeZO(), update="grad"),
+        plugins=[LowBitPrecision("fp8_e4m3")],
+        max_steps=1,
+        **quiet_trainer_kwargs(),
+    )
+    train, _ = digits_loaders()
+    with pytest.raises(ValueError, match="update='direct'"):
+        trainer.fit(model, train)
+
+
+def fit_low_bit(model: pl.LightningModule, weights: str, max_steps: int, **trainer_kwargs) -> pl.Trainer:
+    train, _ = digits_loaders(batch_size=128, shuffle=False)
+    trainer = pl.Trainer(
+        strategy=NoBackpropStrategy(algorithm=EggRoll(population=16), direct_step="normalized", seed=3),
+        plugins=[LowBitPrecision(weights)],
+        max_steps=max_steps,
+        **quiet_trainer_kwargs(**trainer_kwargs),
+    )
+    trainer.fit(model, train)
+    return trainer
+
+
+def low_bit_state(model: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every stored tensor of a module or state dict as raw bytes (inner tensors of low-bit weights included)."""
+    state = {}
+    for name, value in (model if isinstance(model, dict) else model.state_dict()).items():
+        parts = inner_tensors(value) if is_low_bit(value) else {"": value}
+        for part, tensor in parts.items():
+            state[f"{name}.{part}"] = tensor.detach().clone().contiguous().view(torch.uint8).flatten()
+    return state
+
+
+@pytest.mark.parametrize("weights", ["fp8_e4m3", "nvfp4"])
+def test_checkpoint_round_trip_and_resume_are_bit_exact(weights: str, tmp_path) -> None:
+    pl.seed_everything(0)
+    straight = DigitsClassifier(lr=3e-3, momentum=0.0)
+    fit_low_bit(straight, weights, max_steps=6)
+
+    pl.seed_everything(0)
+    first = DigitsClassifier(lr=3e-3, momentum=0.0)
+    trainer = fit_low_bit(first, weights, max_steps=3, enable_checkpointing=True, default_root_dir=tmp_path)
+    path = tmp_path / "half.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = torch.load(path, weights_only=True)["state_dict"]
+    saved = low_bit_state(first)
+    reloaded = low_bit_state(loaded)
+    assert reloaded.keys() == saved.keys() and all(torch.equal(saved[k], reloaded[k]) for k in saved)
+
+    pl.seed_everything(0)
+    resumed = DigitsClassifier(lr=3e-3, momentum=0.0)
+    train, _ = digits_loaders(batch_size=128, shuffle=False)
+    trainer = pl.Trainer(
+        strategy=NoBackpropStrategy(algorithm=EggRoll(population=16), direct_step="normalized", seed=3),
+        plugins=[LowBitPrecision(weights)],
+        max_steps=6,
+        **quiet_trainer_kwargs(),
+    )
+    trainer.fit(resumed, train, ckpt_path=path)
+    expected, got = low_bit_state(straight), low_bit_state(resumed)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert not all(torch.equal(expected[k], saved[k]) for k in expected)  # the last 3 steps changed weights
+
+
+@pytest.mark.parametrize("config_name", ["Float8WeightOnlyConfig", "Int8WeightOnlyConfig"])
+def test_a_torchao_quantized_model_trains_and_still_runs_under_torchao_alone(config_name: str, no_backprop) -> None:
+    import torchao.quantization as tq
+
+    pl.seed_everything(0)
+    model = DigitsClassifier(lr=3e-3, momentum=0.0, hidden=128).to(torch.bfloat16)
+    tq.quantize_(model.net, getattr(tq, config_name)())
+    stored_class = type(model.net[0].weight)
+    before = model.net[0].weight.dequantize().clone()
+    trainer = fit_low_bit(model, "fp8_e4m3", max_steps=5)
+    assert trainer.global_step == 5
+    weight = model.net[0].weight
+    assert type(weight) is stored_class  # adopted as it is: still the user's torchao class
+    assert not torch.equal(weight.dequantize(), before)
+    # afterwards a plain torchao model: no lightning_nobp code in the forward
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    plain = F.linear(torch.relu(F.linear(x, model.net[0].weight, model.net[0].bias)), model.net[2].weight)
+    assert torch.isfinite(plain.float()).all()
+    expected = F.linear(x, weight.dequantize(), model.net[0].bias)
+    assert torch.allclose(model.net[0](x).float(), expected.float(), atol=0.1, rtol=0.05)
+
+
+class PoisonedDigits(DigitsClassifier):
+    """Returns a NaN loss for every member on batch 2."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=3e-3, momentum=0.0)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if batch_idx == 2 else loss
+
+
+def test_a_nan_loss_skips_the_step_and_leaves_low_bit_weights_untouched() -> None:
+    pl.seed_everything(0)
+    model = PoisonedDigits()
+    snapshots: list[dict[str, torch.Tensor]] = []
+
+    class Snapshot(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[override]
+            snapshots.append(low_bit_state(pl_module))
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            snapshots.append(low_bit_state(pl_module))
+
+    trainer = fit_low_bit(model, "fp8_e4m3", max_steps=4, callbacks=[Snapshot()])
+    strategy = trainer.strategy
+    assert isinstance(strategy, NoBackpropStrategy) and strategy.skipped_steps == 1
+    unchanged = [all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(snapshots, snapshots[1:])]
+    assert unchanged == [False, False, True, False]  # batch 2 (NaN) wrote nothing
