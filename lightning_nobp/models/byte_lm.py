@@ -63,6 +63,7 @@ class GPTLanguageModel(ByteLanguageModel):
         optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"``.
         lr: peak learning rate.
         weight_decay: weight decay of the optimizer.
+        momentum: SGD momentum (0 for ``NoBackpropStrategy(update="direct")``, which applies plain SGD).
         betas: Adam's moment decay rates.
         warmup_steps: linear warm-up steps (0: none).
         decay_steps: steps of a cosine decay to ``min_lr_ratio * lr`` after warm-up (0: constant).
@@ -81,6 +82,7 @@ class GPTLanguageModel(ByteLanguageModel):
         optimizer: str = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        momentum: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.99),
         warmup_steps: int = 0,
         decay_steps: int = 0,
@@ -112,7 +114,7 @@ class GPTLanguageModel(ByteLanguageModel):
         elif hp.optimizer == "adamw":
             opt = torch.optim.AdamW(params, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay)
         elif hp.optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
+            opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
         else:
             raise ValueError(f"optimizer={hp.optimizer!r}: choose 'adam', 'adamw' or 'sgd'")
         if hp.warmup_steps <= 0 and hp.decay_steps <= 0:
