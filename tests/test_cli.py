@@ -11,6 +11,7 @@ from unittest import mock
 
 import pytest
 import yaml
+from lightning.pytorch.plugins.precision import Precision
 
 from lightning_nobp.cli import NoBackpropCLI, main
 
@@ -103,3 +104,15 @@ def test_timeline_records_validation_metrics_against_seconds_and_forwards(tmp_pa
 def test_a_misspelled_class_name_is_refused() -> None:
     with pytest.raises(SystemExit):
         run_cli("fit", "-c", str(RECIPES / "digits-eggroll.yaml"), "--model=MLPClassifer", "--print_config")
+
+
+class MarkerPrecision(Precision):
+    """A precision plugin defined outside Lightning, as LowBitPrecision is."""
+
+
+def test_a_precision_plugin_resolves_by_short_name(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins.yaml"
+    plugins.write_text("trainer:\n  plugins:\n    - class_path: MarkerPrecision\n")
+    cli = run_cli("fit", "-c", str(RECIPES / "digits-eggroll.yaml"), "-c", SMOKE, "-c", str(plugins))
+    assert isinstance(cli.trainer.precision_plugin, MarkerPrecision)
+    assert cli.trainer.global_step == 3
