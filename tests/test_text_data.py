@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -178,3 +179,17 @@ def test_the_shakespeare_corpus_holds_out_whole_plays(tmp_path: Path) -> None:
     assert len(splits["train"]) == 34 and len(splits["val"]) == 2 and len(splits["test"]) == 2
     assert all(p.suffix == ".md" and folder in p.parents for files in splits.values() for p in files)
     assert not set(splits["test"]) & set(splits["train"])
+
+
+def test_the_austen_corpus_exports_six_novels_and_holds_whole_ones_out(tmp_path: Path) -> None:
+    from lightning_nobp.data.corpora import AUSTEN_ROOT
+
+    root = Path(os.environ.get("JANEAUSTENR_ROOT", AUSTEN_ROOT))
+    if not (root / "data" / "Rdata.rdx").is_file() or importlib.util.find_spec("rdata") is None:
+        pytest.skip("needs Debian r-cran-janeaustenr (or JANEAUSTENR_ROOT) and `pip install rdata`")
+    module = make_module(Path("unused"), tmp_path / "cache", block_size=256)
+    module.corpus, module.corpus_root = "austen", str(root)
+    splits = module.splits()
+    assert sum(len(files) for files in splits.values()) == 6
+    assert len(splits["val"]) == len(splits["test"]) == 1
+    assert 4_000_000 < sum(p.stat().st_size for files in splits.values() for p in files) < 4_100_000
