@@ -49,6 +49,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 REPORT_TIMES = (10.0, 30.0, 60.0, 120.0, 180.0)
+#: what the training clock counts: wall-clock seconds, or this process's CPU seconds (robust on shared machines)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -156,11 +158,16 @@ class TrainingClock:
     Args:
         budget: training seconds.
         evaluate: returns the current test accuracy.
+        timer: ``time.perf_counter`` (wall-clock) or ``time.process_time`` (this process's CPU seconds, robust to
+            other processes sharing the cores; with one thread it is the compute time).
     """
 
-    def __init__(self, budget: float, evaluate: Callable[[], float]) -> None:
+    def __init__(
+        self, budget: float, evaluate: Callable[[], float], timer: Callable[[], float] = time.perf_counter
+    ) -> None:
         self.budget = budget
         self.evaluate = evaluate
+        self.timer = timer
         step = budget / 60.0
         times = {round(0.05 * 1.3**k, 4) for k in range(60) if 0.05 * 1.3**k < step}
         times |= {round(step * k, 4) for k in range(1, 61)}
@@ -175,10 +182,10 @@ class TrainingClock:
 
     def start(self) -> None:
         self.curve = [(0.0, self.evaluate())]
-        self._started = time.perf_counter()
+        self._started = self.timer()
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self._started - self.evaluation_seconds
+        return self.timer() - self._started - self.evaluation_seconds
 
     def tick(self, samples: int) -> bool:
         """Count one training step; evaluate when a checkpoint has passed. Returns ``True`` once the budget is spent."""
@@ -186,11 +193,11 @@ class TrainingClock:
         self.steps += 1
         now = self.elapsed()
         if self._next < len(self.checkpoints) and now >= self.checkpoints[self._next]:
-            paused = time.perf_counter()
+            paused = self.timer()
             self.curve.append((now, self.evaluate()))
             while self._next < len(self.checkpoints) and self.checkpoints[self._next] <= now:
                 self._next += 1
-            self.evaluation_seconds += time.perf_counter() - paused
+            self.evaluation_seconds += self.timer() - paused
         return now >= self.budget
 
 
@@ -225,12 +232,14 @@ class LightningMethod:
     plugins: Callable[[], list[Any]] = field(default=list)
     precision: str = "32-true"
 
-    def run(self, spec: DatasetSpec, data: tuple[TensorDataset, TensorDataset], budget: float, seed: int) -> dict:
+    def run(
+        self, spec: DatasetSpec, data: tuple[TensorDataset, TensorDataset], budget: float, seed: int, clock_name: str
+    ) -> dict:
         from lightning_nobp.data.digits import batched_loader
 
         train, test = data
         model = build_model(spec, seed)
-        clock = TrainingClock(budget, lambda: accuracy_of(model, test))
+        clock = TrainingClock(budget, lambda: accuracy_of(model, test), CLOCKS[clock_name])
         callback = _ClockCallback(clock, self._forwards_per_sample)
         strategy = self.strategy() if self.strategy is not None else "auto"
         trainer = pl.Trainer(
@@ -304,7 +313,9 @@ class EvoTorchMethod:
     popsize: int = 200
     options: dict[str, Any] = field(default_factory=dict)
 
-    def run(self, spec: DatasetSpec, data: tuple[TensorDataset, TensorDataset], budget: float, seed: int) -> dict:
+    def run(
+        self, spec: DatasetSpec, data: tuple[TensorDataset, TensorDataset], budget: float, seed: int, clock_name: str
+    ) -> dict:
         import evotorch
         from evotorch.algorithms import PGPE, SNES
         from evotorch.neuroevolution import SupervisedNE
@@ -334,7 +345,7 @@ class EvoTorchMethod:
             torch.nn.utils.vector_to_parameters(searcher.status["center"].to(torch.float32), net.parameters())
             return accuracy_of(net, test)
 
-        clock = TrainingClock(budget, evaluate)
+        clock = TrainingClock(budget, evaluate, CLOCKS[clock_name])
         clock.start()
         while not clock.tick(0):
             searcher.step()
@@ -453,7 +464,9 @@ def summarize(spec: DatasetSpec, budget: float, clock: TrainingClock) -> dict[st
     }
 
 
-def run_method(name: str, dataset: str, budget: float, seed: int, threads: int, fraction: float = 1.0) -> dict:
+def run_method(
+    name: str, dataset: str, budget: float, seed: int, threads: int, clock: str = "wall", fraction: float = 1.0
+) -> dict:
     """Train one method and return its row (runs in a fresh process when the benchmark isolates methods).
 
     Args:
@@ -462,6 +475,7 @@ def run_method(name: str, dataset: str, budget: float, seed: int, threads: int, 
         budget: training seconds.
         seed: seed of the initial weights, the data order and the perturbations.
         threads: torch intra-op threads.
+        clock: ``"wall"`` or ``"cpu"`` (see ``CLOCKS``).
         fraction: share of the training split to use (the smoke mode uses a little).
     """
     os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
@@ -480,7 +494,7 @@ def run_method(name: str, dataset: str, budget: float, seed: int, threads: int, 
         train = TensorDataset(*(tensor[:keep] for tensor in train.tensors))
     memory = ResidentMemory()
     memory.start()
-    result = METHODS[name].run(spec, (train, test), budget, seed)
+    result = METHODS[name].run(spec, (train, test), budget, seed, clock)
     row = {"method": name, "label": METHODS[name].label, "describe": result["describe"]}
     row.update(summarize(spec, budget, result["clock"]))
     row.update(memory.stop())
@@ -547,6 +561,7 @@ def run(
     seed: int = 0,
     threads: int = 2,
     isolate: bool = True,
+    clock: str = "wall",
     fraction: float = 1.0,
 ) -> dict | None:
     """Run the benchmark, write ``peers_<dataset>.json`` and ``.png`` to ``out`` and return the report.
@@ -566,7 +581,7 @@ def run(
     for name in methods:
         if name in skipped:
             continue
-        arguments = (name, dataset, budget, seed, threads, fraction)
+        arguments = (name, dataset, budget, seed, threads, clock, fraction)
         if isolate:
             context = multiprocessing.get_context("spawn")
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
@@ -592,6 +607,7 @@ def run(
         "budget_s": budget,
         "seed": seed,
         "threads": threads,
+        "clock": clock,
         "thresholds": list(spec.thresholds),
         "mean_window": [budget * 2 / 3, budget],
         "torch": torch.__version__,
@@ -614,6 +630,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads per method")
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall", help="wall-clock, or process CPU seconds (shared machines)"
+    )
     parser.add_argument("--in-process", action="store_true", help="run methods in this process (no isolation)")
     parser.add_argument("--smoke", action="store_true", help="every method for about a second on a digits subset")
     args = parser.parse_args(argv)
@@ -622,9 +641,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         if name not in METHODS:
             parser.error(f"unknown method {name!r}: choose from {sorted(METHODS)}")
     if args.smoke:
-        return run("digits", args.budget or 1.0, methods, args.out, args.seed, args.threads, isolate=False)
+        return run("digits", args.budget or 1.0, methods, args.out, args.seed, args.threads, False, args.clock)
     budget = args.budget if args.budget is not None else (60.0 if args.dataset == "digits" else 180.0)
-    return run(args.dataset, budget, methods, args.out, args.seed, args.threads, isolate=not args.in_process)
+    return run(args.dataset, budget, methods, args.out, args.seed, args.threads, not args.in_process, args.clock)
 
 
 if __name__ == "__main__":
