@@ -591,8 +591,13 @@ def run(
     if isolate:
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(max(1, jobs), mp_context=context, max_tasks_per_child=1) as pool:
-            futures = {name: pool.submit(run_method, *arguments[name]) for name in todo}
-            rows = [futures[name].result() for name in todo]
+            futures = {pool.submit(run_method, *arguments[name]): name for name in todo}
+            done: dict[str, dict] = {}
+            for future in concurrent.futures.as_completed(futures):
+                done[futures[future]] = future.result()
+                out.mkdir(parents=True, exist_ok=True)  # rows so far, in case a long run is interrupted
+                (out / f"peers_{dataset}.partial.json").write_text(json.dumps(list(done.values()), indent=1))
+            rows = [done[name] for name in todo]
     else:
         rows = [run_method(*arguments[name]) for name in todo]
     for row in rows:
