@@ -278,7 +278,12 @@ class LightningMethod:
         )
         pl.seed_everything(seed, verbose=False)
         trainer.fit(model, batched_loader(train, spec.batch_size, shuffle=True))
-        return {"clock": clock, "initial_checksum": callback.initial_checksum, "describe": repr(strategy)}
+        algorithm = getattr(strategy, "algorithm", None)
+        trained_by = (
+            "backprop (Lightning's default strategy)" if algorithm is None else f"NoBackpropStrategy({algorithm!r})"
+        )
+        describe = f"{trained_by}, Adam lr {model.hparams.lr:g}, batch {spec.batch_size}"
+        return {"clock": clock, "initial_checksum": callback.initial_checksum, "describe": describe}
 
     @staticmethod
     def _forwards_per_sample(trainer: Any) -> float:
