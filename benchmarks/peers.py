@@ -550,11 +550,13 @@ def plot(report: dict, path: Path) -> None:
     for threshold in report["thresholds"]:
         axis.axhline(threshold * 100, color="grey", linestyle="--", linewidth=0.8)
     axis.set_xscale("log")
-    axis.set_xlabel("training wall-clock (s, evaluation excluded)")
+    measure = "CPU time of the process" if report.get("clock") == "cpu" else "wall-clock"
+    axis.set_xlabel(f"training {measure} (s, log scale, evaluation excluded)")
     axis.set_ylabel("test accuracy (%)")
     bottom = min(min(a for _, a in row["curve"]) for row in report["methods"]) * 100
     axis.set_ylim(max(bottom, 100 * report["thresholds"][0] - 30), 100)
-    axis.set_title(f"{report['dataset']}: MLP {report['mlp']}, {report['threads']} CPU threads, same initial weights")
+    threads = f"{report['threads']} torch thread" + ("s" if report["threads"] > 1 else "")
+    axis.set_title(f"{report['dataset']}: MLP {report['mlp']}, {threads}, same initial weights")
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(loc="lower right")
     figure.tight_layout()
