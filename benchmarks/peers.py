@@ -30,6 +30,7 @@ low-bit precision plugin) or an ``EvoTorchMethod``.
 from __future__ import annotations
 
 import argparse
+import ast
 import concurrent.futures
 import dataclasses
 import json
@@ -444,6 +445,28 @@ DEFAULT_METHODS = ("backprop", "mezo", "eggroll", "openes", "evotorch-snes", "ev
 DATASET_METHODS = {"digits": DEFAULT_METHODS, "fashion": (*DEFAULT_METHODS[:4], "eggroll-lr3e-3", *DEFAULT_METHODS[4:])}
 
 
+def algorithm_method(expression: str) -> LightningMethod:
+    """A method from an algorithm written as a call with literal keyword arguments, e.g. ``EggRoll(population=32)``.
+
+    Args:
+        expression: ``Name(key=value, ...)`` where ``Name`` is one of ``lightning_nobp.algorithms``.
+    """
+    from lightning_nobp import algorithms
+
+    try:
+        call = ast.parse(expression, mode="eval").body
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and not call.args):
+            raise ValueError
+        options = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
+    except (SyntaxError, ValueError) as error:
+        raise ValueError(
+            f"--algorithm {expression!r}: write a call with keyword literals, e.g. 'EggRoll(population=32, sigma=3e-3)'"
+        ) from error
+    if call.func.id not in algorithms.__all__:
+        raise ValueError(f"--algorithm {expression!r}: {call.func.id} is not one of {sorted(algorithms.__all__)}")
+    return LightningMethod(expression, _nobp(_algorithm(call.func.id, **options)))
+
+
 def unavailable(name: str) -> str | None:
     """``None`` when method ``name`` can run here, else why not (with the fix)."""
     method = METHODS[name]
@@ -499,7 +522,14 @@ def summarize(spec: DatasetSpec, budget: float, clock: TrainingClock) -> dict[st
 
 
 def run_method(
-    name: str, dataset: str, budget: float, seed: int, threads: int, clock: str = "wall", fraction: float = 1.0
+    name: str,
+    dataset: str,
+    budget: float,
+    seed: int,
+    threads: int,
+    clock: str = "wall",
+    fraction: float = 1.0,
+    overrides: dict[str, Any] | None = None,
 ) -> dict:
     """Train one method and return its row (runs in a fresh process when the benchmark isolates methods).
 
@@ -511,6 +541,8 @@ def run_method(
         threads: torch intra-op threads.
         clock: ``"wall"`` or ``"cpu"`` (see ``CLOCKS``).
         fraction: share of the training split to use (the smoke mode uses a little).
+        overrides: ``"algorithm"``: the expression of method ``"custom"`` (see ``algorithm_method``); ``"lr"``: the
+            user's Adam lr instead of the dataset's.
     """
     os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
     torch.set_num_threads(threads)
@@ -521,14 +553,18 @@ def run_method(
     warnings.filterwarnings("ignore", message=".*(LeafSpec|val_dataloader|litlogger).*")
     for logger in ("evotorch", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(logger).setLevel(logging.WARNING)
+    overrides = overrides or {}
     spec = DATASETS[dataset]
+    if overrides.get("lr") is not None:
+        spec = dataclasses.replace(spec, lr=overrides["lr"])
+    method = algorithm_method(overrides["algorithm"]) if name == "custom" else METHODS[name]
     train, test = spec.load()
     if fraction < 1.0:
         keep = max(spec.batch_size, int(len(train) * fraction))
         train = TensorDataset(*(tensor[:keep] for tensor in train.tensors))
     memory = ResidentMemory()
-    result = METHODS[name].run(spec, (train, test), budget, seed, clock, memory)
-    row = {"method": name, "label": METHODS[name].label, "describe": result["describe"]}
+    result = method.run(spec, (train, test), budget, seed, clock, memory)
+    row = {"method": name, "label": method.label, "describe": result["describe"]}
     row.update(summarize(spec, budget, result["clock"]))
     row.update(memory.stop())
     row["initial_checksum"] = result["initial_checksum"]
@@ -599,6 +635,7 @@ def run(
     clock: str = "wall",
     fraction: float = 1.0,
     jobs: int = 1,
+    overrides: dict[str, Any] | None = None,
 ) -> dict | None:
     """Run the benchmark, write ``peers_<dataset>.json`` and ``.png`` to ``out`` and return the report.
 
@@ -610,11 +647,11 @@ def run(
     if reason is not None:
         print(f"skipping {dataset}: {reason}")
         return None
-    skipped = {name: why for name in methods if (why := unavailable(name)) is not None}
+    skipped = {name: why for name in methods if name != "custom" and (why := unavailable(name)) is not None}
     for name, why in skipped.items():
         print(f"skipping {name}: {why}")
     todo = [name for name in methods if name not in skipped]
-    arguments = {name: (name, dataset, budget, seed, threads, clock, fraction) for name in todo}
+    arguments = {name: (name, dataset, budget, seed, threads, clock, fraction, overrides) for name in todo}
     if isolate:
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(max(1, jobs), mp_context=context, max_tasks_per_child=1) as pool:
@@ -643,6 +680,7 @@ def run(
         "dataset": dataset,
         "mlp": f"{spec.in_features}-{spec.hidden}-10",
         "batch_size": spec.batch_size,
+        "user_lr": (overrides or {}).get("lr") or spec.lr,
         "budget_s": budget,
         "seed": seed,
         "threads": threads,
@@ -667,6 +705,10 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="digits")
     parser.add_argument("--budget", type=float, default=None, help="training seconds per method (60 / 180)")
     parser.add_argument("--methods", default=None, help=f"comma list of {sorted(METHODS)} (default: per dataset)")
+    parser.add_argument(
+        "--algorithm", default=None, help="adds method 'custom': NoBackpropStrategy with e.g. 'EggRoll(population=32)'"
+    )
+    parser.add_argument("--lr", type=float, default=None, help="the user's Adam lr for every Lightning method")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads per method")
@@ -681,11 +723,28 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     args = parser.parse_args(argv)
     chosen = args.methods or ",".join(DATASET_METHODS["digits" if args.smoke else args.dataset])
     methods = [m.strip() for m in chosen.split(",") if m.strip()]
+    if args.algorithm is not None:
+        algorithm_method(args.algorithm)  # fails here, with the fix, on a bad expression
+        methods += [] if "custom" in methods else ["custom"]
+    elif "custom" in methods:
+        parser.error("method 'custom' needs --algorithm, e.g. --algorithm 'EggRoll(population=32)'")
+    overrides = {"algorithm": args.algorithm, "lr": args.lr}
     for name in methods:
         if name not in METHODS:
-            parser.error(f"unknown method {name!r}: choose from {sorted(METHODS)}")
+            if name != "custom":
+                parser.error(f"unknown method {name!r}: choose from {sorted(METHODS)} or custom (--algorithm)")
     if args.smoke:
-        return run("digits", args.budget or 1.0, methods, args.out, args.seed, args.threads, False, args.clock)
+        return run(
+            "digits",
+            args.budget or 1.0,
+            methods,
+            args.out,
+            args.seed,
+            args.threads,
+            False,
+            args.clock,
+            overrides=overrides,
+        )
     budget = args.budget if args.budget is not None else (60.0 if args.dataset == "digits" else 180.0)
     return run(
         args.dataset,

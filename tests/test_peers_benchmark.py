@@ -88,3 +88,18 @@ def test_same_initial_weights_for_every_method() -> None:
     first, second = peers.build_model(spec, 0), peers.build_model(spec, 0)
     for a, b in zip(first.parameters(), second.parameters()):
         assert torch.equal(a, b)
+
+
+def test_custom_algorithm_and_lr(tmp_path: Path) -> None:
+    arguments = ["--smoke", "--budget", "0.3", "--methods", "custom", "--out", str(tmp_path), "--lr", "0.02"]
+    report = peers.main([*arguments, "--algorithm", "EggRoll(population=8, sigma=0.02)"])
+    assert report is not None and report["user_lr"] == 0.02
+    (row,) = report["methods"]
+    assert row["label"] == "EggRoll(population=8, sigma=0.02)"
+    assert "population=8" in row["describe"] and "Adam lr 0.02" in row["describe"]
+
+
+@pytest.mark.parametrize("expression", ["EggRoll(8)", "os.system('x')", "Backprop()", "EggRoll(population=n)"])
+def test_bad_algorithm_expressions_are_refused(expression: str) -> None:
+    with pytest.raises(ValueError, match="--algorithm"):
+        peers.algorithm_method(expression)
