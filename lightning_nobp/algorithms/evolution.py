@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_nobp.algorithms.base import Algorithm, Estimate, Member, Population, sample_direction
+from lightning_nobp.algorithms.noise_cache import NoiseCache
 from lightning_nobp.algorithms.seeds import derive_seed
 from lightning_nobp.algorithms.shaping import FITNESS_SHAPINGS, shape_fitness
 
@@ -71,6 +72,8 @@ class EvolutionStrategy(Algorithm):
                 f" positive divisor of the population, e.g. population_chunk={_largest_divisor(population, 16)}"
             )
         self._population_chunk = population_chunk
+        #: the members' noise of the last steps (each member's noise is used by its pair and by the update)
+        self.noise_cache = NoiseCache()
         self.population = population
         self.sigma = float(sigma)
         self.antithetic = antithetic
@@ -93,6 +96,14 @@ class EvolutionStrategy(Algorithm):
         else:
             members = [Member(derive_seed(step_seed, index), +1.0) for index in range(self.population)]
         return Population(tuple(members), sigma=self.sigma)
+
+    def _dense_noise(self, noise_seed: int, param_index: int, param: Tensor) -> Tensor:
+        """Full-rank Gaussian noise of one parameter (cached: do not modify it in place)."""
+        key = ("dense", noise_seed, param_index, param.shape, param.device)
+        (noise,) = self.noise_cache.get(
+            key, lambda: (sample_direction(derive_seed(noise_seed, param_index), param.shape, param.device),)
+        )
+        return noise
 
     def _usable(self, fitness: Tensor) -> Tensor:
         """Members whose fitness is finite (with antithetic sampling: whose whole pair is finite)."""
@@ -152,7 +163,7 @@ class OpenES(EvolutionStrategy):
         )
 
     def noise(self, noise_seed: int, param_index: int, param: Tensor) -> Tensor:
-        return sample_direction(derive_seed(noise_seed, param_index), param.shape, param.device)
+        return self._dense_noise(noise_seed, param_index, param).clone()
 
     def noise_stream(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[int, str] | None:
         return derive_seed(noise_seed, param_index), "gaussian"
@@ -200,15 +211,24 @@ class EggRoll(EvolutionStrategy):
         )
 
     def factors(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[Tensor, Tensor]:
-        """The Gaussian factors ``A (out, r)`` and ``B (in, r)`` of a matrix parameter, from one seeded stream."""
+        """The Gaussian factors ``A (out, r)`` and ``B (in, r)`` of a matrix parameter, from one seeded stream.
+
+        The factors are cached (``noise_cache``) and shared: do not modify them in place.
+        """
         out_features = param.shape[0]
         in_features = param.numel() // out_features
-        both = sample_direction(
-            derive_seed(noise_seed, param_index), torch.Size(((out_features + in_features) * self.rank,)), param.device
-        )
-        return both[: out_features * self.rank].view(out_features, self.rank), both[out_features * self.rank :].view(
-            in_features, self.rank
-        )
+
+        def draw() -> tuple[Tensor, Tensor]:
+            both = sample_direction(
+                derive_seed(noise_seed, param_index),
+                torch.Size(((out_features + in_features) * self.rank,)),
+                param.device,
+            )
+            a = both[: out_features * self.rank].view(out_features, self.rank)
+            return a, both[out_features * self.rank :].view(in_features, self.rank)
+
+        a, b = self.noise_cache.get(("factors", noise_seed, param_index, param.shape, param.device), draw)
+        return a, b
 
     def low_rank_factors(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[Tensor, Tensor] | None:
         if param.dim() != 2:
@@ -221,7 +241,7 @@ class EggRoll(EvolutionStrategy):
 
     def noise(self, noise_seed: int, param_index: int, param: Tensor) -> Tensor:
         if param.dim() < 2:
-            return sample_direction(derive_seed(noise_seed, param_index), param.shape, param.device)
+            return self._dense_noise(noise_seed, param_index, param).clone()
         a, b = self.factors(noise_seed, param_index, param)
         return (a @ b.t()).div_(math.sqrt(self.rank)).view(param.shape)
 

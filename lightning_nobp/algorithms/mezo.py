@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from lightning_nobp.algorithms.base import Algorithm, Estimate, Member, Population, sample_direction
+from lightning_nobp.algorithms.noise_cache import NoiseCache
 from lightning_nobp.algorithms.seeds import derive_seed
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
@@ -38,6 +39,8 @@ class MeZO(Algorithm):
         self.eps = float(eps)
         self.directions = directions
         self.distribution = distribution
+        #: each direction is drawn once per step (its +, - evaluations and the update reuse it)
+        self.noise_cache = NoiseCache()
 
     def __repr__(self) -> str:
         return f"MeZO(eps={self.eps}, directions={self.directions}, distribution={self.distribution!r})"
@@ -65,7 +68,12 @@ class MeZO(Algorithm):
         return Estimate(per_member.to(torch.float32), stats=stats)
 
     def noise(self, noise_seed: int, param_index: int, param: Tensor) -> Tensor:
-        return sample_direction(derive_seed(noise_seed, param_index), param.shape, param.device, self.distribution)
+        def draw() -> tuple[Tensor]:
+            seed = derive_seed(noise_seed, param_index)
+            return (sample_direction(seed, param.shape, param.device, self.distribution),)
+
+        (direction,) = self.noise_cache.get((noise_seed, param_index, param.shape, param.device), draw)
+        return direction.clone()
 
     def noise_stream(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[int, str] | None:
         return derive_seed(noise_seed, param_index), self.distribution

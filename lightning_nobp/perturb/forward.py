@@ -195,6 +195,10 @@ class PerturbedForward:
         a, b = self.low_rank[index]
 
         def add_low_rank_correction(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+            if a.shape[-1] == 1 and not isinstance(module, nn.Embedding):
+                # rank 1: the outer product (x b) a^T is added in one fused pass (no separate product tensor)
+                xb = (args[0] @ b.to(args[0].dtype)).to(output.dtype)
+                return torch.addcmul(output, xb, a.to(output.dtype).transpose(-1, -2))
             return output + low_rank_correction(module, args[0], a, b).to(output.dtype)
 
         return add_low_rank_correction

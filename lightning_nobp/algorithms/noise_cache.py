@@ -1,0 +1,66 @@
+"""``NoiseCache``: keeps recently drawn noise so a step draws each member's noise once, not three times.
+
+A step draws a member's noise for its ``+`` evaluation, again for its antithetic ``-`` twin and again when the
+update is formed. Noise is a pure function of (seed, parameter, shape, device), so keeping the last few draws is
+exact; the cache is bounded in bytes and evicts the least recently used draws first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+
+from torch import Tensor
+
+DEFAULT_NOISE_CACHE_BYTES = 64 * 1024 * 1024
+
+
+class NoiseCache:
+    """Least-recently-used cache of noise tensors, bounded by their total size in bytes.
+
+    Cached tensors are shared: callers must not modify what ``get`` returns in place (clone it first).
+
+    Args:
+        max_bytes: the most bytes kept; ``0`` disables caching.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_NOISE_CACHE_BYTES) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"NoiseCache(max_bytes={max_bytes}): the size must be >= 0 (0 disables the cache)")
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Hashable, tuple[Tensor, ...]] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def bytes(self) -> int:
+        """Bytes held now."""
+        return self._bytes
+
+    def get(self, key: Hashable, draw: Callable[[], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+        """The tensors cached under ``key``, drawing (and keeping) them with ``draw()`` when absent."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry
+        self.misses += 1
+        entry = draw()
+        size = sum(t.numel() * t.element_size() for t in entry)
+        if size <= self.max_bytes:
+            self._entries[key] = entry
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= sum(t.numel() * t.element_size() for t in evicted)
+        return entry
+
+    def clear(self) -> None:
+        """Forget every entry."""
+        self._entries.clear()
+        self._bytes = 0
+
+    def __getstate__(self) -> dict:
+        # pickled with an algorithm (spawned processes, checkpoints): the tensors are not worth shipping
+        return {"max_bytes": self.max_bytes, "hits": 0, "misses": 0, "_entries": OrderedDict(), "_bytes": 0}

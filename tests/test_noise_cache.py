@@ -1,0 +1,71 @@
+"""``NoiseCache``: exact reuse of each member's noise within a step, bounded size, nothing shared by mutation."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from lightning_nobp.algorithms import EggRoll, MeZO, OpenES
+from lightning_nobp.algorithms.noise_cache import NoiseCache
+
+
+@pytest.mark.parametrize("make", [lambda: EggRoll(population=8), lambda: OpenES(population=8), MeZO])
+def test_cached_noise_equals_a_fresh_draw(make) -> None:
+    cached, fresh = make(), make()
+    fresh.noise_cache = NoiseCache(max_bytes=0)
+    param = torch.zeros(12, 7)
+    for seed in (3, 3, 11, 3):
+        for index, p in enumerate((param, param[0])):
+            torch.testing.assert_close(cached.noise(seed, index, p), fresh.noise(seed, index, p), rtol=0, atol=0)
+    assert cached.noise_cache.hits > 0 and fresh.noise_cache.hits == 0
+
+
+def test_an_eggroll_step_draws_each_pair_once() -> None:
+    algorithm = EggRoll(population=8)
+    weight = torch.zeros(5, 4)
+    population = algorithm.ask(0)
+    for member in population.members:  # the forward: +E and -E of every pair
+        algorithm.low_rank_factors(member.noise_seed, 0, weight)
+    coefficients = algorithm.tell(population, torch.arange(8.0)).coefficients
+    weights = {m.noise_seed: 0.0 for m in population.members}
+    for member, c in zip(population.members, coefficients.tolist()):
+        weights[member.noise_seed] += c * member.sign
+    algorithm.combine(weights, 0, weight)  # the update
+    assert algorithm.noise_cache.misses == 4  # one draw per pair
+
+
+def test_returned_noise_can_be_modified_without_corrupting_the_cache() -> None:
+    algorithm = MeZO()
+    param = torch.zeros(6)
+    first = algorithm.noise(1, 0, param)
+    expected = first.clone()
+    first.mul_(0.0)
+    torch.testing.assert_close(algorithm.noise(1, 0, param), expected)
+
+
+def test_the_cache_stays_within_its_bytes_and_evicts_the_oldest() -> None:
+    cache = NoiseCache(max_bytes=3 * 40)  # three tensors of ten float32
+    for key in range(5):
+        cache.get(key, lambda: (torch.zeros(10),))
+    assert cache.bytes == 120
+    cache.get(4, lambda: pytest.fail("key 4 was evicted"))
+    drawn = []
+    cache.get(0, lambda: drawn.append(0) or (torch.zeros(10),))
+    assert drawn == [0]  # the oldest entries went first
+    cache.get(1, lambda: (torch.zeros(100),))  # larger than the whole cache: returned, not kept
+    assert cache.bytes <= 120
+
+
+def test_pickling_drops_the_tensors() -> None:
+    algorithm = EggRoll(population=4)
+    algorithm.noise(1, 0, torch.zeros(3, 3))
+    assert algorithm.noise_cache.bytes > 0
+    restored = pickle.loads(pickle.dumps(algorithm))
+    assert restored.noise_cache.bytes == 0 and restored.noise_cache.max_bytes == algorithm.noise_cache.max_bytes
+
+
+def test_negative_size_is_refused() -> None:
+    with pytest.raises(ValueError, match=">= 0"):
+        NoiseCache(max_bytes=-1)
