@@ -46,13 +46,19 @@ def test_every_recipe_is_covered_by_a_smoke_test() -> None:
         *SHAKESPEARE,
         *FASHION,
         "gpt-1b-eggroll",
+        "gpt-1b-eggroll-fp8",
         "smollm2-mr-backprop",
     }
     assert recipes <= covered, recipes - covered
 
 
-SHAKESPEARE = ["shakespeare-gpt-eggroll", "shakespeare-gpt-backprop", "shakespeare-bigram"]
-FASHION = ["fashion-eggroll", "fashion-backprop"]
+SHAKESPEARE = [
+    "shakespeare-gpt-eggroll",
+    "shakespeare-gpt-eggroll-fp8",
+    "shakespeare-gpt-backprop",
+    "shakespeare-bigram",
+]
+FASHION = ["fashion-eggroll", "fashion-eggroll-fp8", "fashion-backprop"]
 
 
 @needs_shakespeare
@@ -72,23 +78,29 @@ def test_fashion_recipes_smoke_mode(recipe: str) -> None:
 
 
 @needs_shakespeare
-def test_gpt_1b_recipe_shrunk_to_a_cpu_smoke_run(litdata_scratch: Path) -> None:
-    config = yaml.safe_load((RECIPES / "gpt-1b-eggroll.yaml").read_text())
+@pytest.mark.parametrize("recipe", ["gpt-1b-eggroll", "gpt-1b-eggroll-fp8"])
+def test_gpt_1b_recipe_shrunk_to_a_cpu_smoke_run(recipe: str, litdata_scratch: Path) -> None:
+    config = yaml.safe_load((RECIPES / f"{recipe}.yaml").read_text())
     assert config["model"]["init_args"]["preset"] == "gpt-1b" and config["trainer"]["accelerator"] == "gpu"
     assert config["trainer"]["strategy"]["init_args"]["update"] == "direct"  # no FP32 copy, no gradient buffers
     cli = run(
         "fit",
         "-c",
-        str(RECIPES / "gpt-1b-eggroll.yaml"),
+        str(RECIPES / f"{recipe}.yaml"),
         "-c",
         SMOKE,
         "-c",
         str(RECIPES / "cpu-tiny.yaml"),
         f"--data.cache_dir={litdata_scratch}",
+        *(["--trainer.precision=null"] if recipe.endswith("fp8") else []),  # the plugin sets the precision
     )
     assert cli.trainer.global_step == 3
     assert cli.model.model.config.n_layer == 2  # the tiny preset
     assert all(p.grad is None for p in cli.model.parameters())
+    if recipe.endswith("fp8"):
+        from lightning_nobp.lowbit import is_low_bit
+
+        assert is_low_bit(cli.model.model.blocks[0].mlp.fc.weight)
 
 
 def test_smollm2_backprop_twin_matches_the_mezo_recipe() -> None:
