@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_nobp.algorithms import Algorithm, MeZO, Population, derive_seed
 from lightning_nobp.algorithms.local import LocalLearning
+from lightning_nobp.fabric.precision import LowBitPrecision
 from lightning_nobp.fabric.engine import (
     DirectStep,
     ForwardOnlyEngine,
@@ -133,6 +134,17 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         self._window: list[tuple[Population, Tensor]] = []  # direct path: the accumulation window's estimates
         self._window_poisoned = False
         self._step: dict[str, Any] = {}
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        """With low-bit weights, restore a checkpoint into the converted model, so its stored bytes (low-bit data
+        and scales) load as they were saved instead of being re-quantized."""
+        return isinstance(self.precision_plugin, LowBitPrecision)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load onto the CPU first: torch cannot rebuild tensor subclasses (the low-bit weights) through the
+        callable ``map_location`` Lightning passes by default; ``load_state_dict`` then copies onto the device."""
+        return self.checkpoint_io.load_checkpoint(checkpoint_path, map_location="cpu", weights_only=weights_only)
 
     def setup_distributed(self) -> None:
         if self._single_process:
