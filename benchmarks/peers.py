@@ -756,6 +756,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         not args.in_process,
         args.clock,
         jobs=args.jobs,
+        overrides=overrides,
     )
 
 
