@@ -594,7 +594,7 @@ def plot(report: dict, path: Path) -> None:
     threads = f"{report['threads']} torch thread" + ("s" if report["threads"] > 1 else "")
     axis.set_title(f"{report['dataset']}: MLP {report['mlp']}, {threads}, same initial weights")
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend(loc="lower right")
+    axis.legend(loc="upper left", fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -756,6 +756,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         not args.in_process,
         args.clock,
         jobs=args.jobs,
+        overrides=overrides,
     )
 
 
