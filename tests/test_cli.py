@@ -116,3 +116,10 @@ def test_a_precision_plugin_resolves_by_short_name(tmp_path: Path) -> None:
     cli = run_cli("fit", "-c", str(RECIPES / "digits-eggroll.yaml"), "-c", SMOKE, "-c", str(plugins))
     assert isinstance(cli.trainer.precision_plugin, MarkerPrecision)
     assert cli.trainer.global_step == 3
+
+
+def test_predict_returns_one_class_per_test_image() -> None:
+    cli = run_cli("predict", "-c", str(RECIPES / "digits-eggroll.yaml"), "-c", SMOKE)
+    predictions = cli.trainer.predict_loop.predictions
+    assert sum(len(batch) for batch in predictions) == 359  # the 20 % test split of 1,797 images
+    assert all(0 <= int(p) < 10 for batch in predictions for p in batch)
