@@ -20,6 +20,12 @@ RECIPES = ROOT / "recipes"
 SMOKE = str(RECIPES / "smoke.yaml")
 
 
+@pytest.fixture(autouse=True)
+def run_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recipes write logs and config.yaml under runs/ relative to the working directory: keep them out of the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
 def run_cli(*args: str) -> NoBackpropCLI:
     with mock.patch.object(sys, "argv", ["nobp"]):  # LightningCLI warns when pytest's own arguments are there
         return main(list(args))
