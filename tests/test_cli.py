@@ -20,6 +20,12 @@ RECIPES = ROOT / "recipes"
 SMOKE = str(RECIPES / "smoke.yaml")
 
 
+@pytest.fixture(autouse=True)
+def run_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recipes write logs and config.yaml under runs/ relative to the working directory: keep them out of the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
 def run_cli(*args: str) -> NoBackpropCLI:
     with mock.patch.object(sys, "argv", ["nobp"]):  # LightningCLI warns when pytest's own arguments are there
         return main(list(args))
@@ -116,3 +122,10 @@ def test_a_precision_plugin_resolves_by_short_name(tmp_path: Path) -> None:
     cli = run_cli("fit", "-c", str(RECIPES / "digits-eggroll.yaml"), "-c", SMOKE, "-c", str(plugins))
     assert isinstance(cli.trainer.precision_plugin, MarkerPrecision)
     assert cli.trainer.global_step == 3
+
+
+def test_predict_returns_one_class_per_test_image() -> None:
+    cli = run_cli("predict", "-c", str(RECIPES / "digits-eggroll.yaml"), "-c", SMOKE)
+    predictions = cli.trainer.predict_loop.predictions
+    assert sum(len(batch) for batch in predictions) == 359  # the 20 % test split of 1,797 images
+    assert all(0 <= int(p) < 10 for batch in predictions for p in batch)

@@ -24,6 +24,12 @@ needs_shakespeare = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def run_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recipes write logs and config.yaml under runs/ relative to the working directory: keep them out of the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
 def run(*args: str):
     with mock.patch.object(sys, "argv", ["nobp"]):
         return main(list(args))

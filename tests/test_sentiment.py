@@ -17,6 +17,12 @@ from lightning_nobp.data.sentiment import read_sentences
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def run_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recipes write logs and config.yaml under runs/ relative to the working directory: keep them out of the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
 def write_csv(path: Path, positives: int = 30, negatives: int = 30) -> Path:
     lines = [f'1,"a fine , moving film number {i} ."' for i in range(positives)]
     lines += [f'0,"a dull , tired mess number {i} ."' for i in range(negatives)]

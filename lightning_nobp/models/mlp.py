@@ -80,6 +80,11 @@ class MLPClassifier(pl.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
+    def predict_step(self, batch: tuple[Tensor, Tensor] | Tensor, batch_idx: int) -> Tensor:
+        """The predicted class of every sample (labels in the batch, if any, are ignored)."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).argmax(-1)
+
     def configure_optimizers(self):  # type: ignore[override]
         hp = self.hparams
         if hp.optimizer == "sgd":
