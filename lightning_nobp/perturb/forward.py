@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_nobp.lowbit.formats import is_low_bit
+
 DeltaFn = Callable[[int, Tensor], Tensor]
 """``delta(param_index, stored_param) -> Tensor``: the perturbation to add, in float32, shaped like the param."""
 
@@ -95,7 +97,7 @@ def perturbed_value(stored: Tensor, delta: Tensor) -> Tensor:
     A low-bit ``stored`` (a torchao tensor subclass) is dequantized first; the result is a plain tensor of its
     compute dtype.
     """
-    if hasattr(stored, "dequantize") and type(stored) not in (Tensor, nn.Parameter):
+    if is_low_bit(stored):
         return (stored.dequantize().to(torch.float32) + delta).to(stored.dtype)
     if stored.dtype == torch.float64:
         return stored + delta.to(torch.float64)
