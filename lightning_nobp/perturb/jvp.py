@@ -60,7 +60,7 @@ def _loop(
             alpha: Tensor, seed: int = member.noise_seed, scale: float = scale, inputs: Any = inputs
         ) -> Tensor:
             def delta(param_index: int, stored: Tensor) -> Tensor:
-                return estimator.algorithm.noise(seed, param_index, stored).mul_(scale) * alpha
+                return estimator.dense_noise(seed, param_index).mul_(scale) * alpha
 
             with PerturbedForward(estimator.owners, delta):
                 return _scalar(loss_fn() if inputs is None else loss_fn(inputs))
@@ -99,10 +99,7 @@ def _batched(
         chosen = [population.members[i] for i in part]
         directions = {
             param_index: torch.stack(
-                [
-                    estimator.algorithm.noise(m.noise_seed, param_index, param).mul_(population.sigma * m.sign)
-                    for m in chosen
-                ]
+                [estimator.dense_noise(m.noise_seed, param_index).mul_(population.sigma * m.sign) for m in chosen]
             )
             for param_index, param in enumerate(estimator.params)
         }
