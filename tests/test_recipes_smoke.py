@@ -114,7 +114,8 @@ def test_smollm2_backprop_twin_matches_the_mezo_recipe() -> None:
     backprop = yaml.safe_load((RECIPES / "smollm2-mr-backprop.yaml").read_text())
     assert "strategy" not in backprop["trainer"]
     assert mezo["data"] == backprop["data"]
-    assert mezo["model"]["init_args"]["label_words"] == backprop["model"]["init_args"]["label_words"]
+    for argument in ("model", "label_words", "trainable"):  # the same weights are tuned
+        assert mezo["model"]["init_args"][argument] == backprop["model"]["init_args"][argument]
 
 
 def test_compare_smoke_mode_writes_json_and_png(tmp_path: Path) -> None:
