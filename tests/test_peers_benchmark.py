@@ -103,3 +103,23 @@ def test_custom_algorithm_and_lr(tmp_path: Path) -> None:
 def test_bad_algorithm_expressions_are_refused(expression: str) -> None:
     with pytest.raises(ValueError, match="--algorithm"):
         peers.algorithm_method(expression)
+
+
+@pytest.mark.skipif(
+    not __import__("lightning_nobp.data", fromlist=["x"]).fashion_mnist_available(),
+    reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist",
+)
+@pytest.mark.parametrize("noise", ["full", "input_subspace"])
+def test_es_variants_screen_learns_fashion_mnist(noise: str) -> None:
+    import es_variants
+
+    torch.manual_seed(0)
+    second_moment = torch.randn(20, 20)
+    second_moment = second_moment @ second_moment.T
+    basis = es_variants.top_subspace(second_moment, 3)
+    assert torch.allclose(basis.T @ basis, torch.eye(3), atol=1e-5)
+    largest = torch.linalg.eigvalsh(second_moment)[-1]
+    assert torch.allclose((basis.T @ second_moment @ basis).diagonal().max(), largest, rtol=1e-4)
+    result = es_variants.run(noise, 16, 32, 3e-3, 0.01, 60, 0.0, 0, 0)
+    accuracies = [row["accuracy"] for row in result["curve"]]
+    assert len(accuracies) == 8 and accuracies[-1] > 0.4  # ten classes: chance is 0.1
