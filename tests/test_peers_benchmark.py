@@ -1,4 +1,4 @@
-"""``benchmarks/peers.py --smoke``: every method trains for about a second and the report and plot are written."""
+"""``benchmarks/peers.py`` (smoke mode, custom methods) and ``benchmarks/es_variants.py`` (the ES-variant screen)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import peers  # noqa: E402
+
+from lightning_nobp.data import fashion_mnist_available  # noqa: E402
 
 HAVE_EVOTORCH = importlib.util.find_spec("evotorch") is not None
 
@@ -106,7 +108,7 @@ def test_bad_algorithm_expressions_are_refused(expression: str) -> None:
 
 
 @pytest.mark.skipif(
-    not __import__("lightning_nobp.data", fromlist=["x"]).fashion_mnist_available(),
+    not fashion_mnist_available(),
     reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist",
 )
 @pytest.mark.parametrize("noise", ["full", "input_subspace"])
