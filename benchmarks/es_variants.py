@@ -54,6 +54,8 @@ def run(
     cpu_seconds: float,
     grow: int,
     seed: int,
+    beta1: float = 0.9,
+    shaping: str = "centered_rank",
 ) -> dict:
     """Train the MLP and return its accuracy curve.
 
@@ -67,6 +69,10 @@ def run(
         cpu_seconds: stop after this much process CPU time (0: no limit).
         grow: double the population at ``grow * (2^j - 1)`` steps (0: fixed population).
         seed: seed of the initial weights, batches and noise.
+        beta1: Adam's first-moment decay (0.9 is PyTorch's default; closer to 1 averages the estimate over more
+            steps).
+        shaping: ``"centered_rank"`` or ``"zscore"`` (losses standardized over the population: with antithetic
+            pairs, each pair's loss difference divided by the population's standard deviation).
     """
     from lightning_nobp.data import load_fashion_mnist
 
@@ -79,7 +85,7 @@ def run(
     params = [first.weight, first.bias, second.weight, second.bias]
     for param in params:
         param.requires_grad_(False)
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = torch.optim.Adam(params, lr=lr, betas=(beta1, 0.999))
     batch, chunk = 256, 16
     second_moment, basis = torch.zeros(784, 784), None
     curve: list[tuple[int, float, float, int]] = []
@@ -116,7 +122,12 @@ def run(
             logits = logits + second.bias + sigma * e2[part].unsqueeze(1)
             member_losses = F.cross_entropy(logits.reshape(-1, 10), y.repeat(width), reduction="none")
             losses.append(member_losses.view(width, batch).mean(1))
-        weights = centered_ranks(torch.cat(losses)) / (sigma * size)
+        fitness = torch.cat(losses)
+        if shaping == "zscore":
+            shaped = (fitness - fitness.mean()) / fitness.std().clamp_min(1e-12)
+        else:
+            shaped = centered_ranks(fitness)
+        weights = shaped / (sigma * size)
         first.weight.grad = (a1 * weights[:, None]).t() @ b1
         first.bias.grad = (e1 * weights[:, None]).sum(0)
         second.weight.grad = (a2 * weights[:, None]).t() @ b2
@@ -145,6 +156,8 @@ def main() -> None:
     parser.add_argument("--cpu-seconds", type=float, default=0.0)
     parser.add_argument("--grow", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shaping", choices=("centered_rank", "zscore"), default="centered_rank")
+    parser.add_argument("--beta1", type=float, default=0.9, help="Adam's first-moment decay")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "es_variants")
     args = parser.parse_args()
     if args.population % 2:
@@ -152,7 +165,10 @@ def main() -> None:
     options = {k: v for k, v in vars(args).items() if k != "out"}
     result = {"options": options, **run(**options)}
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"{args.noise}-k{args.subspace}-p{args.population}-lr{args.lr:g}-s{args.sigma:g}-g{args.grow}.json"
+    name = (
+        f"{args.noise}-k{args.subspace}-p{args.population}-lr{args.lr:g}-s{args.sigma:g}-g{args.grow}"
+        f"-b{args.beta1:g}-{args.shaping}.json"
+    )
     (args.out / name).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out / name}")
 

@@ -73,9 +73,18 @@ def main() -> None:
     parser.add_argument("--population", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=None)
     parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument(
+        "--keep-freed-cpu-memory", action="store_true", help="tune malloc as NoBackpropStrategy does on the CPU"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(json.dumps(measure(args.algorithm, args.population, args.chunk, args.steps)))
+    if args.keep_freed_cpu_memory:
+        from lightning_nobp.cpu_allocator import keep_freed_cpu_memory
+
+        if not keep_freed_cpu_memory():
+            parser.error("--keep-freed-cpu-memory needs glibc")
+    print(json.dumps(measure(args.algorithm, args.population, args.chunk, args.steps, args.batch)))
 
 
 if __name__ == "__main__":

@@ -445,26 +445,40 @@ DEFAULT_METHODS = ("backprop", "mezo", "eggroll", "openes", "evotorch-snes", "ev
 DATASET_METHODS = {"digits": DEFAULT_METHODS, "fashion": (*DEFAULT_METHODS[:4], "eggroll-lr3e-3", *DEFAULT_METHODS[4:])}
 
 
-def algorithm_method(expression: str) -> LightningMethod:
-    """A method from an algorithm written as a call with literal keyword arguments, e.g. ``EggRoll(population=32)``.
-
-    Args:
-        expression: ``Name(key=value, ...)`` where ``Name`` is one of ``lightning_nobp.algorithms``.
-    """
-    from lightning_nobp import algorithms
-
+def _keyword_literals(option: str, expression: str, example: str) -> tuple[str, dict[str, Any]]:
+    """``Name(key=literal, ...)`` -> ``("Name", {key: value})``; an error naming ``option`` and ``example`` else."""
     try:
         call = ast.parse(expression, mode="eval").body
         if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and not call.args):
             raise ValueError
-        options = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
+        return call.func.id, {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
     except (SyntaxError, ValueError) as error:
-        raise ValueError(
-            f"--algorithm {expression!r}: write a call with keyword literals, e.g. 'EggRoll(population=32, sigma=3e-3)'"
-        ) from error
-    if call.func.id not in algorithms.__all__:
-        raise ValueError(f"--algorithm {expression!r}: {call.func.id} is not one of {sorted(algorithms.__all__)}")
-    return LightningMethod(expression, _nobp(_algorithm(call.func.id, **options)))
+        raise ValueError(f"{option} {expression!r}: write a call with keyword literals, e.g. {example!r}") from error
+
+
+def algorithm_method(expression: str, strategy: str | None = None) -> LightningMethod:
+    """A method from an algorithm written as a call with literal keyword arguments, e.g. ``EggRoll(population=32)``.
+
+    Args:
+        expression: ``Name(key=value, ...)`` where ``Name`` is one of ``lightning_nobp.algorithms``.
+        strategy: optional ``NoBackpropStrategy(key=value, ...)``: the strategy's options (e.g.
+            ``member_data='pair_slices'``).
+    """
+    from lightning_nobp import NoBackpropStrategy, algorithms
+
+    name, options = _keyword_literals("--algorithm", expression, "EggRoll(population=32, sigma=3e-3)")
+    if name not in algorithms.__all__:
+        raise ValueError(f"--algorithm {expression!r}: {name} is not one of {sorted(algorithms.__all__)}")
+    strategy_options: dict[str, Any] = {}
+    label = expression
+    if strategy is not None:
+        strategy_name, strategy_options = _keyword_literals(
+            "--strategy", strategy, "NoBackpropStrategy(member_data='pair_slices')"
+        )
+        if strategy_name != NoBackpropStrategy.__name__:
+            raise ValueError(f"--strategy {strategy!r}: write NoBackpropStrategy(key=value, ...)")
+        label = f"{expression}, {strategy}"
+    return LightningMethod(label, _nobp(_algorithm(name, **options), **strategy_options))
 
 
 def unavailable(name: str) -> str | None:
@@ -557,7 +571,7 @@ def run_method(
     spec = DATASETS[dataset]
     if overrides.get("lr") is not None:
         spec = dataclasses.replace(spec, lr=overrides["lr"])
-    method = algorithm_method(overrides["algorithm"]) if name == "custom" else METHODS[name]
+    method = algorithm_method(overrides["algorithm"], overrides.get("strategy")) if name == "custom" else METHODS[name]
     train, test = spec.load()
     if fraction < 1.0:
         keep = max(spec.batch_size, int(len(train) * fraction))
@@ -708,6 +722,11 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     parser.add_argument(
         "--algorithm", default=None, help="adds method 'custom': NoBackpropStrategy with e.g. 'EggRoll(population=32)'"
     )
+    parser.add_argument(
+        "--strategy",
+        default=None,
+        help="options of method 'custom''s strategy, e.g. \"NoBackpropStrategy(member_data='pair_slices')\"",
+    )
     parser.add_argument("--lr", type=float, default=None, help="the user's Adam lr for every Lightning method")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--seed", type=int, default=0)
@@ -724,11 +743,13 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     chosen = args.methods or ",".join(DATASET_METHODS["digits" if args.smoke else args.dataset])
     methods = [m.strip() for m in chosen.split(",") if m.strip()]
     if args.algorithm is not None:
-        algorithm_method(args.algorithm)  # fails here, with the fix, on a bad expression
+        algorithm_method(args.algorithm, args.strategy)  # fails here, with the fix, on a bad expression
         methods += [] if "custom" in methods else ["custom"]
     elif "custom" in methods:
         parser.error("method 'custom' needs --algorithm, e.g. --algorithm 'EggRoll(population=32)'")
-    overrides = {"algorithm": args.algorithm, "lr": args.lr}
+    elif args.strategy is not None:
+        parser.error("--strategy sets the options of method 'custom': give --algorithm too")
+    overrides = {"algorithm": args.algorithm, "strategy": args.strategy, "lr": args.lr}
     for name in methods:
         if name not in METHODS:
             if name != "custom":

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_nobp.cpu_allocator import keep_freed_cpu_memory
 from lightning_nobp.lowbit.formats import is_low_bit
 from lightning_nobp.algorithms import (
     Algorithm,
@@ -331,6 +332,7 @@ class ForwardOnlyStrategyMixin:
 
     engine: ForwardOnlyEngine
     _seed: int | None
+    reuse_cpu_memory: bool = True
 
     @property
     def algorithm(self) -> Algorithm:
@@ -351,6 +353,11 @@ class ForwardOnlyStrategyMixin:
     def seed(self) -> int:
         """The base seed of all perturbations: the one given, else ``PL_GLOBAL_SEED`` (``seed_everything``), else 0."""
         return self._seed if self._seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def _prepare_cpu_memory(self, device: torch.device) -> None:
+        """On the CPU, keep freed memory in the process (see :mod:`lightning_nobp.cpu_allocator`)."""
+        if self.reuse_cpu_memory and device.type == "cpu":
+            keep_freed_cpu_memory()
 
     @property
     def _single_process(self) -> bool:

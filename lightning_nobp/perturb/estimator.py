@@ -213,21 +213,26 @@ class PopulationEstimator:
         them (the layer adds ``(x B) A^T`` or ``A[x] B^T``); every other parameter gets its dense ``sigma sign E``.
         """
         chosen = [population.members[i] for i in members]
+        # each noise is drawn once per seed (antithetic twins share it), then spread to the members by one index
+        seeds = list(dict.fromkeys(m.noise_seed for m in chosen))
+        position = {seed: i for i, seed in enumerate(seeds)}
+        device = self.params[0].device if self.params else torch.device("cpu")
+        spread = torch.tensor([position[m.noise_seed] for m in chosen], device=device)
+        scales = torch.tensor([population.sigma * m.sign for m in chosen], dtype=torch.float32, device=device)
         dense: dict[int, Tensor] = {}
         low_rank: dict[int, tuple[Tensor, Tensor]] = {}
         low_rank_allowed = self.owners.low_rank_capable - self.owners.whole_evaluation
         for index, param in enumerate(self.params):
             if index in low_rank_allowed:
-                factors = [self.algorithm.low_rank_factors(m.noise_seed, index, param) for m in chosen]
+                factors = [self.algorithm.low_rank_factors(seed, index, param) for seed in seeds]
                 if all(f is not None for f in factors):
-                    scales = [population.sigma * m.sign for m in chosen]
-                    a = torch.stack([f[0] * scale for f, scale in zip(factors, scales)])  # type: ignore[index]
-                    b = torch.stack([f[1] for f in factors])  # type: ignore[index]
+                    a = torch.stack([f[0] for f in factors])[spread.to(param.device)]  # type: ignore[index]
+                    a.mul_(scales.to(param.device).view(-1, 1, 1))
+                    b = torch.stack([f[1] for f in factors])[spread.to(param.device)]  # type: ignore[index]
                     low_rank[index] = (a, b)
                     continue
-            dense[index] = torch.stack(
-                [self.dense_noise(m.noise_seed, index).mul_(population.sigma * m.sign) for m in chosen]
-            )
+            noise = torch.stack([self.dense_noise(seed, index) for seed in seeds])[spread.to(param.device)]
+            dense[index] = noise.mul_(scales.to(param.device).view(-1, *([1] * param.dim())))
         return dense, low_rank
 
     def evaluate_batched(
