@@ -10,6 +10,9 @@ its own fresh process (clean peak memory, no state shared between methods):
 * ``evotorch-snes``, ``evotorch-pgpe``: EvoTorch's ``SNES`` / ``PGPE`` on a ``SupervisedNE`` problem over the same
   network, centred on the same initial weights (``pip install -e ".[bench]"``; skipped with a message without it).
 
+Every method's process runs with the malloc settings ``NoBackpropStrategy`` makes on the CPU
+(``lightning_nobp.cpu_allocator``), so the table compares methods, not allocators.
+
 The clock counts training only: a callback (Lightning) or the generation loop (EvoTorch) evaluates the test split
 at checkpoints (log-spaced first, then every ``budget / 60`` s) and that time is taken off the clock. Reported per
 method: accuracy at 10/30/60/120/180 s (those within the budget), time to the dataset's accuracy thresholds
@@ -560,6 +563,10 @@ def run_method(
     """
     os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
     torch.set_num_threads(threads)
+    from lightning_nobp.cpu_allocator import keep_freed_cpu_memory
+
+    # every method gets the allocator NoBackpropStrategy sets on the CPU: the table compares methods, not mallocs
+    keep_freed_cpu_memory()
     import warnings
 
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")

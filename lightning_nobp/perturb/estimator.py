@@ -6,6 +6,7 @@ loss callable and an :class:`~lightning_nobp.algorithms.Algorithm`, and nothing 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -23,6 +24,7 @@ from lightning_nobp.kernels.philox import philox_noise
 from lightning_nobp.kernels.stochastic_rounding import stochastic_round
 from lightning_nobp.lowbit import apply_low_bit_update, is_low_bit, layout_of
 from lightning_nobp.perturb.forward import ParameterOwners, ParameterReadProbe, PerturbedForward
+from lightning_nobp.perturb.narrow_softmax import NarrowSoftmaxMode
 
 LossFn = Callable[..., Tensor]
 """Evaluates the loss at the current (possibly perturbed) weights; takes the member's inputs when there are any."""
@@ -116,6 +118,12 @@ class PopulationEstimator:
         self.probed = False
         #: whether the user's code evaluates under vmap: None until tried, then True or False
         self.batching: bool | None = None
+        #: CPU weights: evaluate members under NarrowSoftmaxMode (PyTorch's CPU log_softmax over 10 classes is slow)
+        self.narrow_softmax = all(param.device.type == "cpu" for param in self.params)
+
+    def _loss_context(self) -> contextlib.AbstractContextManager:
+        """Where members' losses are evaluated: ``NarrowSoftmaxMode`` on the CPU, nothing elsewhere."""
+        return NarrowSoftmaxMode() if self.narrow_softmax else contextlib.nullcontext()
 
     def perturbation(
         self, population: Population, member: Member, probe: ParameterReadProbe | None = None
@@ -199,7 +207,7 @@ class PopulationEstimator:
                 continue
             if rng is not None:
                 rng.restore()
-            with torch.no_grad(), self.perturbation(population, member):
+            with torch.no_grad(), self.perturbation(population, member), self._loss_context():
                 loss = loss_fn() if member_inputs is None else loss_fn(_first(member_inputs([index])))
             fitness[index] = loss.float().cpu()
         return fitness
@@ -278,7 +286,7 @@ class PopulationEstimator:
             inputs = None if member_inputs is None else member_inputs(part)
             if rng is not None:
                 rng.restore()
-            with torch.no_grad():
+            with torch.no_grad(), self._loss_context():
                 in_dims = (0, 0, None if inputs is None else 0)
                 losses = torch.func.vmap(member_loss, in_dims=in_dims, randomness="same")(dense, low_rank, inputs)
             fitness[part] = losses.float().cpu()

@@ -1,0 +1,112 @@
+"""``NarrowSoftmaxMode``: the same losses as PyTorch, through the fast path only where it applies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_nobp.perturb import narrow_softmax
+from lightning_nobp.perturb.narrow_softmax import NarrowSoftmaxMode, transposed_log_softmax
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """Shapes that went through the transposed path."""
+    calls: list[tuple[int, ...]] = []
+    original = narrow_softmax.transposed_log_softmax
+
+    def counting(logits: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(logits.shape))
+        return original(logits)
+
+    monkeypatch.setattr(narrow_softmax, "transposed_log_softmax", counting)
+    return calls
+
+
+@pytest.mark.parametrize("classes", [2, 10, 15])
+def test_transposed_log_softmax_matches_pytorch(classes: int) -> None:
+    logits = torch.randn(3, 97, classes) * 5
+    torch.testing.assert_close(transposed_log_softmax(logits), torch.log_softmax(logits, -1), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"reduction": "sum"}, {"reduction": "none"}, {"ignore_index": 3}, {"weight": torch.rand(10) + 0.5}],
+    ids=["mean", "sum", "none", "ignore_index", "weight"],
+)
+def test_cross_entropy_is_unchanged_and_takes_the_fast_path(counted, options: dict) -> None:
+    logits, target = torch.randn(64, 10) * 3, torch.randint(0, 10, (64,))
+    expected = F.cross_entropy(logits, target, **options)
+    with NarrowSoftmaxMode():
+        got = F.cross_entropy(logits, target, **options)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert counted == [(64, 10)]
+
+
+def test_log_softmax_spellings_take_the_fast_path(counted) -> None:
+    logits = torch.randn(8, 5, 10)
+    expected = torch.log_softmax(logits, -1)
+    with NarrowSoftmaxMode():
+        results = [F.log_softmax(logits, dim=-1), torch.log_softmax(logits, 2), logits.log_softmax(-1)]
+    for result in results:
+        torch.testing.assert_close(result, expected, rtol=1e-6, atol=1e-6)
+    assert len(counted) == 3
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x, y: F.cross_entropy(x, y, label_smoothing=0.1),  # smoothing: PyTorch's own
+        lambda x, y: F.cross_entropy(x, torch.softmax(torch.randn_like(x), -1)),  # probability targets
+        lambda x, y: F.cross_entropy(torch.randn(4, 32), y[:4]),  # 32 classes: the native kernel is fast
+        lambda x, y: torch.log_softmax(x, 0),  # not the last dimension
+        lambda x, y: F.log_softmax(x, -1, dtype=torch.float64),  # dtype conversion
+        lambda x, y: F.cross_entropy(x.to(torch.bfloat16), y),  # bf16 logits
+    ],
+    ids=["label_smoothing", "probability_targets", "wide", "first_dim", "dtype", "bf16"],
+)
+def test_other_calls_pass_through_unchanged(counted, call) -> None:
+    logits, target = torch.randn(16, 10), torch.randint(0, 10, (16,))
+    torch.manual_seed(0)
+    expected = call(logits, target)
+    torch.manual_seed(0)
+    with NarrowSoftmaxMode():
+        got = call(logits, target)
+    torch.testing.assert_close(got, expected)
+    assert counted == []
+
+
+def test_under_vmap_every_member_gets_its_own_loss(counted) -> None:
+    members, target = torch.randn(6, 32, 10), torch.randint(0, 10, (32,))
+    expected = torch.stack([F.cross_entropy(m, target) for m in members])
+    with NarrowSoftmaxMode():
+        got = torch.func.vmap(lambda logits: F.cross_entropy(logits, target))(members)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert counted == [(32, 10)]
+
+
+def test_population_estimator_uses_the_mode_on_cpu_with_the_same_fitness(counted) -> None:
+    from torch import nn
+
+    from lightning_nobp.algorithms import EggRoll
+    from lightning_nobp.perturb import PopulationEstimator
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 10))
+    x, y = torch.randn(32, 8), torch.randint(0, 10, (32,))
+    algorithm = EggRoll(population=8, sigma=0.05)
+    estimator = PopulationEstimator(algorithm, [net], list(net.parameters()))
+    population = algorithm.ask(7)
+
+    def loss() -> torch.Tensor:
+        return F.cross_entropy(net(x), y)
+
+    assert estimator.narrow_softmax
+    fast = estimator.evaluate_members(population, loss)
+    assert counted, "the population's cross-entropy did not take the transposed path"
+    estimator.narrow_softmax = False
+    counted.clear()
+    native = estimator.evaluate_members(population, loss)
+    assert counted == []
+    torch.testing.assert_close(fast, native, rtol=1e-5, atol=1e-6)
