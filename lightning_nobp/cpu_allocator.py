@@ -21,11 +21,11 @@ log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 #: blocks below this come from the heap (and are reused) instead of fresh ``mmap`` pages
-MMAP_THRESHOLD_BYTES = 256 * 1024 * 1024
+MMAP_THRESHOLD_BYTES = 128 * 1024 * 1024
 #: freed memory at the top of the heap kept by the process before any is returned to the kernel
-RETAINED_BYTES = 1024 * 1024 * 1024
+RETAINED_BYTES = 512 * 1024 * 1024
 #: extra memory requested from the kernel each time the heap grows
-TOP_PAD_BYTES = 64 * 1024 * 1024
+TOP_PAD_BYTES = 32 * 1024 * 1024
 
 _applied: bool | None = None
 

@@ -55,7 +55,7 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             (``torch.func.vmap`` over the user's code; activation memory grows with the members per chunk, see
             ``population_chunk`` of the ES algorithms). Falls back to one member at a time, with one warning, when
             the code cannot be batched (``.item()``, data-dependent control flow).
-        reuse_cpu_memory: on the CPU, make glibc's ``malloc`` keep freed memory in the process (up to 1 GiB)
+        reuse_cpu_memory: on the CPU, make glibc's ``malloc`` keep freed memory in the process (up to 512 MiB)
             instead of returning it to the kernel, so the population's large activations are not page-faulted in
             again at every step (about 1.6x faster steps on the Fashion-MNIST MLP, see
             ``benchmarks/cpu_allocator.py``). Process-wide and permanent; ``False`` leaves ``malloc`` alone.
