@@ -129,6 +129,25 @@ def test_pair_slices_give_each_antithetic_pair_its_own_slice_of_the_batch(batche
     assert model.sizes[-(1 + member_calls) :] == [128] + [32] * member_calls
 
 
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_batch_shorter_than_the_pairs_shares_its_samples_round_robin(batched: bool) -> None:
+    """The loader's last batch (here 3 samples for 4 pairs) trains, with one warning, instead of stopping the fit."""
+    pl.seed_everything(0)
+    x, y = torch.randn(11, 64), torch.randint(0, 10, (11,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)  # batches of 8 and 3
+    model = RecordsBatchSizes()
+    before = [p.detach().clone() for p in model.parameters()]
+    strategy = NoBackpropStrategy(
+        algorithm=EggRoll(population=8), member_data="pair_slices", population_batching=batched
+    )
+    with pytest.warns(UserWarning, match="share its samples, one each"):
+        pl.Trainer(strategy=strategy, max_epochs=1, **quiet_trainer_kwargs()).fit(model, loader)
+    member_calls = 1 if batched else 8
+    assert model.sizes[-(1 + member_calls) :] == [3] + [1] * member_calls  # one sample per pair
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
 def test_pair_slices_match_a_loop_over_explicit_slices() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
