@@ -224,23 +224,23 @@ class PopulationEstimator:
         # each noise is drawn once per seed (antithetic twins share it), then spread to the members by one index
         seeds = list(dict.fromkeys(m.noise_seed for m in chosen))
         position = {seed: i for i, seed in enumerate(seeds)}
-        device = self.params[0].device if self.params else torch.device("cpu")
-        spread = torch.tensor([position[m.noise_seed] for m in chosen], device=device)
-        scales = torch.tensor([population.sigma * m.sign for m in chosen], dtype=torch.float32, device=device)
+        spread = torch.tensor([position[m.noise_seed] for m in chosen])
+        scales = torch.tensor([population.sigma * m.sign for m in chosen], dtype=torch.float32)
         dense: dict[int, Tensor] = {}
         low_rank: dict[int, tuple[Tensor, Tensor]] = {}
         low_rank_allowed = self.owners.low_rank_capable - self.owners.whole_evaluation
         for index, param in enumerate(self.params):
+            members_of = spread.to(param.device)
+            scale = scales.to(param.device)
             if index in low_rank_allowed:
                 factors = [self.algorithm.low_rank_factors(seed, index, param) for seed in seeds]
                 if all(f is not None for f in factors):
-                    a = torch.stack([f[0] for f in factors])[spread.to(param.device)]  # type: ignore[index]
-                    a.mul_(scales.to(param.device).view(-1, 1, 1))
-                    b = torch.stack([f[1] for f in factors])[spread.to(param.device)]  # type: ignore[index]
+                    a = torch.stack([f[0] for f in factors])[members_of].mul_(scale.view(-1, 1, 1))  # type: ignore[index]
+                    b = torch.stack([f[1] for f in factors])[members_of]  # type: ignore[index]
                     low_rank[index] = (a, b)
                     continue
-            noise = torch.stack([self.dense_noise(seed, index) for seed in seeds])[spread.to(param.device)]
-            dense[index] = noise.mul_(scales.to(param.device).view(-1, *([1] * param.dim())))
+            noise = torch.stack([self.dense_noise(seed, index) for seed in seeds])[members_of]
+            dense[index] = noise.mul_(scale.view(-1, *([1] * param.dim())))
         return dense, low_rank
 
     def evaluate_batched(

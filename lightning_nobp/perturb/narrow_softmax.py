@@ -2,8 +2,8 @@
 
 PyTorch's CPU ``log_softmax`` over the last dimension runs a vectorized kernel per row; a row narrower than one
 SIMD vector (10 classes against 16 floats of AVX-512) falls to a slow path. For the logits of 256 members x 256
-samples x 10 classes it took 12 ms on the CI machine, against 1.6 ms when the classes are moved to the first
-dimension and normalized there (``benchmarks/narrow_softmax.py``): a fifth of an EggRoll step on digits.
+samples x 10 classes it took 12 ms on the 2-core development machine, against 1.6 ms when the classes are moved to
+the first dimension and normalized there (``benchmarks/narrow_softmax.py``): a fifth of an EggRoll step on digits.
 
 ``NarrowSoftmaxMode`` is a ``TorchFunctionMode`` that rewrites ``F.cross_entropy`` (class-index targets, no label
 smoothing) and ``log_softmax`` over such a dimension into the transposed form while the strategy evaluates its
