@@ -69,3 +69,19 @@ def test_pickling_drops_the_tensors() -> None:
 def test_negative_size_is_refused() -> None:
     with pytest.raises(ValueError, match=">= 0"):
         NoiseCache(max_bytes=-1)
+
+
+def test_sample_direction_depends_on_the_seed_alone_with_its_reused_generator() -> None:
+    """The per-device generator is re-seeded for every draw: interleaved draws equal fresh-generator draws."""
+    from lightning_nobp.algorithms import sample_direction
+
+    def fresh(seed: int, shape: tuple[int, ...], distribution: str) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        if distribution == "gaussian":
+            return torch.randn(shape, generator=generator)
+        return torch.randint(0, 2, shape, generator=generator, dtype=torch.int8).float() * 2 - 1
+
+    draws = [(11, (5,), "gaussian"), (12, (3, 4), "rademacher"), (11, (5,), "gaussian"), (13, (7,), "gaussian")]
+    for seed, shape, distribution in draws:
+        got = sample_direction(seed, torch.Size(shape), torch.device("cpu"), distribution)
+        torch.testing.assert_close(got, fresh(seed, shape, distribution), rtol=0, atol=0)

@@ -128,6 +128,7 @@ class Algorithm(ABC):
         """Factors ``(A, B)`` with ``E = A B^T`` for a matrix parameter, or ``None`` for dense noise.
 
         Layers that can (``nn.Linear``) then compute ``x W^T + sigma (x B) A^T`` instead of forming ``W + sigma E``.
+        The factors may be shared with the algorithm's noise cache: do not modify them in place.
         """
         return None
 
@@ -156,6 +157,17 @@ class Algorithm(ABC):
         return len(self.ask(0))
 
 
+_GENERATORS: dict[torch.device, torch.Generator] = {}
+
+
+def _generator_of(device: torch.device) -> torch.Generator:
+    """One reusable generator per device: re-seeding it costs less than building a new one for every draw."""
+    generator = _GENERATORS.get(device)
+    if generator is None:
+        generator = _GENERATORS[device] = torch.Generator(device=device)
+    return generator
+
+
 def sample_direction(seed: int, shape: torch.Size, device: torch.device, distribution: str = "gaussian") -> Tensor:
     """Draw a float32 direction from a seeded generator: standard normal or Rademacher (+-1).
 
@@ -165,8 +177,8 @@ def sample_direction(seed: int, shape: torch.Size, device: torch.device, distrib
         device: where to draw it; the same seed gives the same values on the same device type.
         distribution: ``"gaussian"`` or ``"rademacher"``.
     """
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
+    generator = _generator_of(torch.device(device))
+    generator.manual_seed(seed)  # resets the whole state: the draw depends on the seed alone
     if distribution == "gaussian":
         return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
     if distribution == "rademacher":

@@ -234,7 +234,7 @@ class EggRoll(EvolutionStrategy):
         if param.dim() != 2:
             return None
         a, b = self.factors(noise_seed, param_index, param)
-        return a.div(math.sqrt(self.rank)), b
+        return (a if self.rank == 1 else a.div(math.sqrt(self.rank))), b
 
     def noise_stream(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[int, str] | None:
         return (derive_seed(noise_seed, param_index), "gaussian") if param.dim() < 2 else None
