@@ -51,7 +51,7 @@ def _cross_entropy(args: tuple, kwargs: dict[str, Any]) -> Tensor | None:
         return None
     if bound.get("label_smoothing", 0.0) != 0.0 or not isinstance(target, Tensor) or target.is_floating_point():
         return None
-    if not (isinstance(logits, Tensor) and logits.dim() == 2 and _is_narrow(logits, -1)):
+    if not (_is_narrow(logits, -1) and logits.dim() == 2):
         return None
     return F.nll_loss(
         transposed_log_softmax(logits),

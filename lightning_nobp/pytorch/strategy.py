@@ -245,7 +245,8 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         samples = leaves[0].shape[0]
         size = samples // count
         picked = torch.tensor([groups[i] for i in members])
-        if size == 0:
+        short = size == 0
+        if short:
             # a short batch (the loader's last one): the groups share its samples round-robin, one each
             if not self._warned_short_batch:
                 self._warned_short_batch = True
@@ -254,10 +255,10 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
                     " share its samples, one each (round-robin). Use a batch of at least one sample per antithetic"
                     " pair, or `drop_last=True` in the DataLoader."
                 )
-            size, picked = 1, picked % samples
+            picked = picked % samples
 
         def slices(leaf: Tensor) -> Tensor:
-            if size * count > leaf.shape[0]:
+            if short:
                 return leaf[picked.to(leaf.device)].unsqueeze(1)
             return leaf[: count * size].reshape(count, size, *leaf.shape[1:])[picked.to(leaf.device)]
 
