@@ -149,3 +149,36 @@ def test_an_exception_inside_a_forward_restores_the_stored_weights() -> None:
 def test_no_trainable_parameters_is_refused_with_the_fix() -> None:
     with pytest.raises(ValueError, match="configure_optimizers"):
         PopulationEstimator(MeZO(), [nn.Linear(2, 2)], [])
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+@pytest.mark.parametrize("input_shape", [(6,), (5, 6), (2, 5, 6)])
+def test_low_rank_correction_with_a_folded_bias_equals_the_perturbed_layer(rank: int, input_shape: tuple) -> None:
+    """The weight's correction also adds the bias's perturbation (the layer runs with its stored bias)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4)
+    owners = ParameterOwners([layer], [layer.weight, layer.bias])
+    a, b, bias_delta = torch.randn(4, rank), torch.randn(6, rank), torch.randn(4)
+    x = torch.randn(input_shape)
+    expected = nn.functional.linear(x, layer.weight + a @ b.t(), layer.bias + bias_delta)
+    with torch.no_grad(), PerturbedForward(owners, lambda index, stored: bias_delta, low_rank={0: (a, b)}):
+        got = layer(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    # a batched population: every member's output, and the stored parameters never change
+    members_a, members_b, members_delta = torch.randn(3, 4, rank), torch.randn(3, 6, rank), torch.randn(3, 4)
+    stored = snapshot(layer)
+
+    def member_output(a: torch.Tensor, b: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        with PerturbedForward(owners, lambda index, stored: delta, low_rank={0: (a, b)}):
+            return layer(x)
+
+    with torch.no_grad():
+        batched = torch.func.vmap(member_output)(members_a, members_b, members_delta)
+        for m in range(3):
+            weight = layer.weight + members_a[m] @ members_b[m].t()
+            reference = nn.functional.linear(x, weight, layer.bias + members_delta[m])
+            torch.testing.assert_close(batched[m], reference, rtol=1e-5, atol=1e-5)
+    for name, p in layer.named_parameters():
+        assert torch.equal(p, stored[name]), name

@@ -157,7 +157,11 @@ class PerturbedForward:
                 for name, index in list(layer_slots):
                     if name == "weight" and index in self.low_rank:
                         layer_slots.remove((name, index))
-                        self._handles.append(module.register_forward_hook(self._make_correction(index)))
+                        bias = self._foldable_bias(module, layer_slots)
+                        if bias is not None:
+                            layer_slots.remove(bias)
+                        folded = None if bias is None else bias[1]
+                        self._handles.append(module.register_forward_hook(self._make_correction(index, folded)))
             if layer_slots:
                 self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(layer_slots)))
                 self._handles.append(module.register_forward_hook(self._restore_hook, always_call=True))
@@ -193,15 +197,45 @@ class PerturbedForward:
 
         return pre_hook
 
-    def _make_correction(self, index: int) -> Callable[[nn.Module, Any, Any], Tensor]:
+    def _foldable_bias(self, module: nn.Module, layer_slots: list[tuple[str, int]]) -> tuple[str, int] | None:
+        """The slot of an ``nn.Linear`` bias whose perturbation the weight's correction can add to the output.
+
+        The layer then computes with its stored bias (its output is shared by a whole batched population) and the
+        correction adds ``delta_bias`` in the same pass as ``(x B) A^T``, instead of a perturbed bias being added to
+        every member's copy of the output first. Not with a fused low-bit ``value`` (it forms whole tensors).
+        """
+        if self.value is not None or not isinstance(module, nn.Linear):
+            return None
+        return next(((name, index) for name, index in layer_slots if name == "bias"), None)
+
+    def _delta(self, index: int) -> Tensor:
+        if self.probe is not None:
+            self.probe.paused = True
+        try:
+            with torch.no_grad():
+                return self.delta(index, self.owners.params[index])
+        finally:
+            if self.probe is not None:
+                self.probe.paused = False
+
+    def _make_correction(self, index: int, bias_index: int | None = None) -> Callable[[nn.Module, Any, Any], Tensor]:
         a, b = self.low_rank[index]
 
         def add_low_rank_correction(module: nn.Module, args: Any, output: Tensor) -> Tensor:
-            if a.shape[-1] == 1 and not isinstance(module, nn.Embedding):
-                # rank 1: the outer product (x b) a^T is added in one fused pass (no separate product tensor)
-                xb = (args[0] @ b.to(args[0].dtype)).to(output.dtype)
-                return torch.addcmul(output, xb, a.to(output.dtype).transpose(-1, -2))
-            return output + low_rank_correction(module, args[0], a, b).to(output.dtype)
+            x = args[0]
+            shift = None if bias_index is None else self._delta(bias_index).to(output.dtype)
+            if a.shape[-1] == 1 and x.dim() > 1 and not isinstance(module, nn.Embedding):
+                # rank 1: x b as a matrix-vector product (one matrix product for a whole batched population, where a
+                # (..., in, 1) factor makes a batched product per member), then (x b) a^T in one fused pass.
+                # contiguous() puts a batched population's member dimension first in memory, so the output is
+                # member-major too (else the next layer's batched product copies it)
+                xb = (x @ b[:, 0].to(x.dtype)).contiguous().unsqueeze(-1).to(output.dtype)
+                a_t = a.to(output.dtype).transpose(-1, -2)
+                if shift is None:
+                    return torch.addcmul(output, xb, a_t)
+                return torch.addcmul(shift, xb, a_t).add_(output)
+            corrected = output + low_rank_correction(module, x, a, b).to(output.dtype)
+            return corrected if shift is None else corrected.add_(shift)
 
         return add_low_rank_correction
 
