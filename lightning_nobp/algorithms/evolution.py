@@ -41,6 +41,8 @@ class EvolutionStrategy(Algorithm):
         fitness_shaping: ``"centered_rank"``, ``"zscore"``, ``"sign"`` (antithetic only) or ``None``.
         population_chunk: members evaluated together in one batched forward (bounds activation memory); must
             divide the population. ``None`` evaluates all of a process's members at once.
+        per_row_estimates: estimate row-local layers from the members' per-row losses
+            (``lightning_nobp.perturb.row_estimate``).
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class EvolutionStrategy(Algorithm):
         antithetic: bool = True,
         fitness_shaping: str | None = "centered_rank",
         population_chunk: int | None = None,
+        per_row_estimates: bool = True,
     ) -> None:
         owner = type(self).__name__
         if not (isinstance(population, int) and population >= 2):
@@ -76,6 +79,7 @@ class EvolutionStrategy(Algorithm):
         self.noise_cache = NoiseCache()
         self.population = population
         self.sigma = float(sigma)
+        self.per_row_estimates = bool(per_row_estimates)
         self.antithetic = antithetic
         self.fitness_shaping = fitness_shaping
 
@@ -144,6 +148,13 @@ class OpenES(EvolutionStrategy):
         antithetic: evaluate ``+E`` and ``-E`` for every noise.
         fitness_shaping: ``"centered_rank"``, ``"zscore"``, ``"sign"`` or ``None``.
         population_chunk: members per batched forward; a divisor of the population (``None``: all).
+        per_row_estimates: estimate the gradient of row-local layers (a classifier's head, a language model's
+            output projection: an ``nn.Linear`` with at most ``population / 2`` outputs whose output row ``n``
+            changes loss row ``n`` only, tested once on the first batch) from the members' per-row losses
+            instead of their mean losses, at the scale of the estimate it replaces. Applies with antithetic
+            pairs on one process and the ``.grad`` update, when every member sees the whole batch and the
+            training step returns one ``cross_entropy``, ``nll_loss``, ``mse_loss`` or
+            ``binary_cross_entropy_with_logits``; other parameters and cases are unchanged.
     """
 
     def __init__(
@@ -153,13 +164,14 @@ class OpenES(EvolutionStrategy):
         antithetic: bool = True,
         fitness_shaping: str | None = "zscore",
         population_chunk: int | None = None,
+        per_row_estimates: bool = True,
     ) -> None:
-        super().__init__(population, sigma, antithetic, fitness_shaping, population_chunk)
+        super().__init__(population, sigma, antithetic, fitness_shaping, population_chunk, per_row_estimates)
 
     def __repr__(self) -> str:
         return (
             f"OpenES(population={self.population}, sigma={self.sigma}, antithetic={self.antithetic},"
-            f" fitness_shaping={self.fitness_shaping!r})"
+            f" fitness_shaping={self.fitness_shaping!r}, per_row_estimates={self.per_row_estimates})"
         )
 
     def noise(self, noise_seed: int, param_index: int, param: Tensor) -> Tensor:
@@ -188,6 +200,13 @@ class EggRoll(EvolutionStrategy):
         antithetic: evaluate ``+E`` and ``-E`` for every noise (pairs share noise and data).
         fitness_shaping: ``"centered_rank"``, ``"zscore"``, ``"sign"`` or ``None``.
         population_chunk: members per batched forward; a divisor of the population (``None``: all).
+        per_row_estimates: estimate the gradient of row-local layers (a classifier's head, a language model's
+            output projection: an ``nn.Linear`` with at most ``population / 2`` outputs whose output row ``n``
+            changes loss row ``n`` only, tested once on the first batch) from the members' per-row losses
+            instead of their mean losses, at the scale of the estimate it replaces. Applies with antithetic
+            pairs on one process and the ``.grad`` update, when every member sees the whole batch and the
+            training step returns one ``cross_entropy``, ``nll_loss``, ``mse_loss`` or
+            ``binary_cross_entropy_with_logits``; other parameters and cases are unchanged.
     """
 
     def __init__(
@@ -198,8 +217,9 @@ class EggRoll(EvolutionStrategy):
         antithetic: bool = True,
         fitness_shaping: str | None = "centered_rank",
         population_chunk: int | None = None,
+        per_row_estimates: bool = True,
     ) -> None:
-        super().__init__(population, sigma, antithetic, fitness_shaping, population_chunk)
+        super().__init__(population, sigma, antithetic, fitness_shaping, population_chunk, per_row_estimates)
         if not (isinstance(rank, int) and rank >= 1):
             raise ValueError(f"EggRoll(rank={rank!r}): the rank must be an integer >= 1")
         self.rank = rank
@@ -207,7 +227,8 @@ class EggRoll(EvolutionStrategy):
     def __repr__(self) -> str:
         return (
             f"EggRoll(population={self.population}, rank={self.rank}, sigma={self.sigma},"
-            f" antithetic={self.antithetic}, fitness_shaping={self.fitness_shaping!r})"
+            f" antithetic={self.antithetic}, fitness_shaping={self.fitness_shaping!r},"
+            f" per_row_estimates={self.per_row_estimates})"
         )
 
     def factors(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[Tensor, Tensor]:

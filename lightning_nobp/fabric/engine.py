@@ -184,6 +184,12 @@ class ForwardOnlyEngine:
             names = {id(p): n for m in roots for n, p in m.named_parameters(remove_duplicate=False)}
             params = trainable_parameters(optimizer)
             estimator = PopulationEstimator(self.algorithm, roots, params, [names.get(id(p), "?") for p in params])
+            estimator.row_estimates = (
+                self.update == "grad"
+                and self._world()[1] == 1
+                and bool(getattr(self.algorithm, "per_row_estimates", False))
+                and bool(getattr(self.algorithm, "antithetic", False))
+            )
             self._estimators[id(optimizer)] = estimator
         return estimator
 

@@ -25,6 +25,8 @@ from lightning_nobp.kernels.stochastic_rounding import stochastic_round
 from lightning_nobp.lowbit import apply_low_bit_update, is_low_bit, layout_of
 from lightning_nobp.perturb.forward import ParameterOwners, ParameterReadProbe, PerturbedForward
 from lightning_nobp.perturb.narrow_softmax import NarrowSoftmaxMode
+from lightning_nobp.perturb.row_estimate import row_local_gradient
+from lightning_nobp.perturb.row_losses import RowLocalLayer, RowLossRecorder, find_row_local_layers
 
 LossFn = Callable[..., Tensor]
 """Evaluates the loss at the current (possibly perturbed) weights; takes the member's inputs when there are any."""
@@ -120,6 +122,12 @@ class PopulationEstimator:
         self.batching: bool | None = None
         #: CPU weights: evaluate members under NarrowSoftmaxMode (PyTorch's CPU log_softmax over 10 classes is slow)
         self.narrow_softmax = all(param.device.type == "cpu" for param in self.params)
+        #: estimate row-local layers from per-row losses (set by the engine: antithetic ES, .grad path, one process)
+        self.row_estimates = False
+        #: the row-local layers found on the first batch (``None``: not searched yet)
+        self.row_local: list[RowLocalLayer] | None = None
+        #: the last evaluation's per-row record: (population, rows ``(P, N)``, each row-local layer's input rows)
+        self._row_record: tuple[Population, Tensor, dict[int, Tensor]] | None = None
 
     def _loss_context(self) -> contextlib.AbstractContextManager:
         """Where members' losses are evaluated: ``NarrowSoftmaxMode`` on the CPU, nothing elsewhere."""
@@ -200,6 +208,8 @@ class PopulationEstimator:
         """
         known = known or {}
         fitness = torch.zeros(len(population), dtype=torch.float32)
+        recorder = self._row_recorder(population, loss_fn, rng, members, member_inputs)
+        rows: list[tuple[int, Tensor]] = []
         for index in range(len(population)) if members is None else members:
             member = population.members[index]
             if index in known:
@@ -208,8 +218,17 @@ class PopulationEstimator:
             if rng is not None:
                 rng.restore()
             with torch.no_grad(), self.perturbation(population, member), self._loss_context():
-                loss = loss_fn() if member_inputs is None else loss_fn(_first(member_inputs([index])))
+                if recorder is None:
+                    loss = loss_fn() if member_inputs is None else loss_fn(_first(member_inputs([index])))
+                else:
+                    recorder.reset()
+                    with recorder:
+                        loss = loss_fn()
+                    if recorder.rows is not None:
+                        rows.append((index, recorder.rows.float().cpu()))
             fitness[index] = loss.float().cpu()
+        if recorder is not None:
+            self._keep_rows(population, fitness, rows, loss_fn, rng)
         return fitness
 
     def _stacked_perturbations(
@@ -276,9 +295,23 @@ class PopulationEstimator:
         todo = [i for i in (range(len(population)) if members is None else members) if i not in known]
         size = chunk or max(len(todo), 1)
 
-        def member_loss(dense: dict[int, Tensor], low_rank: dict[int, tuple[Tensor, Tensor]], inputs: Any) -> Tensor:
+        recorder = self._row_recorder(population, loss_fn, rng, members, member_inputs)
+        rows: list[tuple[int, Tensor]] = []
+        recorded: list[bool] = []
+
+        def member_loss(
+            dense: dict[int, Tensor], low_rank: dict[int, tuple[Tensor, Tensor]], inputs: Any
+        ) -> tuple[Tensor, Tensor]:
             with PerturbedForward(self.owners, lambda index, stored: dense[index], low_rank=low_rank):
-                return (loss_fn() if member_inputs is None else loss_fn(inputs)).reshape(())
+                if recorder is None:
+                    loss = loss_fn() if member_inputs is None else loss_fn(inputs)
+                    return loss.reshape(()), loss.new_zeros(())
+                recorder.reset()
+                with recorder:
+                    loss = loss_fn()
+                member_rows, recorder.rows = recorder.rows, None
+                recorded.append(member_rows is not None)
+                return loss.reshape(()), member_rows if member_rows is not None else loss.new_zeros(())
 
         for start in range(0, len(todo), size):
             part = todo[start : start + size]
@@ -288,8 +321,14 @@ class PopulationEstimator:
                 rng.restore()
             with torch.no_grad(), self._loss_context():
                 in_dims = (0, 0, None if inputs is None else 0)
-                losses = torch.func.vmap(member_loss, in_dims=in_dims, randomness="same")(dense, low_rank, inputs)
+                losses, part_rows = torch.func.vmap(member_loss, in_dims=in_dims, randomness="same")(
+                    dense, low_rank, inputs
+                )
             fitness[part] = losses.float().cpu()
+            if recorded and recorded[-1]:
+                rows += list(zip(part, part_rows.float().cpu()))
+        if recorder is not None:
+            self._keep_rows(population, fitness, rows, loss_fn, rng)
         return fitness
 
     def evaluate_members(
@@ -340,6 +379,139 @@ class PopulationEstimator:
                 return fitness
         return self.evaluate(population, loss_fn, rng, known, members, member_inputs)
 
+    # ------------------------------------------------------------------ per-row estimates of row-local layers
+    def _row_recorder(
+        self,
+        population: Population,
+        loss_fn: LossFn,
+        rng: RngSnapshot | None,
+        members: Sequence[int] | None,
+        member_inputs: MemberInputs | None,
+    ) -> RowLossRecorder | None:
+        """A recorder of the members' per-row losses when this step can use them, else ``None``.
+
+        Needs every member evaluated here on the same inputs (one process, no per-member data). The row-local
+        layers are searched on the first such step.
+        """
+        self._row_record = None
+        if not self.row_estimates or member_inputs is not None:
+            return None
+        if members is not None and sorted(members) != list(range(len(population))):
+            return None
+        if self.row_local is None:
+            self.row_local = find_row_local_layers(
+                self._row_local_candidates(len(population) // 2), loss_fn, rng.restore if rng else lambda: None
+            )
+        return RowLossRecorder() if self.row_local else None
+
+    def _row_local_candidates(self, pairs: int) -> list[RowLocalLayer]:
+        """``nn.Linear`` layers with a trained weight and at most ``pairs`` outputs."""
+        candidates = []
+        for module, slots in self.owners.slots.items():
+            if type(module) is not nn.Linear or module.out_features > pairs:
+                continue
+            indices = dict(slots)
+            weight = indices.get("weight")
+            if weight is None or weight in self.owners.whole_evaluation or weight in self.low_bit:
+                continue
+            candidates.append(RowLocalLayer(module, weight, indices.get("bias")))
+        return candidates
+
+    def _keep_rows(
+        self,
+        population: Population,
+        fitness: Tensor,
+        rows: list[tuple[int, Tensor]],
+        loss_fn: LossFn,
+        rng: RngSnapshot | None,
+    ) -> None:
+        """Keep the step's per-row losses and the row-local layers' unperturbed inputs for the update.
+
+        Rows that do not add up to the member's loss (a regularizer added to a recognized loss, two losses) turn
+        the per-row estimates off for good, with a warning.
+        """
+        if not rows or self.row_local is None:
+            return
+        width = rows[0][1].numel()
+        table = torch.full((len(population), width), float("nan"))
+        for index, values in rows:
+            if values.numel() != width:
+                return
+            table[index] = values
+        recorded = torch.tensor([index for index, _ in rows])
+        sums, losses = table[recorded].sum(1), fitness[recorded]
+        finite = torch.isfinite(sums) & torch.isfinite(losses)
+        if not torch.allclose(sums[finite], losses[finite], rtol=1e-4, atol=1e-6):
+            self.row_estimates = False
+            warnings.warn(
+                "per-row estimates are off: the loss returned by the training step is not the single recognized"
+                " per-row loss it computes (a regularizer or a second loss is added). Row-local layers are"
+                " estimated from the members' mean losses like every other parameter.",
+                stacklevel=3,
+            )
+            return
+        inputs: dict[int, Tensor] = {}
+
+        def tap(layer: RowLocalLayer) -> Callable[[nn.Module, Any], None]:
+            def hook(module: nn.Module, args: Any) -> None:
+                inputs[layer.weight_index] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+
+            return hook
+
+        handles = [layer.module.register_forward_pre_hook(tap(layer)) for layer in self.row_local]
+        try:
+            if rng is not None:
+                rng.restore()
+            with torch.no_grad(), self._loss_context():
+                loss_fn()
+        finally:
+            for handle in handles:
+                handle.remove()
+        self._row_record = (population, table, inputs)
+
+    def _row_local_gradients(self, population: Population) -> dict[int, Tensor]:
+        """Per-row estimates of the row-local layers' weights and biases, by parameter index (empty if none)."""
+        record = self._row_record
+        if record is None or record[0] is not population:
+            return {}
+        _, table, inputs = record
+        plus: dict[int, int] = {}
+        minus: dict[int, int] = {}
+        for index, member in enumerate(population.members):
+            (plus if member.sign > 0 else minus)[member.noise_seed] = index
+        finite = torch.isfinite(table).all(1).tolist()
+        pairs = [(seed, plus[seed], minus[seed]) for seed in plus if seed in minus]
+        pairs = [(seed, p, m) for seed, p, m in pairs if finite[p] and finite[m]]
+        if len(pairs) < 2:
+            return {}
+        seeds = [seed for seed, _, _ in pairs]
+        differences = (table[[p for _, p, _ in pairs]] - table[[m for _, _, m in pairs]]) / (2 * population.sigma)
+        estimates: dict[int, Tensor] = {}
+        for layer in self.row_local or []:
+            rows = inputs.get(layer.weight_index)
+            if rows is None or rows.shape[0] != differences.shape[1]:
+                continue
+            weight = self.params[layer.weight_index]
+            factors = [self.algorithm.low_rank_factors(seed, layer.weight_index, weight) for seed in seeds]
+            if all(f is not None for f in factors):
+                noise: tuple[Tensor, Tensor] | Tensor = (
+                    torch.stack([f[0] for f in factors]),  # type: ignore[index]
+                    torch.stack([f[1] for f in factors]),  # type: ignore[index]
+                )
+            else:
+                noise = torch.stack([self.dense_noise(seed, layer.weight_index) for seed in seeds])
+            bias_noise = None
+            if layer.bias_index is not None:
+                bias_noise = torch.stack([self.dense_noise(seed, layer.bias_index) for seed in seeds])
+            device = weight.device
+            weight_gradient, bias_gradient = row_local_gradient(
+                differences.to(device), rows.to(device), noise, None if bias_noise is None else bias_noise
+            )
+            estimates[layer.weight_index] = weight_gradient.view(weight.shape)
+            if bias_gradient is not None and layer.bias_index is not None:
+                estimates[layer.bias_index] = bias_gradient
+        return estimates
+
     def _estimate_of(self, index: int, terms: Sequence[tuple[Population, Tensor]]) -> Tensor:
         """The float32 estimate of parameter ``index``: ``sum over terms of sum_i c_i sign_i E_i``.
 
@@ -361,8 +533,16 @@ class PopulationEstimator:
                 " NoBackpropStrategy(update='direct') (the default with LowBitPrecision)."
             )
         squared_norm = 0.0
+        row_local = self._row_local_gradients(population)
+        self._row_record = None
         for index, param in enumerate(self.params):
             total = self._estimate_of(index, [(population, coefficients)])
+            if index in row_local:
+                # the per-row estimate's direction at the scale of the estimate it replaces (so the lr still fits)
+                better = row_local[index]
+                norm = float(better.norm())
+                if norm > 0 and math.isfinite(norm):
+                    total = better.mul_(float(total.norm()) / norm)
             if scale != 1.0:
                 total.mul_(scale)
             squared_norm += float(total.square().sum())

@@ -1,0 +1,184 @@
+"""Per-row loss contributions of a training step, and the layers whose output rows feed exactly one loss row.
+
+The user's ``training_step`` returns one scalar, but most losses are a mean over rows (samples, or tokens):
+``F.cross_entropy(logits, y)`` is ``sum_n c_n`` with ``c_n = l_n / N``. :class:`RowLossRecorder` is a
+``TorchFunctionMode`` that computes such a loss with ``reduction="none"``, keeps the row contributions ``c_n`` and
+returns their sum (the same value). :func:`find_row_local_layers` then finds the ``nn.Linear`` layers whose output
+row ``n`` changes loss row ``n`` only (a classifier's head; a language model's output projection): for those, each
+member's per-row losses tell far more about the layer's gradient than its one scalar loss
+(:mod:`lightning_nobp.perturb.row_estimate`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+_CROSS_ENTROPY_ARGS = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction")
+_NLL_ARGS = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction")
+_ELEMENTWISE_ARGS = {
+    F.mse_loss: ("input", "target", "size_average", "reduce", "reduction"),
+    F.binary_cross_entropy_with_logits: ("input", "target", "weight", "size_average", "reduce", "reduction"),
+}
+
+
+def _class_index_rows(func: Callable, names: tuple[str, ...], args: tuple, kwargs: dict[str, Any]) -> Tensor | None:
+    """Row contributions of ``cross_entropy`` / ``nll_loss`` with class-index targets, or ``None`` if unsupported."""
+    bound = dict(zip(names, args)) | kwargs
+    target = bound.get("target")
+    reduction = bound.get("reduction", "mean")
+    if bound.get("size_average") is not None or bound.get("reduce") is not None or reduction not in ("mean", "sum"):
+        return None
+    if bound.get("label_smoothing", 0.0) != 0.0 or not isinstance(target, Tensor) or target.is_floating_point():
+        return None
+    unreduced = func(**(bound | {"reduction": "none"}))
+    rows = unreduced.reshape(-1)
+    if reduction == "sum":
+        return rows
+    ignore_index = bound.get("ignore_index", -100)
+    flat_target = target.reshape(-1)
+    kept = flat_target != ignore_index
+    weight = bound.get("weight")
+    if weight is None:
+        denominator = kept.sum().to(rows.dtype)
+    else:
+        denominator = (weight[flat_target.where(kept, 0)] * kept).sum().to(rows.dtype)
+    return rows / denominator
+
+
+def _elementwise_rows(func: Callable, args: tuple, kwargs: dict[str, Any]) -> Tensor | None:
+    """Row contributions (summed over the last dimension) of ``mse_loss`` and ``binary_cross_entropy_with_logits``."""
+    bound = dict(zip(_ELEMENTWISE_ARGS[func], args)) | kwargs
+    reduction = bound.get("reduction", "mean")
+    if bound.get("size_average") is not None or bound.get("reduce") is not None or reduction not in ("mean", "sum"):
+        return None
+    unreduced = func(**(bound | {"reduction": "none"}))
+    if unreduced.dim() == 0:
+        return None
+    rows = unreduced.reshape(-1, unreduced.shape[-1]).sum(-1)
+    return rows / unreduced.numel() if reduction == "mean" else rows
+
+
+class RowLossRecorder(TorchFunctionMode):
+    """Records the per-row contributions of the loss a forward computes; the loss's value is unchanged.
+
+    Recognized: ``F.cross_entropy`` and ``F.nll_loss`` with class-index targets (``ignore_index`` and class
+    ``weight`` included, no label smoothing), ``F.mse_loss`` and ``F.binary_cross_entropy_with_logits`` (rows: the
+    last dimension summed), each with ``reduction`` ``"mean"`` or ``"sum"``. After a forward, :attr:`rows` holds
+    the contributions (their sum is the recorded loss) when exactly one recognized loss ran, else ``None``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: Tensor | None = None
+        self.calls = 0
+
+    def reset(self) -> None:
+        """Forget the last forward's record."""
+        self.rows = None
+        self.calls = 0
+
+    def __torch_function__(
+        self, func: Callable, types: tuple, args: tuple = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        rows: Tensor | None = None
+        if func is F.cross_entropy:
+            rows = _class_index_rows(F.cross_entropy, _CROSS_ENTROPY_ARGS + ("label_smoothing",), args, kwargs)
+        elif func is F.nll_loss:
+            rows = _class_index_rows(F.nll_loss, _NLL_ARGS, args, kwargs)
+        elif func in _ELEMENTWISE_ARGS:
+            rows = _elementwise_rows(func, args, kwargs)
+        if rows is None:
+            return func(*args, **kwargs)
+        self.calls += 1
+        self.rows = rows if self.calls == 1 else None  # two losses in one step: rows of which? none
+        return rows.sum()
+
+
+@dataclass(frozen=True)
+class RowLocalLayer:
+    """An ``nn.Linear`` whose output row ``n`` changes loss row ``n`` only.
+
+    Args:
+        module: the layer.
+        weight_index: its weight's position in the trained parameter list.
+        bias_index: its bias's position, or ``None`` (no bias, or an untrained one).
+    """
+
+    module: nn.Linear
+    weight_index: int
+    bias_index: int | None
+
+
+def _shifted_row(row: int, generator: torch.Generator) -> Callable[[nn.Module, Any, Tensor], Tensor]:
+    """A forward hook that adds a fixed random vector to one flattened row of the layer's output."""
+
+    def hook(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+        shifted = output.clone()
+        flat = shifted.view(-1, output.shape[-1])
+        noise = torch.randn(output.shape[-1], generator=generator).to(device=output.device, dtype=output.dtype)
+        flat[row] += noise
+        return shifted
+
+    return hook
+
+
+def find_row_local_layers(
+    candidates: Sequence[RowLocalLayer], evaluate: Callable[[], Tensor], restore_rng: Callable[[], None]
+) -> list[RowLocalLayer]:
+    """The candidates whose output rows map one-to-one onto the loss's rows, tested on the current batch.
+
+    Runs the loss once as it is and, for each candidate, twice more with a random shift added to its first or its
+    last output row: the candidate qualifies when exactly that loss row changes each time, the layer ran once per
+    forward and its output has as many rows as the loss. Costs ``1 + 2 * len(candidates)`` forwards, once.
+
+    Args:
+        candidates: the layers to test.
+        evaluate: computes the loss at the current weights (its rows are recorded).
+        restore_rng: called before every forward, so random layers draw the same numbers each time.
+    """
+    if not candidates:
+        return []
+    recorder = RowLossRecorder()
+    with torch.no_grad(), recorder:
+        restore_rng()
+        evaluate()
+    baseline = recorder.rows
+    if baseline is None or baseline.numel() == 0:
+        return []
+    baseline = baseline.detach().float().cpu()
+    rows = baseline.numel()
+    found: list[RowLocalLayer] = []
+    for candidate in candidates:
+        qualifies = True
+        for row in sorted({0, rows - 1}):
+            calls: list[int] = []
+            count = candidate.module.register_forward_hook(
+                lambda module, args, output: calls.append(output.numel() // output.shape[-1])
+            )
+            shift = candidate.module.register_forward_hook(_shifted_row(row, torch.Generator().manual_seed(row)))
+            recorder.reset()
+            try:
+                with torch.no_grad(), recorder:
+                    restore_rng()
+                    evaluate()
+            finally:
+                count.remove()
+                shift.remove()
+            if calls != [rows] or recorder.rows is None or recorder.rows.numel() != rows:
+                qualifies = False
+                break
+            changed = (recorder.rows.detach().float().cpu() - baseline).abs() > 1e-6 * (baseline.abs() + 1e-6)
+            if changed.nonzero().flatten().tolist() != [row]:
+                qualifies = False
+                break
+        if qualifies:
+            found.append(candidate)
+    return found

@@ -1,0 +1,194 @@
+"""Per-row estimates: loss rows recorded exactly, row-local layers found, and a better head gradient than before."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_nobp.algorithms import EggRoll, MeZO, OpenES
+from lightning_nobp.perturb import PopulationEstimator
+from lightning_nobp.perturb.row_estimate import row_local_gradient
+from lightning_nobp.perturb.row_losses import RowLocalLayer, RowLossRecorder, find_row_local_layers
+from lightning_nobp.pytorch import NoBackpropStrategy
+from conftest import quiet_trainer_kwargs
+from user_models import DigitsClassifier, digits_loaders
+
+
+def _recorded(compute) -> tuple[torch.Tensor, torch.Tensor | None]:
+    recorder = RowLossRecorder()
+    with recorder:
+        value = compute()
+    return value, recorder.rows
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"reduction": "sum"}, {"ignore_index": 2}, {"weight": torch.linspace(0.5, 2.0, 5)}],
+    ids=["mean", "sum", "ignore_index", "class_weight"],
+)
+def test_cross_entropy_rows_add_up_to_the_loss(kwargs: dict) -> None:
+    torch.manual_seed(0)
+    logits, target = torch.randn(3, 4, 5), torch.randint(0, 5, (3, 4))
+    flat_logits, flat_target = logits.reshape(12, 5), target.reshape(12)
+    expected = F.cross_entropy(flat_logits, flat_target, **kwargs)
+    value, rows = _recorded(lambda: F.cross_entropy(flat_logits, flat_target, **kwargs))
+    assert rows is not None and rows.shape == (12,)
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(rows.sum(), expected)
+    unreduced = F.cross_entropy(flat_logits, flat_target, **(kwargs | {"reduction": "none"}))
+    assert torch.equal(rows == 0, unreduced == 0)  # ignored rows contribute nothing
+    if kwargs.get("ignore_index") == 2:
+        assert bool((rows[flat_target == 2] == 0).all())
+
+
+def test_other_recognized_losses_and_what_is_not_recorded() -> None:
+    torch.manual_seed(0)
+    prediction, target = torch.randn(6, 3), torch.randn(6, 3)
+    for loss in (F.mse_loss, F.binary_cross_entropy_with_logits):
+        target_ = target if loss is F.mse_loss else target.sigmoid()
+        value, rows = _recorded(lambda: loss(prediction, target_))
+        torch.testing.assert_close(value, loss(prediction, target_))
+        torch.testing.assert_close(rows, loss(prediction, target_, reduction="none").sum(1) / prediction.numel())
+    log_probs, labels = torch.randn(6, 4).log_softmax(-1), torch.randint(0, 4, (6,))
+    value, rows = _recorded(lambda: F.nll_loss(log_probs, labels))
+    torch.testing.assert_close(rows, F.nll_loss(log_probs, labels, reduction="none") / 6)
+    # label smoothing: passed through, nothing recorded; two losses: no rows (which would they be?)
+    value, rows = _recorded(lambda: F.cross_entropy(log_probs, labels, label_smoothing=0.1))
+    assert rows is None
+    torch.testing.assert_close(value, F.cross_entropy(log_probs, labels, label_smoothing=0.1))
+    value, rows = _recorded(lambda: F.cross_entropy(log_probs, labels) + F.mse_loss(prediction, target))
+    assert rows is None
+
+
+class BatchCentered(nn.Module):
+    """A hidden layer whose output is centered over the batch (rows mix) and a plain head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(8, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(x)
+        return self.head((h - h.mean(0)).relu())
+
+
+def test_only_layers_whose_rows_stay_apart_are_row_local() -> None:
+    torch.manual_seed(0)
+    model = BatchCentered()
+    x, y = torch.randn(5, 8), torch.randint(0, 3, (5,))
+    candidates = [RowLocalLayer(model.hidden, 0, 1), RowLocalLayer(model.head, 2, 3)]
+    found = find_row_local_layers(candidates, lambda: F.cross_entropy(model(x), y), lambda: None)
+    assert [layer.module for layer in found] == [model.head]
+    # a loss over the batch mean of the logits: no layer is row-local
+    found = find_row_local_layers(candidates, lambda: model(x).mean(0).square().sum(), lambda: None)
+    assert found == []
+
+
+def test_low_rank_and_dense_noise_give_the_same_estimate() -> None:
+    torch.manual_seed(0)
+    d, h = torch.randn(5, 7), torch.randn(7, 6)
+    a, b, e = torch.randn(5, 3, 2), torch.randn(5, 6, 2), torch.randn(5, 3)
+    low_rank = row_local_gradient(d, h, (a, b), e)
+    dense = row_local_gradient(d, h, a @ b.transpose(1, 2), e)
+    torch.testing.assert_close(low_rank[0], dense[0])
+    torch.testing.assert_close(low_rank[1], dense[1])
+    # the reference: g_n = sum_k d_kn u_kn / (K (|h_n|^2 + 1)), u_kn = E_k h_n + e_k
+    u = torch.einsum("koi,ni->kno", a @ b.transpose(1, 2), h) + e.unsqueeze(1)
+    g = (d.unsqueeze(-1) * u).sum(0) / (5 * (h.square().sum(1) + 1)).unsqueeze(1)
+    torch.testing.assert_close(low_rank[0], g.t() @ h)
+    torch.testing.assert_close(low_rank[1], g.sum(0))
+
+
+def _head_setup(seed: int) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))
+    x, y = torch.randn(64, 20), torch.randint(0, 4, (64,))
+    loss = F.cross_entropy(net(x), y)
+    true_head = torch.autograd.grad(loss, net[2].weight)[0]
+    return net, x, y, true_head
+
+
+def _head_estimate(algorithm: EggRoll | OpenES, row_estimates: bool, seed: int, batched: bool) -> tuple[float, float]:
+    """Cosine with the true head gradient, and the estimate's norm."""
+    net, x, y, true_head = _head_setup(seed)
+    estimator = PopulationEstimator(algorithm, [net], list(net.parameters()))
+    estimator.row_estimates = row_estimates
+
+    def loss() -> torch.Tensor:
+        return F.cross_entropy(net(x), y)
+
+    population = algorithm.ask(seed)
+    estimator.probe_parameter_reads(population, loss)
+    fitness = estimator.evaluate_members(population, loss, batched=batched)
+    estimate = algorithm.tell(population, fitness)
+    estimator.accumulate_gradient(population, estimate.coefficients)
+    head = net[2].weight.grad
+    return float(F.cosine_similarity(head.flatten(), true_head.flatten(), dim=0)), float(head.norm())
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "one_member_at_a_time"])
+@pytest.mark.parametrize("algorithm", [EggRoll, OpenES])
+def test_per_row_estimate_of_a_head_is_closer_to_its_gradient(algorithm: type, batched: bool) -> None:
+    with_rows, without_rows = [], []
+    for seed in range(4):
+        es = algorithm(population=16, sigma=1e-2)
+        cosine, norm = _head_estimate(es, True, seed, batched)
+        es_off = algorithm(population=16, sigma=1e-2)
+        cosine_off, norm_off = _head_estimate(es_off, False, seed, batched)
+        with_rows.append(cosine)
+        without_rows.append(cosine_off)
+        assert norm == pytest.approx(norm_off, rel=1e-4)  # the scale of the estimate it replaces
+    assert min(with_rows) > 0.5
+    assert sum(with_rows) / 4 > 3 * max(sum(without_rows) / 4, 0.05)
+
+
+def test_a_regularized_loss_turns_per_row_estimates_off_with_a_warning() -> None:
+    net, x, y, _ = _head_setup(0)
+    algorithm = EggRoll(population=16)
+    estimator = PopulationEstimator(algorithm, [net], list(net.parameters()))
+    estimator.row_estimates = True
+
+    def loss() -> torch.Tensor:
+        return F.cross_entropy(net(x), y) + 1e-2 * net[0].weight.square().sum()
+
+    population = algorithm.ask(0)
+    estimator.probe_parameter_reads(population, loss)
+    with pytest.warns(UserWarning, match="per-row estimates are off"):
+        estimator.evaluate_members(population, loss)
+    assert estimator.row_estimates is False
+
+
+class CountingDigits(DigitsClassifier):
+    """The digits user model with Adam."""
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def _fit(algorithm, **strategy_kwargs) -> NoBackpropStrategy:
+    pl.seed_everything(0, verbose=False)
+    model = CountingDigits()
+    train, _ = digits_loaders(batch_size=128)
+    strategy = NoBackpropStrategy(algorithm=algorithm, **strategy_kwargs)
+    trainer = pl.Trainer(strategy=strategy, **quiet_trainer_kwargs(max_steps=3))
+    trainer.fit(model, train)
+    return strategy
+
+
+def test_the_trainer_uses_per_row_estimates_for_the_head_only_where_they_apply(no_backprop: None) -> None:
+    strategy = _fit(EggRoll(population=32))
+    (estimator,) = strategy.engine._estimators.values()
+    assert [layer.module for layer in estimator.row_local] == [strategy.lightning_module.net[2]]
+    # off when asked, with MeZO (no population), and when every pair sees its own samples
+    for algorithm, kwargs in (
+        (EggRoll(population=32, per_row_estimates=False), {}),
+        (MeZO(), {}),
+        (EggRoll(population=32), {"member_data": "pair_slices"}),
+    ):
+        strategy = _fit(algorithm, **kwargs)
+        (estimator,) = strategy.engine._estimators.values()
+        assert not estimator.row_local, (algorithm, kwargs)
