@@ -192,3 +192,36 @@ def test_the_trainer_uses_per_row_estimates_for_the_head_only_where_they_apply(n
         strategy = _fit(algorithm, **kwargs)
         (estimator,) = strategy.engine._estimators.values()
         assert not estimator.row_local, (algorithm, kwargs)
+
+
+class _HeadCalls(pl.Callback):
+    """Counts the head's forward calls during each training batch."""
+
+    def __init__(self) -> None:
+        self.per_batch: list[int] = []
+        self._calls = 0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.net[2].register_forward_hook(lambda *args: setattr(self, "_calls", self._calls + 1))
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self._calls = 0
+
+    def on_train_batch_end(self, *args: object) -> None:
+        self.per_batch.append(self._calls)
+
+
+def test_the_official_pass_supplies_the_head_inputs(no_backprop: None) -> None:
+    """After the first step (which searches the row-local layers), a step runs the head twice: the official pass
+    (whose inputs the estimate reuses) and one batched call for the whole population; no extra forward."""
+    pl.seed_everything(0, verbose=False)
+    model = CountingDigits()
+    train, _ = digits_loaders(batch_size=128)
+    counter = _HeadCalls()
+    trainer = pl.Trainer(
+        strategy=NoBackpropStrategy(algorithm=EggRoll(population=32)),
+        callbacks=[counter],
+        **quiet_trainer_kwargs(max_steps=4),
+    )
+    trainer.fit(model, train)
+    assert counter.per_batch[1:] == [2, 2, 2]

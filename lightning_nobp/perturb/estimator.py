@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -128,6 +128,10 @@ class PopulationEstimator:
         self.row_local: list[RowLocalLayer] | None = None
         #: the last evaluation's per-row record: (population, rows ``(P, N)``, each row-local layer's input rows)
         self._row_record: tuple[Population, Tensor, dict[int, Tensor]] | None = None
+        #: the row-local layers' noise stacked per seed by the batched evaluation: (param index, seeds, noise)
+        self._seed_noise: list[tuple[int, list[int], Any]] = []
+        #: the row-local layers' input rows seen by the official training pass (``row_input_tap``), by weight index
+        self._tapped_inputs: dict[int, Tensor] = {}
 
     def _loss_context(self) -> contextlib.AbstractContextManager:
         """Where members' losses are evaluated: ``NarrowSoftmaxMode`` on the CPU, nothing elsewhere."""
@@ -248,19 +252,31 @@ class PopulationEstimator:
         dense: dict[int, Tensor] = {}
         low_rank: dict[int, tuple[Tensor, Tensor]] = {}
         low_rank_allowed = self.owners.low_rank_capable - self.owners.whole_evaluation
+        kept = self._row_local_indices()
         for index, param in enumerate(self.params):
             members_of = spread.to(param.device)
             scale = scales.to(param.device)
             if index in low_rank_allowed:
                 factors = [self.algorithm.low_rank_factors(seed, index, param) for seed in seeds]
                 if all(f is not None for f in factors):
-                    a = torch.stack([f[0] for f in factors])[members_of].mul_(scale.view(-1, 1, 1))  # type: ignore[index]
-                    b = torch.stack([f[1] for f in factors])[members_of]  # type: ignore[index]
-                    low_rank[index] = (a, b)
+                    a_seeds = torch.stack([f[0] for f in factors])  # type: ignore[index]
+                    b_seeds = torch.stack([f[1] for f in factors])  # type: ignore[index]
+                    if index in kept:
+                        self._seed_noise.append((index, seeds, (a_seeds, b_seeds)))
+                    low_rank[index] = (a_seeds[members_of].mul_(scale.view(-1, 1, 1)), b_seeds[members_of])
                     continue
-            noise = torch.stack([self.dense_noise(seed, index) for seed in seeds])[members_of]
-            dense[index] = noise.mul_(scale.view(-1, *([1] * param.dim())))
+            noise_seeds = torch.stack([self.dense_noise(seed, index) for seed in seeds])
+            if index in kept:
+                self._seed_noise.append((index, seeds, noise_seeds))
+            dense[index] = noise_seeds[members_of].mul_(scale.view(-1, *([1] * param.dim())))
         return dense, low_rank
+
+    def _row_local_indices(self) -> set[int]:
+        """Parameters of the row-local layers while per-row estimates are on (their noise is kept for the update)."""
+        if not self.row_estimates or not self.row_local:
+            return set()
+        indices = {layer.weight_index for layer in self.row_local}
+        return indices | {layer.bias_index for layer in self.row_local if layer.bias_index is not None}
 
     def evaluate_batched(
         self,
@@ -394,6 +410,7 @@ class PopulationEstimator:
         layers are searched on the first such step.
         """
         self._row_record = None
+        self._seed_noise = []
         if not self.row_estimates or member_inputs is not None:
             return None
         if members is not None and sorted(members) != list(range(len(population))):
@@ -450,24 +467,44 @@ class PopulationEstimator:
                 stacklevel=3,
             )
             return
-        inputs: dict[int, Tensor] = {}
+        inputs, self._tapped_inputs = self._tapped_inputs, {}
+        if any(
+            layer.weight_index not in inputs or len(inputs[layer.weight_index]) != width for layer in self.row_local
+        ):
+            inputs = {}  # not from this batch: take them from one forward at the current weights
+            with self.row_input_tap(inputs):
+                if rng is not None:
+                    rng.restore()
+                with torch.no_grad(), self._loss_context():
+                    loss_fn()
+        self._row_record = (population, table, inputs)
+
+    @contextlib.contextmanager
+    def row_input_tap(self, into: dict[int, Tensor] | None = None) -> Iterator[None]:
+        """Within the context, forwards keep the input rows of the row-local layers (for the next update).
+
+        The strategy wraps its official training pass in it, which saves the per-row estimate one forward.
+
+        Args:
+            into: where to keep them, by weight index (default: for the next evaluation of this estimator).
+        """
+        store = self._tapped_inputs if into is None else into
+        if into is None:
+            store.clear()
 
         def tap(layer: RowLocalLayer) -> Callable[[nn.Module, Any], None]:
             def hook(module: nn.Module, args: Any) -> None:
-                inputs[layer.weight_index] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                store[layer.weight_index] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
 
             return hook
 
-        handles = [layer.module.register_forward_pre_hook(tap(layer)) for layer in self.row_local]
+        layers = self.row_local if self.row_estimates and self.row_local else []
+        handles = [layer.module.register_forward_pre_hook(tap(layer)) for layer in layers]
         try:
-            if rng is not None:
-                rng.restore()
-            with torch.no_grad(), self._loss_context():
-                loss_fn()
+            yield
         finally:
             for handle in handles:
                 handle.remove()
-        self._row_record = (population, table, inputs)
 
     def _row_local_gradients(self, population: Population) -> dict[int, Tensor]:
         """Per-row estimates of the row-local layers' weights and biases, by parameter index (empty if none)."""
@@ -492,17 +529,11 @@ class PopulationEstimator:
             if rows is None or rows.shape[0] != differences.shape[1]:
                 continue
             weight = self.params[layer.weight_index]
-            factors = [self.algorithm.low_rank_factors(seed, layer.weight_index, weight) for seed in seeds]
-            if all(f is not None for f in factors):
-                noise: tuple[Tensor, Tensor] | Tensor = (
-                    torch.stack([f[0] for f in factors]),  # type: ignore[index]
-                    torch.stack([f[1] for f in factors]),  # type: ignore[index]
-                )
-            else:
-                noise = torch.stack([self.dense_noise(seed, layer.weight_index) for seed in seeds])
+            noise = self._pair_noise(layer.weight_index, seeds)
             bias_noise = None
             if layer.bias_index is not None:
-                bias_noise = torch.stack([self.dense_noise(seed, layer.bias_index) for seed in seeds])
+                bias_noise = self._pair_noise(layer.bias_index, seeds)
+                assert isinstance(bias_noise, Tensor)
             device = weight.device
             weight_gradient, bias_gradient = row_local_gradient(
                 differences.to(device), rows.to(device), noise, None if bias_noise is None else bias_noise
@@ -511,6 +542,32 @@ class PopulationEstimator:
             if bias_gradient is not None and layer.bias_index is not None:
                 estimates[layer.bias_index] = bias_gradient
         return estimates
+
+    def _pair_noise(self, index: int, seeds: list[int]) -> tuple[Tensor, Tensor] | Tensor:
+        """The noise of parameter ``index`` for ``seeds``, stacked: low-rank factors ``(A, B)`` or dense ``E``.
+
+        Taken from the stacks the batched evaluation built when it has them, else drawn from the algorithm.
+        """
+        parts = [(part_seeds, stacked) for i, part_seeds, stacked in self._seed_noise if i == index]
+        position = {seed: (p, row) for p, (part_seeds, _) in enumerate(parts) for row, seed in enumerate(part_seeds)}
+        if parts and all(seed in position for seed in seeds):
+            if len(parts) == 1:
+                rows = torch.tensor([position[seed][1] for seed in seeds])
+                stacked = parts[0][1]
+                return (stacked[0][rows], stacked[1][rows]) if isinstance(stacked, tuple) else stacked[rows]
+            picked = [parts[position[seed][0]][1] for seed in seeds]
+            rows_of = [position[seed][1] for seed in seeds]
+            if isinstance(picked[0], tuple):
+                return (
+                    torch.stack([stacked[0][row] for stacked, row in zip(picked, rows_of)]),
+                    torch.stack([stacked[1][row] for stacked, row in zip(picked, rows_of)]),
+                )
+            return torch.stack([stacked[row] for stacked, row in zip(picked, rows_of)])
+        param = self.params[index]
+        factors = [self.algorithm.low_rank_factors(seed, index, param) for seed in seeds]
+        if all(f is not None for f in factors):
+            return torch.stack([f[0] for f in factors]), torch.stack([f[1] for f in factors])  # type: ignore[index]
+        return torch.stack([self.dense_noise(seed, index) for seed in seeds])
 
     def _estimate_of(self, index: int, terms: Sequence[tuple[Population, Tensor]]) -> Tensor:
         """The float32 estimate of parameter ``index``: ``sum over terms of sum_i c_i sign_i E_i``.
@@ -535,6 +592,7 @@ class PopulationEstimator:
         squared_norm = 0.0
         row_local = self._row_local_gradients(population)
         self._row_record = None
+        self._seed_noise = []
         for index, param in enumerate(self.params):
             total = self._estimate_of(index, [(population, coefficients)])
             if index in row_local:

@@ -290,14 +290,16 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             if not estimator.probed:
                 estimator.probe_parameter_reads(population, self._muted_training_step)
                 rng.restore()
+            # the official pass also keeps the input rows of per-row-estimated layers (saves the estimate a forward)
             if self.reuse_official_pass and own and not self.algorithm.uses_jvp:
-                with estimator.perturbation(population, population.members[own[0]]):
+                with estimator.perturbation(population, population.members[own[0]]), estimator.row_input_tap():
                     output = super().training_step(*args, **kwargs)
                 loss = loss_from_step_output(output)
                 if isinstance(loss, Tensor) and loss.numel() == 1:
                     self._step["known"] = {own[0]: loss.detach().reshape(())}
             else:
-                output = super().training_step(*args, **kwargs)
+                with estimator.row_input_tap():
+                    output = super().training_step(*args, **kwargs)
         self._step["rng_after"] = RngSnapshot(self.root_device)
         return output
 
