@@ -225,3 +225,27 @@ def test_the_official_pass_supplies_the_head_inputs(no_backprop: None) -> None:
     )
     trainer.fit(model, train)
     assert counter.per_batch[1:] == [2, 2, 2]
+
+
+def test_bf16_losses_keep_per_row_estimates_on() -> None:
+    """The rows' float32 sum differs from a bf16 loss by rounding; only a changed loss turns the estimates off."""
+    import warnings
+
+    net, x, y, _ = _head_setup(0)
+    net = net.to(torch.bfloat16)
+    x = x.to(torch.bfloat16)
+    algorithm = EggRoll(population=16)
+    estimator = PopulationEstimator(algorithm, [net], list(net.parameters()))
+    estimator.row_estimates = True
+
+    def loss() -> torch.Tensor:
+        return F.cross_entropy(net(x), y)
+
+    population = algorithm.ask(0)
+    estimator.probe_parameter_reads(population, loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fitness = estimator.evaluate_members(population, loss)
+    assert estimator.row_estimates is True
+    estimator.accumulate_gradient(population, algorithm.tell(population, fitness).coefficients)
+    assert net[2].weight.grad is not None and bool(torch.isfinite(net[2].weight.grad).all())

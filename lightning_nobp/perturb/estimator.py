@@ -213,7 +213,7 @@ class PopulationEstimator:
         known = known or {}
         fitness = torch.zeros(len(population), dtype=torch.float32)
         recorder = self._row_recorder(population, loss_fn, rng, members, member_inputs)
-        rows: list[tuple[int, Tensor]] = []
+        rows: list[tuple[int, Tensor, Tensor]] = []
         for index in range(len(population)) if members is None else members:
             member = population.members[index]
             if index in known:
@@ -229,7 +229,7 @@ class PopulationEstimator:
                     with recorder:
                         loss = loss_fn()
                     if recorder.rows is not None:
-                        rows.append((index, recorder.rows.float().cpu()))
+                        rows.append((index, recorder.rows.float().cpu(), recorder.mismatch(loss).cpu()))
             fitness[index] = loss.float().cpu()
         if recorder is not None:
             self._keep_rows(population, fitness, rows, loss_fn, rng)
@@ -312,22 +312,24 @@ class PopulationEstimator:
         size = chunk or max(len(todo), 1)
 
         recorder = self._row_recorder(population, loss_fn, rng, members, member_inputs)
-        rows: list[tuple[int, Tensor]] = []
+        rows: list[tuple[int, Tensor, Tensor]] = []
         recorded: list[bool] = []
 
         def member_loss(
             dense: dict[int, Tensor], low_rank: dict[int, tuple[Tensor, Tensor]], inputs: Any
-        ) -> tuple[Tensor, Tensor]:
+        ) -> tuple[Tensor, Tensor, Tensor]:
             with PerturbedForward(self.owners, lambda index, stored: dense[index], low_rank=low_rank):
                 if recorder is None:
                     loss = loss_fn() if member_inputs is None else loss_fn(inputs)
-                    return loss.reshape(()), loss.new_zeros(())
+                    return loss.reshape(()), loss.new_zeros(()), loss.new_zeros(())
                 recorder.reset()
                 with recorder:
                     loss = loss_fn()
                 member_rows, recorder.rows = recorder.rows, None
                 recorded.append(member_rows is not None)
-                return loss.reshape(()), member_rows if member_rows is not None else loss.new_zeros(())
+                if member_rows is None:
+                    return loss.reshape(()), loss.new_zeros(()), loss.new_zeros(())
+                return loss.reshape(()), member_rows, recorder.mismatch(loss)
 
         for start in range(0, len(todo), size):
             part = todo[start : start + size]
@@ -337,12 +339,12 @@ class PopulationEstimator:
                 rng.restore()
             with torch.no_grad(), self._loss_context():
                 in_dims = (0, 0, None if inputs is None else 0)
-                losses, part_rows = torch.func.vmap(member_loss, in_dims=in_dims, randomness="same")(
+                losses, part_rows, mismatches = torch.func.vmap(member_loss, in_dims=in_dims, randomness="same")(
                     dense, low_rank, inputs
                 )
             fitness[part] = losses.float().cpu()
             if recorded and recorded[-1]:
-                rows += list(zip(part, part_rows.float().cpu()))
+                rows += list(zip(part, part_rows.float().cpu(), mismatches.float().cpu()))
         if recorder is not None:
             self._keep_rows(population, fitness, rows, loss_fn, rng)
         return fitness
@@ -438,27 +440,25 @@ class PopulationEstimator:
         self,
         population: Population,
         fitness: Tensor,
-        rows: list[tuple[int, Tensor]],
+        rows: list[tuple[int, Tensor, Tensor]],
         loss_fn: LossFn,
         rng: RngSnapshot | None,
     ) -> None:
         """Keep the step's per-row losses and the row-local layers' unperturbed inputs for the update.
 
-        Rows that do not add up to the member's loss (a regularizer added to a recognized loss, two losses) turn
-        the per-row estimates off for good, with a warning.
+        A training step that returns something else than the recorded loss (a regularizer added to it) turns the
+        per-row estimates off for good, with a warning.
         """
         if not rows or self.row_local is None:
             return
         width = rows[0][1].numel()
         table = torch.full((len(population), width), float("nan"))
-        for index, values in rows:
+        for index, values, _ in rows:
             if values.numel() != width:
                 return
             table[index] = values
-        recorded = torch.tensor([index for index, _ in rows])
-        sums, losses = table[recorded].sum(1), fitness[recorded]
-        finite = torch.isfinite(sums) & torch.isfinite(losses)
-        if not torch.allclose(sums[finite], losses[finite], rtol=1e-4, atol=1e-6):
+        mismatches = torch.stack([mismatch.reshape(()) for _, _, mismatch in rows])
+        if bool((mismatches[torch.isfinite(fitness[[index for index, _, _ in rows]])] != 0).any()):
             self.row_estimates = False
             warnings.warn(
                 "per-row estimates are off: the loss returned by the training step is not the single recognized"

@@ -71,18 +71,28 @@ class RowLossRecorder(TorchFunctionMode):
     Recognized: ``F.cross_entropy`` and ``F.nll_loss`` with class-index targets (``ignore_index`` and class
     ``weight`` included, no label smoothing), ``F.mse_loss`` and ``F.binary_cross_entropy_with_logits`` (rows: the
     last dimension summed), each with ``reduction`` ``"mean"`` or ``"sum"``. After a forward, :attr:`rows` holds
-    the contributions (their sum is the recorded loss) when exactly one recognized loss ran, else ``None``.
+    the contributions (their sum is the recorded loss, :attr:`total`) when exactly one recognized loss ran, else
+    ``None``.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.rows: Tensor | None = None
+        #: the value the recorded loss returned (a training step that returns anything else added terms to it)
+        self.total: Tensor | None = None
         self.calls = 0
 
     def reset(self) -> None:
         """Forget the last forward's record."""
         self.rows = None
+        self.total = None
         self.calls = 0
+
+    def mismatch(self, loss: Tensor) -> Tensor:
+        """``loss - total`` as float32: zero exactly when the step returned the recorded loss unchanged."""
+        if self.total is None:
+            return loss.new_full((), float("nan"), dtype=torch.float32)
+        return loss.reshape(()).float() - self.total.float()
 
     def __torch_function__(
         self, func: Callable, types: tuple, args: tuple = (), kwargs: dict[str, Any] | None = None
@@ -99,7 +109,8 @@ class RowLossRecorder(TorchFunctionMode):
             return func(*args, **kwargs)
         self.calls += 1
         self.rows = rows if self.calls == 1 else None  # two losses in one step: rows of which? none
-        return rows.sum()
+        self.total = rows.sum()
+        return self.total
 
 
 @dataclass(frozen=True)
