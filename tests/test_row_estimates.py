@@ -249,3 +249,22 @@ def test_bf16_losses_keep_per_row_estimates_on() -> None:
     assert estimator.row_estimates is True
     estimator.accumulate_gradient(population, algorithm.tell(population, fitness).coefficients)
     assert net[2].weight.grad is not None and bool(torch.isfinite(net[2].weight.grad).all())
+
+
+def test_a_population_evaluated_in_chunks_gives_the_same_head_estimate() -> None:
+    heads = []
+    for chunk in (None, 4):
+        net, x, y, _ = _head_setup(0)
+        algorithm = EggRoll(population=16, population_chunk=chunk)
+        estimator = PopulationEstimator(algorithm, [net], list(net.parameters()))
+        estimator.row_estimates = True
+
+        def loss() -> torch.Tensor:
+            return F.cross_entropy(net(x), y)
+
+        population = algorithm.ask(5)
+        estimator.probe_parameter_reads(population, loss)
+        fitness = estimator.evaluate_members(population, loss)
+        estimator.accumulate_gradient(population, algorithm.tell(population, fitness).coefficients)
+        heads.append(net[2].weight.grad.clone())
+    torch.testing.assert_close(heads[0], heads[1], rtol=1e-4, atol=1e-6)

@@ -256,20 +256,25 @@ class PopulationEstimator:
         for index, param in enumerate(self.params):
             members_of = spread.to(param.device)
             scale = scales.to(param.device)
-            if index in low_rank_allowed:
-                factors = [self.algorithm.low_rank_factors(seed, index, param) for seed in seeds]
-                if all(f is not None for f in factors):
-                    a_seeds = torch.stack([f[0] for f in factors])  # type: ignore[index]
-                    b_seeds = torch.stack([f[1] for f in factors])  # type: ignore[index]
-                    if index in kept:
-                        self._seed_noise.append((index, seeds, (a_seeds, b_seeds)))
-                    low_rank[index] = (a_seeds[members_of].mul_(scale.view(-1, 1, 1)), b_seeds[members_of])
-                    continue
-            noise_seeds = torch.stack([self.dense_noise(seed, index) for seed in seeds])
+            noise = self._noise_of_seeds(index, seeds, low_rank=index in low_rank_allowed)
             if index in kept:
-                self._seed_noise.append((index, seeds, noise_seeds))
-            dense[index] = noise_seeds[members_of].mul_(scale.view(-1, *([1] * param.dim())))
+                self._seed_noise.append((index, seeds, noise))
+            if isinstance(noise, tuple):
+                a_seeds, b_seeds = noise
+                low_rank[index] = (a_seeds[members_of].mul_(scale.view(-1, 1, 1)), b_seeds[members_of])
+            else:
+                dense[index] = noise[members_of].mul_(scale.view(-1, *([1] * param.dim())))
         return dense, low_rank
+
+    def _noise_of_seeds(self, index: int, seeds: Sequence[int], low_rank: bool) -> tuple[Tensor, Tensor] | Tensor:
+        """Parameter ``index``'s noise for ``seeds``, stacked along a first dimension: the algorithm's low-rank
+        factors ``(A, B)`` where allowed and available, else the dense ``E``."""
+        param = self.params[index]
+        if low_rank:
+            factors = [self.algorithm.low_rank_factors(seed, index, param) for seed in seeds]
+            if all(f is not None for f in factors):
+                return torch.stack([f[0] for f in factors]), torch.stack([f[1] for f in factors])  # type: ignore[index]
+        return torch.stack([self.dense_noise(seed, index) for seed in seeds])
 
     def _row_local_indices(self) -> set[int]:
         """Parameters of the row-local layers while per-row estimates are on (their noise is kept for the update)."""
@@ -549,25 +554,14 @@ class PopulationEstimator:
         Taken from the stacks the batched evaluation built when it has them, else drawn from the algorithm.
         """
         parts = [(part_seeds, stacked) for i, part_seeds, stacked in self._seed_noise if i == index]
-        position = {seed: (p, row) for p, (part_seeds, _) in enumerate(parts) for row, seed in enumerate(part_seeds)}
-        if parts and all(seed in position for seed in seeds):
-            if len(parts) == 1:
-                rows = torch.tensor([position[seed][1] for seed in seeds])
-                stacked = parts[0][1]
-                return (stacked[0][rows], stacked[1][rows]) if isinstance(stacked, tuple) else stacked[rows]
-            picked = [parts[position[seed][0]][1] for seed in seeds]
-            rows_of = [position[seed][1] for seed in seeds]
-            if isinstance(picked[0], tuple):
-                return (
-                    torch.stack([stacked[0][row] for stacked, row in zip(picked, rows_of)]),
-                    torch.stack([stacked[1][row] for stacked, row in zip(picked, rows_of)]),
-                )
-            return torch.stack([stacked[row] for stacked, row in zip(picked, rows_of)])
-        param = self.params[index]
-        factors = [self.algorithm.low_rank_factors(seed, index, param) for seed in seeds]
-        if all(f is not None for f in factors):
-            return torch.stack([f[0] for f in factors]), torch.stack([f[1] for f in factors])  # type: ignore[index]
-        return torch.stack([self.dense_noise(seed, index) for seed in seeds])
+        row_of = {seed: row for row, seed in enumerate(seed for part_seeds, _ in parts for seed in part_seeds)}
+        if parts and all(seed in row_of for seed in seeds):
+            rows = torch.tensor([row_of[seed] for seed in seeds])
+            stacks = [stacked for _, stacked in parts]  # one per evaluated chunk of the population
+            if isinstance(stacks[0], tuple):
+                return torch.cat([a for a, _ in stacks])[rows], torch.cat([b for _, b in stacks])[rows]
+            return torch.cat(stacks)[rows]
+        return self._noise_of_seeds(index, seeds, low_rank=index in self.owners.low_rank_capable)
 
     def _estimate_of(self, index: int, terms: Sequence[tuple[Population, Tensor]]) -> Tensor:
         """The float32 estimate of parameter ``index``: ``sum over terms of sum_i c_i sign_i E_i``.
