@@ -268,3 +268,47 @@ def test_a_population_evaluated_in_chunks_gives_the_same_head_estimate() -> None
         estimator.accumulate_gradient(population, algorithm.tell(population, fitness).coefficients)
         heads.append(net[2].weight.grad.clone())
     torch.testing.assert_close(heads[0], heads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_the_direct_update_applies_the_same_per_row_estimate() -> None:
+    """``update="direct"`` (low-bit weights' path) writes ``-lr *`` the estimate the ``.grad`` path would hold."""
+    written = []
+    for direct in (False, True):
+        net, x, y, _ = _head_setup(0)
+        before = net[2].weight.detach().clone()
+        algorithm = EggRoll(population=16)
+        estimator = PopulationEstimator(algorithm, [net], list(net.parameters()))
+        estimator.row_estimates = True
+
+        def loss() -> torch.Tensor:
+            return F.cross_entropy(net(x), y)
+
+        population = algorithm.ask(3)
+        estimator.probe_parameter_reads(population, loss)
+        fitness = estimator.evaluate_members(population, loss)
+        coefficients = algorithm.tell(population, fitness).coefficients
+        assert estimator.row_local
+        if direct:
+            estimator.apply_update([(population, coefficients)], [(0.5, 0.0)] * len(estimator.params), 7)
+            written.append((before - net[2].weight.detach()) / 0.5)
+        else:
+            estimator.accumulate_gradient(population, coefficients)
+            written.append(net[2].weight.grad.clone())
+    torch.testing.assert_close(written[1], written[0], rtol=1e-4, atol=1e-6)
+
+
+def test_low_bit_weights_train_with_per_row_estimates(no_backprop: None) -> None:
+    from lightning_nobp import LowBitPrecision
+
+    pl.seed_everything(0, verbose=False)
+    model = DigitsClassifier(lr=3e-3, momentum=0.0)  # plain SGD: what the direct path honours
+    train, _ = digits_loaders(batch_size=128)
+    strategy = NoBackpropStrategy(algorithm=EggRoll(population=32), direct_step="normalized")
+    trainer = pl.Trainer(strategy=strategy, plugins=[LowBitPrecision("fp8_e4m3")], **quiet_trainer_kwargs(max_steps=3))
+    trainer.fit(model, train)
+    (estimator,) = strategy.engine._estimators.values()
+    assert strategy.engine.update == "direct"
+    assert [layer.module for layer in estimator.row_local] == [model.net[2]]
+    assert all(
+        bool(torch.isfinite(p.dequantize() if hasattr(p, "dequantize") else p).all()) for p in model.parameters()
+    )

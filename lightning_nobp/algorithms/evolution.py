@@ -152,9 +152,9 @@ class OpenES(EvolutionStrategy):
             output projection: an ``nn.Linear`` with at most ``population / 2`` outputs whose output row ``n``
             changes loss row ``n`` only, tested once on the first batch) from the members' per-row losses
             instead of their mean losses, at the scale of the estimate it replaces. Applies with antithetic
-            pairs on one process and the ``.grad`` update, when every member sees the whole batch and the
-            training step returns one ``cross_entropy``, ``nll_loss``, ``mse_loss`` or
-            ``binary_cross_entropy_with_logits``; other parameters and cases are unchanged.
+            pairs on one process (``.grad`` and direct updates, low-bit weights included), when every member
+            sees the whole batch and the training step returns one ``cross_entropy``, ``nll_loss``,
+            ``mse_loss`` or ``binary_cross_entropy_with_logits``; other parameters and cases are unchanged.
     """
 
     def __init__(
@@ -204,9 +204,9 @@ class EggRoll(EvolutionStrategy):
             output projection: an ``nn.Linear`` with at most ``population / 2`` outputs whose output row ``n``
             changes loss row ``n`` only, tested once on the first batch) from the members' per-row losses
             instead of their mean losses, at the scale of the estimate it replaces. Applies with antithetic
-            pairs on one process and the ``.grad`` update, when every member sees the whole batch and the
-            training step returns one ``cross_entropy``, ``nll_loss``, ``mse_loss`` or
-            ``binary_cross_entropy_with_logits``; other parameters and cases are unchanged.
+            pairs on one process (``.grad`` and direct updates, low-bit weights included), when every member
+            sees the whole batch and the training step returns one ``cross_entropy``, ``nll_loss``,
+            ``mse_loss`` or ``binary_cross_entropy_with_logits``; other parameters and cases are unchanged.
     """
 
     def __init__(

@@ -185,8 +185,7 @@ class ForwardOnlyEngine:
             params = trainable_parameters(optimizer)
             estimator = PopulationEstimator(self.algorithm, roots, params, [names.get(id(p), "?") for p in params])
             estimator.row_estimates = (
-                self.update == "grad"
-                and self._world()[1] == 1
+                self._world()[1] == 1
                 and bool(getattr(self.algorithm, "per_row_estimates", False))
                 and bool(getattr(self.algorithm, "antithetic", False))
             )

@@ -40,6 +40,15 @@ def _rms(squared_norm: float, numel: int) -> float:
     return math.sqrt(squared_norm / numel) if squared_norm > 0 else 1.0
 
 
+def _rescaled(better: Tensor, norm: float, fallback: Any) -> Any:
+    """``better`` scaled to ``norm`` (a per-row estimate at the scale of the estimate it replaces), or
+    ``fallback`` when ``better`` is zero or not finite."""
+    length = float(better.norm())
+    if length > 0 and math.isfinite(length) and math.isfinite(norm):
+        return better.mul_(norm / length)
+    return fallback
+
+
 def _first(stacked: Any) -> Any:
     return tree_map(lambda tensor: tensor[0] if isinstance(tensor, Tensor) else tensor, stacked)
 
@@ -122,7 +131,7 @@ class PopulationEstimator:
         self.batching: bool | None = None
         #: CPU weights: evaluate members under NarrowSoftmaxMode (PyTorch's CPU log_softmax over 10 classes is slow)
         self.narrow_softmax = all(param.device.type == "cpu" for param in self.params)
-        #: estimate row-local layers from per-row losses (set by the engine: antithetic ES, .grad path, one process)
+        #: estimate row-local layers from per-row losses (set by the engine: antithetic ES on one process)
         self.row_estimates = False
         #: the row-local layers found on the first batch (``None``: not searched yet)
         self.row_local: list[RowLocalLayer] | None = None
@@ -436,7 +445,7 @@ class PopulationEstimator:
                 continue
             indices = dict(slots)
             weight = indices.get("weight")
-            if weight is None or weight in self.owners.whole_evaluation or weight in self.low_bit:
+            if weight is None or weight in self.owners.whole_evaluation:
                 continue
             candidates.append(RowLocalLayer(module, weight, indices.get("bias")))
         return candidates
@@ -590,11 +599,7 @@ class PopulationEstimator:
         for index, param in enumerate(self.params):
             total = self._estimate_of(index, [(population, coefficients)])
             if index in row_local:
-                # the per-row estimate's direction at the scale of the estimate it replaces (so the lr still fits)
-                better = row_local[index]
-                norm = float(better.norm())
-                if norm > 0 and math.isfinite(norm):
-                    total = better.mul_(float(total.norm()) / norm)
+                total = _rescaled(row_local[index], float(total.norm()), total)
             if scale != 1.0:
                 total.mul_(scale)
             squared_norm += float(total.square().sum())
@@ -630,6 +635,9 @@ class PopulationEstimator:
             the update was not finite and nothing was written.
         """
         merged = self._merged_weights(terms)
+        row_local = self._row_local_gradients(terms[0][0]) if len(terms) == 1 else {}
+        self._row_record = None
+        self._seed_noise = []
         if not all(map(math.isfinite, merged.values())):
             return float("nan")  # never write a non-finite update: the weights stay untouched
         squared_norm = 0.0
@@ -637,11 +645,18 @@ class PopulationEstimator:
             if index in self.low_bit:
                 update_terms = self._low_bit_terms(index, merged, 1.0 - lr * weight_decay)
                 squared = self._squared_norm(index, update_terms)
+                if index in row_local:
+                    # the per-row estimate, at the norm of the terms it replaces, as one dense term
+                    dense = _rescaled(row_local[index], squared**0.5, None)
+                    if dense is not None:
+                        update_terms = UpdateTerms(decay=update_terms.decay, dense=dense.view(param.shape[0], -1))
                 squared_norm += squared
                 step = -lr / _rms(squared, param.numel()) if normalize else -lr
                 apply_low_bit_update(param, update_terms.scaled(step), derive_seed(rounding_seed, index))
                 continue
             estimate = self.algorithm.combine(merged, index, param)
+            if index in row_local:
+                estimate = _rescaled(row_local[index], float(estimate.norm()), estimate)
             squared = float(estimate.square().sum())
             squared_norm += squared
             if normalize:
