@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_nobp.algorithms import EggRoll, MeZO, OpenES
+from lightning_nobp.algorithms import EggRoll, MeZO, OpenES, Population
 from lightning_nobp.perturb import PopulationEstimator
 from lightning_nobp.perturb.row_estimate import row_local_gradient
 from lightning_nobp.perturb.row_losses import RowLocalLayer, RowLossRecorder, find_row_local_layers
@@ -112,20 +114,29 @@ def _head_setup(seed: int) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor, t
     return net, x, y, true_head
 
 
+def _evaluated(
+    algorithm: EggRoll | OpenES,
+    net: nn.Module,
+    loss: Callable[[], torch.Tensor],
+    seed: int,
+    row_estimates: bool = True,
+    batched: bool = True,
+) -> tuple[PopulationEstimator, Population, torch.Tensor]:
+    """One step's population of ``algorithm`` evaluated on ``net`` by a fresh estimator."""
+    estimator = PopulationEstimator(algorithm, [net], list(net.parameters()))
+    estimator.row_estimates = row_estimates
+    population = algorithm.ask(seed)
+    estimator.probe_parameter_reads(population, loss)
+    return estimator, population, estimator.evaluate_members(population, loss, batched=batched)
+
+
 def _head_estimate(algorithm: EggRoll | OpenES, row_estimates: bool, seed: int, batched: bool) -> tuple[float, float]:
     """Cosine with the true head gradient, and the estimate's norm."""
     net, x, y, true_head = _head_setup(seed)
-    estimator = PopulationEstimator(algorithm, [net], list(net.parameters()))
-    estimator.row_estimates = row_estimates
-
-    def loss() -> torch.Tensor:
-        return F.cross_entropy(net(x), y)
-
-    population = algorithm.ask(seed)
-    estimator.probe_parameter_reads(population, loss)
-    fitness = estimator.evaluate_members(population, loss, batched=batched)
-    estimate = algorithm.tell(population, fitness)
-    estimator.accumulate_gradient(population, estimate.coefficients)
+    estimator, population, fitness = _evaluated(
+        algorithm, net, lambda: F.cross_entropy(net(x), y), seed, row_estimates, batched
+    )
+    estimator.accumulate_gradient(population, algorithm.tell(population, fitness).coefficients)
     head = net[2].weight.grad
     return float(F.cosine_similarity(head.flatten(), true_head.flatten(), dim=0)), float(head.norm())
 
@@ -148,17 +159,12 @@ def test_per_row_estimate_of_a_head_is_closer_to_its_gradient(algorithm: type, b
 
 def test_a_regularized_loss_turns_per_row_estimates_off_with_a_warning() -> None:
     net, x, y, _ = _head_setup(0)
-    algorithm = EggRoll(population=16)
-    estimator = PopulationEstimator(algorithm, [net], list(net.parameters()))
-    estimator.row_estimates = True
 
     def loss() -> torch.Tensor:
         return F.cross_entropy(net(x), y) + 1e-2 * net[0].weight.square().sum()
 
-    population = algorithm.ask(0)
-    estimator.probe_parameter_reads(population, loss)
     with pytest.warns(UserWarning, match="per-row estimates are off"):
-        estimator.evaluate_members(population, loss)
+        estimator, _, _ = _evaluated(EggRoll(population=16), net, loss, 0)
     assert estimator.row_estimates is False
 
 
@@ -232,20 +238,11 @@ def test_bf16_losses_keep_per_row_estimates_on() -> None:
     import warnings
 
     net, x, y, _ = _head_setup(0)
-    net = net.to(torch.bfloat16)
-    x = x.to(torch.bfloat16)
+    net, x = net.to(torch.bfloat16), x.to(torch.bfloat16)
     algorithm = EggRoll(population=16)
-    estimator = PopulationEstimator(algorithm, [net], list(net.parameters()))
-    estimator.row_estimates = True
-
-    def loss() -> torch.Tensor:
-        return F.cross_entropy(net(x), y)
-
-    population = algorithm.ask(0)
-    estimator.probe_parameter_reads(population, loss)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fitness = estimator.evaluate_members(population, loss)
+        estimator, population, fitness = _evaluated(algorithm, net, lambda: F.cross_entropy(net(x), y), 0)
     assert estimator.row_estimates is True
     estimator.accumulate_gradient(population, algorithm.tell(population, fitness).coefficients)
     assert net[2].weight.grad is not None and bool(torch.isfinite(net[2].weight.grad).all())
@@ -256,15 +253,7 @@ def test_a_population_evaluated_in_chunks_gives_the_same_head_estimate() -> None
     for chunk in (None, 4):
         net, x, y, _ = _head_setup(0)
         algorithm = EggRoll(population=16, population_chunk=chunk)
-        estimator = PopulationEstimator(algorithm, [net], list(net.parameters()))
-        estimator.row_estimates = True
-
-        def loss() -> torch.Tensor:
-            return F.cross_entropy(net(x), y)
-
-        population = algorithm.ask(5)
-        estimator.probe_parameter_reads(population, loss)
-        fitness = estimator.evaluate_members(population, loss)
+        estimator, population, fitness = _evaluated(algorithm, net, lambda: F.cross_entropy(net(x), y), 5)
         estimator.accumulate_gradient(population, algorithm.tell(population, fitness).coefficients)
         heads.append(net[2].weight.grad.clone())
     torch.testing.assert_close(heads[0], heads[1], rtol=1e-4, atol=1e-6)
@@ -277,15 +266,7 @@ def test_the_direct_update_applies_the_same_per_row_estimate() -> None:
         net, x, y, _ = _head_setup(0)
         before = net[2].weight.detach().clone()
         algorithm = EggRoll(population=16)
-        estimator = PopulationEstimator(algorithm, [net], list(net.parameters()))
-        estimator.row_estimates = True
-
-        def loss() -> torch.Tensor:
-            return F.cross_entropy(net(x), y)
-
-        population = algorithm.ask(3)
-        estimator.probe_parameter_reads(population, loss)
-        fitness = estimator.evaluate_members(population, loss)
+        estimator, population, fitness = _evaluated(algorithm, net, lambda: F.cross_entropy(net(x), y), 3)
         coefficients = algorithm.tell(population, fitness).coefficients
         assert estimator.row_local
         if direct:
