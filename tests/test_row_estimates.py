@@ -293,3 +293,24 @@ def test_low_bit_weights_train_with_per_row_estimates(no_backprop: None) -> None
     assert all(
         bool(torch.isfinite(p.dequantize() if hasattr(p, "dequantize") else p).all()) for p in model.parameters()
     )
+
+
+class TiedHead(nn.Module):
+    """An embedding whose weight the output layer shares (as in GPT-2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(6, 8)
+        self.head = nn.Linear(8, 6, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(tokens).tanh())
+
+
+def test_a_head_tied_to_an_embedding_is_not_estimated_from_rows() -> None:
+    torch.manual_seed(0)
+    model = TiedHead()
+    tokens, targets = torch.randint(0, 6, (16,)), torch.randint(0, 6, (16,))
+    estimator, _, _ = _evaluated(EggRoll(population=16), model, lambda: F.cross_entropy(model(tokens), targets), 0)
+    assert estimator.row_local == []

@@ -438,7 +438,12 @@ class PopulationEstimator:
         return RowLossRecorder() if self.row_local else None
 
     def _row_local_candidates(self, pairs: int) -> list[RowLocalLayer]:
-        """``nn.Linear`` layers with a trained weight and at most ``pairs`` outputs."""
+        """``nn.Linear`` layers with a trained weight and at most ``pairs`` outputs, whose parameters no other
+        module shares (a head tied to an embedding also gets the embedding's gradient: not from rows alone)."""
+        holders: dict[int, int] = {}
+        for slots in self.owners.slots.values():
+            for _, index in slots:
+                holders[index] = holders.get(index, 0) + 1
         candidates = []
         for module, slots in self.owners.slots.items():
             if type(module) is not nn.Linear or module.out_features > pairs:
@@ -446,6 +451,8 @@ class PopulationEstimator:
             indices = dict(slots)
             weight = indices.get("weight")
             if weight is None or weight in self.owners.whole_evaluation:
+                continue
+            if any(holders[index] > 1 for index in indices.values()):
                 continue
             candidates.append(RowLocalLayer(module, weight, indices.get("bias")))
         return candidates
