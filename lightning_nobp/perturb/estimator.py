@@ -527,9 +527,13 @@ class PopulationEstimator:
             for handle in handles:
                 handle.remove()
 
-    def _row_local_gradients(self, population: Population) -> dict[int, Tensor]:
-        """Per-row estimates of the row-local layers' weights and biases, by parameter index (empty if none)."""
-        record = self._row_record
+    def _row_local_gradients(self, population: Population | None) -> dict[int, Tensor]:
+        """Per-row estimates of the row-local layers' weights and biases, by parameter index (empty if none).
+
+        Consumes the step's record (rows, inputs, stacked noise): an update uses it once.
+        """
+        record, self._row_record = self._row_record, None
+        seed_noise, self._seed_noise = self._seed_noise, []
         if record is None or record[0] is not population:
             return {}
         _, table, inputs = record
@@ -550,26 +554,29 @@ class PopulationEstimator:
             if rows is None or rows.shape[0] != differences.shape[1]:
                 continue
             weight = self.params[layer.weight_index]
-            noise = self._pair_noise(layer.weight_index, seeds)
+            noise = self._pair_noise(layer.weight_index, seeds, seed_noise)
             bias_noise = None
             if layer.bias_index is not None:
-                bias_noise = self._pair_noise(layer.bias_index, seeds)
+                bias_noise = self._pair_noise(layer.bias_index, seeds, seed_noise)
                 assert isinstance(bias_noise, Tensor)
             device = weight.device
             weight_gradient, bias_gradient = row_local_gradient(
-                differences.to(device), rows.to(device), noise, None if bias_noise is None else bias_noise
+                differences.to(device), rows.to(device), noise, bias_noise
             )
             estimates[layer.weight_index] = weight_gradient.view(weight.shape)
             if bias_gradient is not None and layer.bias_index is not None:
                 estimates[layer.bias_index] = bias_gradient
         return estimates
 
-    def _pair_noise(self, index: int, seeds: list[int]) -> tuple[Tensor, Tensor] | Tensor:
+    def _pair_noise(
+        self, index: int, seeds: list[int], seed_noise: list[tuple[int, list[int], Any]]
+    ) -> tuple[Tensor, Tensor] | Tensor:
         """The noise of parameter ``index`` for ``seeds``, stacked: low-rank factors ``(A, B)`` or dense ``E``.
 
-        Taken from the stacks the batched evaluation built when it has them, else drawn from the algorithm.
+        Taken from the stacks the batched evaluation built (``seed_noise``) when it has them, else drawn from the
+        algorithm.
         """
-        parts = [(part_seeds, stacked) for i, part_seeds, stacked in self._seed_noise if i == index]
+        parts = [(part_seeds, stacked) for i, part_seeds, stacked in seed_noise if i == index]
         row_of = {seed: row for row, seed in enumerate(seed for part_seeds, _ in parts for seed in part_seeds)}
         if parts and all(seed in row_of for seed in seeds):
             rows = torch.tensor([row_of[seed] for seed in seeds])
@@ -601,8 +608,6 @@ class PopulationEstimator:
             )
         squared_norm = 0.0
         row_local = self._row_local_gradients(population)
-        self._row_record = None
-        self._seed_noise = []
         for index, param in enumerate(self.params):
             total = self._estimate_of(index, [(population, coefficients)])
             if index in row_local:
@@ -642,9 +647,7 @@ class PopulationEstimator:
             the update was not finite and nothing was written.
         """
         merged = self._merged_weights(terms)
-        row_local = self._row_local_gradients(terms[0][0]) if len(terms) == 1 else {}
-        self._row_record = None
-        self._seed_noise = []
+        row_local = self._row_local_gradients(terms[0][0] if len(terms) == 1 else None)
         if not all(map(math.isfinite, merged.values())):
             return float("nan")  # never write a non-finite update: the weights stay untouched
         squared_norm = 0.0
