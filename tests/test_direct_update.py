@@ -89,7 +89,9 @@ def test_direct_path_equals_sgd_on_the_grad_path_and_keeps_no_gradient_buffers(n
     assert all(grad_buffers.seen) and len(direct_buffers.seen) == len(grad_buffers.seen) == 18
     assert not any(direct_buffers.seen)  # no per-parameter buffers at any optimizer step
     for p, q in zip(grad_model.parameters(), direct_model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        # float32 rounding only: the paths sum the window's noise in different orders (a different basis or
+        # update would differ by 1e-3)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
     pl.seed_everything(0)
     initial = PlainSGD()
     assert not torch.equal(initial.net[0].weight, direct_model.net[0].weight)

@@ -119,7 +119,7 @@ def test_pair_slices_give_each_antithetic_pair_its_own_slice_of_the_batch(batche
     loader, _ = digits_loaders(batch_size=128)
     model = RecordsBatchSizes()
     strategy = NoBackpropStrategy(
-        algorithm=EggRoll(population=8), member_data="pair_slices", population_batching=batched
+        algorithm=EggRoll(population=8, input_subspace=None), member_data="pair_slices", population_batching=batched
     )
     pl.Trainer(strategy=strategy, max_steps=2, **quiet_trainer_kwargs()).fit(model, loader)
     assert strategy.reuse_official_pass is False
@@ -138,7 +138,7 @@ def test_a_batch_shorter_than_the_pairs_shares_its_samples_round_robin(batched: 
     model = RecordsBatchSizes()
     before = [p.detach().clone() for p in model.parameters()]
     strategy = NoBackpropStrategy(
-        algorithm=EggRoll(population=8), member_data="pair_slices", population_batching=batched
+        algorithm=EggRoll(population=8, input_subspace=None), member_data="pair_slices", population_batching=batched
     )
     with pytest.warns(UserWarning, match="share its samples, one each"):
         pl.Trainer(strategy=strategy, max_epochs=1, **quiet_trainer_kwargs()).fit(model, loader)

@@ -225,7 +225,7 @@ def test_the_official_pass_supplies_the_head_inputs(no_backprop: None) -> None:
     train, _ = digits_loaders(batch_size=128)
     counter = _HeadCalls()
     trainer = pl.Trainer(
-        strategy=NoBackpropStrategy(algorithm=EggRoll(population=32)),
+        strategy=NoBackpropStrategy(algorithm=EggRoll(population=32, input_subspace=None)),  # no observation passes
         callbacks=[counter],
         **quiet_trainer_kwargs(max_steps=4),
     )

@@ -165,9 +165,13 @@ def test_reused_official_pass_costs_two_forwards_per_mezo_step() -> None:
 
     pl.seed_everything(0)
     train, _ = digits_loaders()
-    trainer = pl.Trainer(strategy=NoBackpropStrategy(), max_steps=10, **quiet_trainer_kwargs())
-    trainer.fit(Counting(), train)
-    assert calls["n"] == 2 * 10 + 1  # plus one probe forward on the first step
+    for algorithm, once in ((MeZO(input_subspace=None), 1), (MeZO(), 1 + 5)):
+        calls["n"] = 0
+        trainer = pl.Trainer(strategy=NoBackpropStrategy(algorithm=algorithm), max_steps=10, **quiet_trainer_kwargs())
+        trainer.fit(Counting(), train)
+        # plus one probe forward on the first step; with input subspaces, the search for data-fed layers (2
+        # forwards on step 1) and one observation on steps 2, 4 and 8
+        assert calls["n"] == 2 * 10 + once
 
 
 def final_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_nobp.algorithms.base import Algorithm, Estimate, Member, Population, sample_direction
+from lightning_nobp.algorithms.input_bases import InputBases, check_input_subspace
 from lightning_nobp.algorithms.noise_cache import NoiseCache
 from lightning_nobp.algorithms.seeds import derive_seed
 from lightning_nobp.algorithms.shaping import FITNESS_SHAPINGS, shape_fitness
@@ -31,7 +32,7 @@ def _check_positive_finite(owner: str, name: str, value: float) -> None:
         raise ValueError(f"{owner}({name}={value!r}): {name} must be a positive finite number")
 
 
-class EvolutionStrategy(Algorithm):
+class EvolutionStrategy(InputBases, Algorithm):
     """Shared population, fitness shaping and pair-dropping logic of ``EggRoll`` and ``OpenES``.
 
     Args:
@@ -43,6 +44,8 @@ class EvolutionStrategy(Algorithm):
             divide the population. ``None`` evaluates all of a process's members at once.
         per_row_estimates: estimate row-local layers from the members' per-row losses
             (``lightning_nobp.perturb.row_estimate``).
+        input_subspace: perturb data-fed layers inside the principal subspace of their inputs that holds this
+            fraction of the inputs' energy (``lightning_nobp.perturb.input_subspace``); ``None``: everywhere.
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class EvolutionStrategy(Algorithm):
         fitness_shaping: str | None = "centered_rank",
         population_chunk: int | None = None,
         per_row_estimates: bool = True,
+        input_subspace: float | None = None,
     ) -> None:
         owner = type(self).__name__
         if not (isinstance(population, int) and population >= 2):
@@ -80,6 +84,7 @@ class EvolutionStrategy(Algorithm):
         self.population = population
         self.sigma = float(sigma)
         self.per_row_estimates = bool(per_row_estimates)
+        self.input_subspace = check_input_subspace(owner, input_subspace)
         self.antithetic = antithetic
         self.fitness_shaping = fitness_shaping
 
@@ -104,9 +109,7 @@ class EvolutionStrategy(Algorithm):
     def _dense_noise(self, noise_seed: int, param_index: int, param: Tensor) -> Tensor:
         """Full-rank Gaussian noise of one parameter (cached: do not modify it in place)."""
         key = ("dense", noise_seed, param_index, param.shape, param.device)
-        (noise,) = self.noise_cache.get(
-            key, lambda: (sample_direction(derive_seed(noise_seed, param_index), param.shape, param.device),)
-        )
+        (noise,) = self.noise_cache.get(key, lambda: (self._draw_dense(derive_seed(noise_seed, param_index), param),))
         return noise
 
     def _usable(self, fitness: Tensor) -> Tensor:
@@ -155,6 +158,9 @@ class OpenES(EvolutionStrategy):
             pairs on one process (``.grad`` and direct updates, low-bit weights included), when every member
             sees the whole batch and the training step returns one ``cross_entropy``, ``nll_loss``,
             ``mse_loss`` or ``binary_cross_entropy_with_logits``; other parameters and cases are unchanged.
+        input_subspace: for layers fed directly by the data (an MLP's first layer), draw the noise inside the
+            principal subspace of their inputs holding this fraction of the inputs' energy (estimated over the
+            first 16 batches), where the gradient lies; ``None`` draws it in every direction. One process only.
     """
 
     def __init__(
@@ -165,19 +171,25 @@ class OpenES(EvolutionStrategy):
         fitness_shaping: str | None = "zscore",
         population_chunk: int | None = None,
         per_row_estimates: bool = True,
+        input_subspace: float | None = 0.97,
     ) -> None:
-        super().__init__(population, sigma, antithetic, fitness_shaping, population_chunk, per_row_estimates)
+        super().__init__(
+            population, sigma, antithetic, fitness_shaping, population_chunk, per_row_estimates, input_subspace
+        )
 
     def __repr__(self) -> str:
         return (
             f"OpenES(population={self.population}, sigma={self.sigma}, antithetic={self.antithetic},"
-            f" fitness_shaping={self.fitness_shaping!r}, per_row_estimates={self.per_row_estimates})"
+            f" fitness_shaping={self.fitness_shaping!r}, per_row_estimates={self.per_row_estimates},"
+            f" input_subspace={self.input_subspace})"
         )
 
     def noise(self, noise_seed: int, param_index: int, param: Tensor) -> Tensor:
         return self._dense_noise(noise_seed, param_index, param).clone()
 
     def noise_stream(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[int, str] | None:
+        if id(param) in self.input_bases:
+            return None  # projected noise is not a Philox stream: kernels use `noise`
         return derive_seed(noise_seed, param_index), "gaussian"
 
 
@@ -207,6 +219,9 @@ class EggRoll(EvolutionStrategy):
             pairs on one process (``.grad`` and direct updates, low-bit weights included), when every member
             sees the whole batch and the training step returns one ``cross_entropy``, ``nll_loss``,
             ``mse_loss`` or ``binary_cross_entropy_with_logits``; other parameters and cases are unchanged.
+        input_subspace: for layers fed directly by the data (an MLP's first layer), draw ``B`` inside the
+            principal subspace of their inputs holding this fraction of the inputs' energy (estimated over the
+            first 16 batches), where the gradient lies; ``None`` draws it in every direction. One process only.
     """
 
     def __init__(
@@ -218,8 +233,11 @@ class EggRoll(EvolutionStrategy):
         fitness_shaping: str | None = "centered_rank",
         population_chunk: int | None = None,
         per_row_estimates: bool = True,
+        input_subspace: float | None = 0.97,
     ) -> None:
-        super().__init__(population, sigma, antithetic, fitness_shaping, population_chunk, per_row_estimates)
+        super().__init__(
+            population, sigma, antithetic, fitness_shaping, population_chunk, per_row_estimates, input_subspace
+        )
         if not (isinstance(rank, int) and rank >= 1):
             raise ValueError(f"EggRoll(rank={rank!r}): the rank must be an integer >= 1")
         self.rank = rank
@@ -228,11 +246,12 @@ class EggRoll(EvolutionStrategy):
         return (
             f"EggRoll(population={self.population}, rank={self.rank}, sigma={self.sigma},"
             f" antithetic={self.antithetic}, fitness_shaping={self.fitness_shaping!r},"
-            f" per_row_estimates={self.per_row_estimates})"
+            f" per_row_estimates={self.per_row_estimates}, input_subspace={self.input_subspace})"
         )
 
     def factors(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[Tensor, Tensor]:
-        """The Gaussian factors ``A (out, r)`` and ``B (in, r)`` of a matrix parameter, from one seeded stream.
+        """The Gaussian factors ``A (out, r)`` and ``B (in, r)`` of a matrix parameter, from one seeded stream
+        (``B`` projected on the weight's input basis, if it has one).
 
         The factors are cached (``noise_cache``) and shared: do not modify them in place.
         """
@@ -246,7 +265,8 @@ class EggRoll(EvolutionStrategy):
                 param.device,
             )
             a = both[: out_features * self.rank].view(out_features, self.rank)
-            return a, both[out_features * self.rank :].view(in_features, self.rank)
+            b = both[out_features * self.rank :].view(in_features, self.rank)
+            return a, self._in_input_subspace(param, b)
 
         a, b = self.noise_cache.get(("factors", noise_seed, param_index, param.shape, param.device), draw)
         return a, b

@@ -12,14 +12,15 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_nobp.algorithms.base import Algorithm, Estimate, Member, Population, sample_direction
+from lightning_nobp.algorithms.base import Algorithm, Estimate, Member, Population
+from lightning_nobp.algorithms.input_bases import InputBases, check_input_subspace
 from lightning_nobp.algorithms.noise_cache import NoiseCache
 from lightning_nobp.algorithms.seeds import derive_seed
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
 
 
-class MeZO(Algorithm):
+class MeZO(InputBases, Algorithm):
     """Two-sided simultaneous-perturbation (SPSA) gradient estimate from forward passes only.
 
     Args:
@@ -27,9 +28,19 @@ class MeZO(Algorithm):
             ``1e-3`` suits fp32/bf16 models whose weights are of order 0.01 to 1.
         directions: random directions per micro-batch; their estimates are averaged (2 forwards each).
         distribution: ``"gaussian"`` (MeZO's choice) or ``"rademacher"`` (entries +-1).
+        input_subspace: for layers fed directly by the data (an MLP's first layer), project the rows of ``z``
+            on the principal subspace of their inputs holding this fraction of the inputs' energy (estimated over
+            the first 16 batches), where the gradient lies; ``None`` keeps ``z`` in every direction. One process
+            only.
     """
 
-    def __init__(self, eps: float = 1e-3, directions: int = 1, distribution: str = "gaussian") -> None:
+    def __init__(
+        self,
+        eps: float = 1e-3,
+        directions: int = 1,
+        distribution: str = "gaussian",
+        input_subspace: float | None = 0.97,
+    ) -> None:
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
             raise ValueError(f"MeZO(eps={eps!r}): eps must be a positive finite number, e.g. eps=1e-3")
         if not (isinstance(directions, int) and directions >= 1):
@@ -39,11 +50,15 @@ class MeZO(Algorithm):
         self.eps = float(eps)
         self.directions = directions
         self.distribution = distribution
+        self.input_subspace = check_input_subspace("MeZO", input_subspace)
         #: each direction is drawn once per step (its +, - evaluations and the update reuse it)
         self.noise_cache = NoiseCache()
 
     def __repr__(self) -> str:
-        return f"MeZO(eps={self.eps}, directions={self.directions}, distribution={self.distribution!r})"
+        return (
+            f"MeZO(eps={self.eps}, directions={self.directions}, distribution={self.distribution!r},"
+            f" input_subspace={self.input_subspace})"
+        )
 
     def ask(self, step_seed: int) -> Population:
         members: list[Member] = []
@@ -70,10 +85,12 @@ class MeZO(Algorithm):
     def noise(self, noise_seed: int, param_index: int, param: Tensor) -> Tensor:
         def draw() -> tuple[Tensor]:
             seed = derive_seed(noise_seed, param_index)
-            return (sample_direction(seed, param.shape, param.device, self.distribution),)
+            return (self._draw_dense(seed, param, self.distribution),)
 
         (direction,) = self.noise_cache.get((noise_seed, param_index, param.shape, param.device), draw)
         return direction.clone()
 
     def noise_stream(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[int, str] | None:
+        if id(param) in self.input_bases:
+            return None  # projected noise is not a Philox stream: kernels use `noise`
         return derive_seed(noise_seed, param_index), self.distribution

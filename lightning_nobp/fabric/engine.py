@@ -33,6 +33,7 @@ from lightning_nobp.perturb import PopulationEstimator, RngSnapshot, scalar_loss
 from lightning_nobp.perturb.estimator import LossFn, MemberInputs
 from lightning_nobp.algorithms.local import ForwardForward, LocalLearning
 from lightning_nobp.perturb.jvp import directional_derivatives
+from lightning_nobp.perturb.input_subspace import InputSubspaces
 from lightning_nobp.perturb.local import LocalLearner
 
 UpdatePath = Literal["grad", "direct"]
@@ -189,8 +190,16 @@ class ForwardOnlyEngine:
                 and bool(getattr(self.algorithm, "per_row_estimates", False))
                 and bool(getattr(self.algorithm, "antithetic", False))
             )
+            energy = getattr(self.algorithm, "input_subspace", None)
+            if energy is not None and self._world()[1] == 1:
+                estimator.input_subspaces = InputSubspaces(energy)
             self._estimators[id(optimizer)] = estimator
         return estimator
+
+    def estimator_state(self, optimizer: Optimizer) -> dict[str, Any] | None:
+        """The checkpointable state of ``optimizer``'s estimator (its input subspaces), ``None`` if it has none."""
+        estimator = self._estimators.get(id(optimizer))
+        return None if estimator is None else estimator.input_subspace_state()
 
     @staticmethod
     def _world() -> tuple[int, int]:
@@ -324,6 +333,7 @@ class ForwardOnlyEngine:
             estimate.stats["update_norm"] = self.write(
                 estimator, optimizer, [(population, estimate.coefficients)], step_seed
             )
+        estimator.install_input_bases()
         estimate.stats["members_per_second"] = len(own) / max(elapsed, 1e-9)
         return fitness[0], estimate
 

@@ -24,6 +24,7 @@ from lightning_nobp.kernels.philox import philox_noise
 from lightning_nobp.kernels.stochastic_rounding import stochastic_round
 from lightning_nobp.lowbit import apply_low_bit_update, is_low_bit, layout_of
 from lightning_nobp.perturb.forward import ParameterOwners, ParameterReadProbe, PerturbedForward
+from lightning_nobp.perturb.input_subspace import InputSubspaces, tap_inputs
 from lightning_nobp.perturb.narrow_softmax import NarrowSoftmaxMode
 from lightning_nobp.perturb.row_estimate import row_local_gradient
 from lightning_nobp.perturb.row_losses import RowLocalLayer, RowLossRecorder, find_row_local_layers
@@ -141,6 +142,8 @@ class PopulationEstimator:
         self._seed_noise: list[tuple[int, list[int], Any]] = []
         #: the row-local layers' input rows seen by the official training pass (``row_input_tap``), by weight index
         self._tapped_inputs: dict[int, Tensor] = {}
+        #: principal input subspaces of the data-fed layers (set by the engine when the algorithm asks for them)
+        self.input_subspaces: InputSubspaces | None = None
 
     def _loss_context(self) -> contextlib.AbstractContextManager:
         """Where members' losses are evaluated: ``NarrowSoftmaxMode`` on the CPU, nothing elsewhere."""
@@ -388,6 +391,7 @@ class PopulationEstimator:
             batched: try the batched path at all.
             member_inputs: per-member inputs passed to ``loss_fn`` (see :meth:`evaluate`).
         """
+        self._observe_inputs(population, loss_fn, rng, member_inputs)
         pending = len(population) if members is None else len(members)
         pending -= len(known or {})
         if batched and self.batching is not False and pending > 1:
@@ -410,6 +414,85 @@ class PopulationEstimator:
                 self.batching = True
                 return fitness
         return self.evaluate(population, loss_fn, rng, known, members, member_inputs)
+
+    # ------------------------------------------------------------------ input subspaces of data-fed layers
+    def _observe_inputs(
+        self, population: Population, loss_fn: LossFn, rng: RngSnapshot | None, member_inputs: MemberInputs | None
+    ) -> None:
+        """On the evaluations that observe inputs, run the loss at the current weights and add the data-fed
+        layers' inputs to their moments (the first time, after finding those layers). The new bases are
+        installed when the optimizer step ends (:meth:`install_input_bases`)."""
+        subspaces = self.input_subspaces
+        if subspaces is None or not subspaces.due():
+            return
+        inputs = None if member_inputs is None else _first(member_inputs([0]))
+
+        def at_weights() -> None:
+            if rng is not None:
+                rng.restore()
+            with torch.no_grad(), self._loss_context():
+                loss_fn() if inputs is None else loss_fn(inputs)
+
+        if subspaces.layers is None:
+
+            def perturbed() -> None:
+                with self.perturbation(population, population.members[0]):
+                    at_weights()
+
+            seen = subspaces.search(
+                {layer.weight_index: layer.module for layer in self._unshared_linear_layers()}, at_weights, perturbed
+            )
+        else:
+            with tap_inputs(subspaces.layers) as seen:
+                at_weights()
+        subspaces.observe(seen)
+
+    def install_input_bases(self) -> None:
+        """Give the algorithm the input bases computed since the last call.
+
+        The strategy calls it when an optimizer step ends (after its update, or after skipping it), so every
+        micro-batch of a step draws its noise in the same bases and the update regenerates exactly that noise.
+        """
+        if self.input_subspaces is None:
+            return
+        install = getattr(self.algorithm, "set_input_basis", None)
+        for index, basis in self.input_subspaces.commit().items():
+            if install is not None:
+                install(self.params[index], basis)
+
+    def input_subspace_state(self) -> dict[str, Any] | None:
+        """The input subspaces' state for a checkpoint (``None`` when they are off)."""
+        return None if self.input_subspaces is None else self.input_subspaces.state_dict()
+
+    def load_input_subspace_state(self, state: dict[str, Any]) -> None:
+        """Continue with a checkpoint's input subspaces: the same layers, moments and installed bases."""
+        if self.input_subspaces is None:
+            return
+        modules = {layer.weight_index: layer.module for layer in self._unshared_linear_layers()}
+        self.input_subspaces.load_state_dict(state, modules)
+        install = getattr(self.algorithm, "set_input_basis", None)
+        if install is not None:
+            for index, basis in self.input_subspaces.installed.items():
+                install(self.params[index], basis)
+
+    def _unshared_linear_layers(self) -> list[RowLocalLayer]:
+        """``nn.Linear`` layers with a trained weight whose parameters no other module shares."""
+        holders: dict[int, int] = {}
+        for slots in self.owners.slots.values():
+            for _, index in slots:
+                holders[index] = holders.get(index, 0) + 1
+        layers = []
+        for module, slots in self.owners.slots.items():
+            if not isinstance(module, nn.Linear):
+                continue
+            indices = dict(slots)
+            weight = indices.get("weight")
+            if weight is None or weight in self.owners.whole_evaluation:
+                continue
+            if any(holders[index] > 1 for index in indices.values()):
+                continue
+            layers.append(RowLocalLayer(module, weight, indices.get("bias")))
+        return layers
 
     # ------------------------------------------------------------------ per-row estimates of row-local layers
     def _row_recorder(
@@ -440,22 +523,11 @@ class PopulationEstimator:
     def _row_local_candidates(self, pairs: int) -> list[RowLocalLayer]:
         """``nn.Linear`` layers with a trained weight and at most ``pairs`` outputs, whose parameters no other
         module shares (a head tied to an embedding also gets the embedding's gradient: not from rows alone)."""
-        holders: dict[int, int] = {}
-        for slots in self.owners.slots.values():
-            for _, index in slots:
-                holders[index] = holders.get(index, 0) + 1
-        candidates = []
-        for module, slots in self.owners.slots.items():
-            if type(module) is not nn.Linear or module.out_features > pairs:
-                continue
-            indices = dict(slots)
-            weight = indices.get("weight")
-            if weight is None or weight in self.owners.whole_evaluation:
-                continue
-            if any(holders[index] > 1 for index in indices.values()):
-                continue
-            candidates.append(RowLocalLayer(module, weight, indices.get("bias")))
-        return candidates
+        return [
+            layer
+            for layer in self._unshared_linear_layers()
+            if type(layer.module) is nn.Linear and layer.module.out_features <= pairs
+        ]
 
     def _keep_rows(
         self,

@@ -54,6 +54,8 @@ MANUAL_BACKWARD_MESSAGE = (
 PROGRESS_BAR_METRICS = frozenset({"nobp/projected_grad", "nobp/skipped_steps"})
 MEMBER_DATA = ("shared", "pair_slices")
 MANUAL_STEP_STREAM = 1 << 32  # separates manual-optimization step seeds from the automatic ones
+#: the checkpoint key of the estimators' own state (the input subspaces of data-fed layers)
+CHECKPOINT_KEY = "lightning_nobp"
 
 
 class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
@@ -144,6 +146,8 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         self._window_poisoned = False
         self._step: dict[str, Any] = {}
         self._warned_short_batch = False
+        #: the estimators' state from the checkpoint being resumed (applied in ``on_train_start``)
+        self._restored_state: dict[str, Any] | None = None
 
     @property
     def restore_checkpoint_after_setup(self) -> bool:
@@ -153,8 +157,19 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Load onto the CPU first: torch cannot rebuild tensor subclasses (the low-bit weights) through the
-        callable ``map_location`` Lightning passes by default; ``load_state_dict`` then copies onto the device."""
-        return self.checkpoint_io.load_checkpoint(checkpoint_path, map_location="cpu", weights_only=weights_only)
+        callable ``map_location`` Lightning passes by default; ``load_state_dict`` then copies onto the device.
+        The estimators' own state (input subspaces) is restored when training starts."""
+        checkpoint = self.checkpoint_io.load_checkpoint(checkpoint_path, map_location="cpu", weights_only=weights_only)
+        self._restored_state = checkpoint.get(CHECKPOINT_KEY)
+        return checkpoint
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Lightning's checkpoint plus the estimators' state (input subspaces), so a resumed run draws the same
+        noise as an uninterrupted one."""
+        subspaces = [self.engine.estimator_state(optimizer) for optimizer in self.optimizers if not self.engine.local]
+        if any(state is not None for state in subspaces):
+            checkpoint = {**checkpoint, CHECKPOINT_KEY: {"input_subspaces": subspaces}}
+        super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def setup_distributed(self) -> None:
         if self._single_process:
@@ -211,6 +226,10 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             return
         for optimizer in self.optimizers:
             self.engine.estimator(optimizer, [self.lightning_module])  # raises on bad optimizers or no parameters
+        restored, self._restored_state = self._restored_state, None
+        for optimizer, state in zip(self.optimizers, (restored or {}).get("input_subspaces", [])):
+            if state is not None:
+                self.engine.estimator(optimizer, [self.lightning_module]).load_input_subspace_state(state)
 
     def _step_seed(self) -> int:
         trainer = self.lightning_module.trainer
@@ -349,6 +368,8 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
                     estimator, optimizer, self._window, self._step["seed"]
                 )
                 self._window = []
+        if window_ends:
+            estimator.install_input_bases()
         if is_logging_step(trainer):
             metrics = dict(estimate.stats, members_per_second=members_per_second)
             metrics["forwards_per_step"] = len(own) + (0 if self._step["known"] else 1)
