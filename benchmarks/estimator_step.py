@@ -37,7 +37,9 @@ def measure(algorithm_name: str, population: int, chunk: int | None, steps: int,
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
     x, y = torch.rand(batch, 784), torch.randint(0, 10, (batch,))
-    algorithm = EggRoll(population=population, population_chunk=chunk) if algorithm_name == "eggroll" else MeZO()
+    algorithm = (
+        EggRoll(population=population, population_chunk=chunk) if algorithm_name == "eggroll" else MeZO(directions=1)
+    )
     estimator = PopulationEstimator(algorithm, [net], list(net.parameters()))
 
     def loss() -> torch.Tensor:

@@ -36,7 +36,7 @@ from devices import device_name, free_memory, peak_memory, reset_peak_memory
 #: method -> (algorithm factory (None: backprop), optimizer, lr, batch size); the settings measured in the tests
 METHODS: dict[str, tuple[Callable[[torch.Tensor], Any] | None, str, float, int]] = {
     "backprop": (None, "adam", 1e-2, 128),
-    "mezo": (lambda x: MeZO(eps=1e-3), "sgd", 3e-4, 128),
+    "mezo": (lambda x: MeZO(eps=1e-3, directions=1), "sgd", 3e-4, 128),
     "eggroll": (lambda x: EggRoll(population=64, rank=1, sigma=1e-2), "adam", 1e-2, 256),
     "forward_gradient": (lambda x: ForwardGradient(directions=16), "sgd", 5e-3, 128),
     "forward_forward": (lambda x: ForwardForward(label_features=quietest_features(x, 10)), "adam", 3e-3, 128),

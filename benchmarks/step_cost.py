@@ -180,7 +180,7 @@ def run_mezo(setup: Setup) -> dict:
     fabric = lightning.Fabric(
         accelerator=setup.device.type,
         devices=1,
-        strategy=NoBackpropStrategy(algorithm=MeZO(eps=1e-3), update=setup.mezo_update, seed=0),
+        strategy=NoBackpropStrategy(algorithm=MeZO(eps=1e-3, directions=1), update=setup.mezo_update, seed=0),
         precision=precision,  # type: ignore[arg-type]
     )
     fabric.launch()

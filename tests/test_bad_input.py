@@ -56,7 +56,7 @@ def test_a_non_finite_perturbed_loss_skips_the_step_and_leaves_weights_untouched
     # and the official pass of step 5 (no input subspaces: their observation forwards would add calls)
     model = PoisonedEvaluation(poisoned_calls={1 + 2 * 2 + 2, 1 + 2 * 4 + 1}, value=value)
     watch = WeightWatch()
-    strategy = NoBackpropStrategy(algorithm=MeZO(input_subspace=None))
+    strategy = NoBackpropStrategy(algorithm=MeZO(directions=1, input_subspace=None))
     trainer = pl.Trainer(
         strategy=strategy, max_steps=8, log_every_n_steps=1, callbacks=[watch], **quiet_trainer_kwargs()
     )
@@ -71,7 +71,7 @@ def test_a_non_finite_loss_inside_an_accumulation_window_skips_the_whole_step() 
     train, _ = digits_loaders()
     model = PoisonedEvaluation(poisoned_calls={1 + 2}, value=float("nan"))  # first micro-batch of step 1
     watch = WeightWatch()
-    strategy = NoBackpropStrategy(algorithm=MeZO(input_subspace=None))
+    strategy = NoBackpropStrategy(algorithm=MeZO(directions=1, input_subspace=None))
     trainer = pl.Trainer(
         strategy=strategy, max_steps=3, accumulate_grad_batches=2, callbacks=[watch], **quiet_trainer_kwargs()
     )

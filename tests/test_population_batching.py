@@ -179,3 +179,35 @@ def test_pair_slices_match_a_loop_over_explicit_slices() -> None:
 def test_unknown_member_data_is_refused() -> None:
     with pytest.raises(ValueError, match="choose one of"):
         NoBackpropStrategy(member_data="per_member")  # type: ignore[arg-type]
+
+
+def test_batched_evaluation_keeps_the_stacked_dense_noise_within_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MeZO's dense noise is stacked per member: past the byte budget the members go in chunks, same losses."""
+    import lightning_nobp.perturb.estimator as estimator_module
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.randn(32, 20), torch.randint(0, 3, (32,))
+
+    def loss() -> torch.Tensor:
+        return F.cross_entropy(net(x), y)
+
+    algorithm = MeZO(directions=4, input_subspace=None)
+    population = algorithm.ask(1)
+    whole = PopulationEstimator(algorithm, [net], list(net.parameters()))
+    whole.probe_parameter_reads(population, loss)
+    expected = whole.evaluate_batched(population, loss)
+
+    monkeypatch.setattr(estimator_module, "STACKED_NOISE_BYTES", 3 * 4 * sum(p.numel() for p in net.parameters()))
+    chunked = PopulationEstimator(algorithm, [net], list(net.parameters()))
+    chunked.probe_parameter_reads(population, loss)
+    sizes: list[int] = []
+    stack = chunked._stacked_perturbations
+
+    def recording(population_, members):  # type: ignore[no-untyped-def]
+        sizes.append(len(members))
+        return stack(population_, members)
+
+    monkeypatch.setattr(chunked, "_stacked_perturbations", recording)
+    torch.testing.assert_close(chunked.evaluate_batched(population, loss), expected)
+    assert sizes == [3, 3, 2]

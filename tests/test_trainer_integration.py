@@ -165,7 +165,7 @@ def test_reused_official_pass_costs_two_forwards_per_mezo_step() -> None:
 
     pl.seed_everything(0)
     train, _ = digits_loaders()
-    for algorithm, once in ((MeZO(input_subspace=None), 1), (MeZO(), 1 + 5)):
+    for algorithm, once in ((MeZO(directions=1, input_subspace=None), 1), (MeZO(directions=1), 1 + 5)):
         calls["n"] = 0
         trainer = pl.Trainer(strategy=NoBackpropStrategy(algorithm=algorithm), max_steps=10, **quiet_trainer_kwargs())
         trainer.fit(Counting(), train)

@@ -36,6 +36,10 @@ MemberInputs = Callable[[Sequence[int]], Any]
 """Given member indices, the inputs of those members stacked along a leading dimension (a pytree of tensors)."""
 
 
+#: the most bytes of stacked dense noise a batched evaluation holds (more members are evaluated in chunks)
+STACKED_NOISE_BYTES = 256 * 1024 * 1024
+
+
 def _rms(squared_norm: float, numel: int) -> float:
     """Root-mean-square from a squared norm (1 for an all-zero estimate, which then stays zero)."""
     return math.sqrt(squared_norm / numel) if squared_norm > 0 else 1.0
@@ -142,6 +146,8 @@ class PopulationEstimator:
         self._seed_noise: list[tuple[int, list[int], Any]] = []
         #: the row-local layers' input rows seen by the official training pass (``row_input_tap``), by weight index
         self._tapped_inputs: dict[int, Tensor] = {}
+        #: float32 bytes of one member's dense noise in a batched evaluation (``None``: not computed yet)
+        self._dense_member_bytes: int | None = None
         #: principal input subspaces of the data-fed layers (set by the engine when the algorithm asks for them)
         self.input_subspaces: InputSubspaces | None = None
 
@@ -278,6 +284,19 @@ class PopulationEstimator:
                 dense[index] = noise[members_of].mul_(scale.view(-1, *([1] * param.dim())))
         return dense, low_rank
 
+    def _members_within_noise_budget(self) -> int:
+        """How many members' dense noise fits in ``STACKED_NOISE_BYTES`` (at least 1): a batched evaluation
+        stacks one dense copy per member of every parameter without low-rank factors (MeZO's and OpenES's
+        noise), which must not turn a large model's inference-sized memory into a population-sized one."""
+        if self._dense_member_bytes is None:
+            low_rank_allowed = self.owners.low_rank_capable - self.owners.whole_evaluation
+            self._dense_member_bytes = sum(
+                4 * param.numel()
+                for index, param in enumerate(self.params)
+                if index not in low_rank_allowed or self.algorithm.low_rank_factors(0, index, param) is None
+            )
+        return max(1, STACKED_NOISE_BYTES // max(self._dense_member_bytes, 1))
+
     def _noise_of_seeds(self, index: int, seeds: Sequence[int], low_rank: bool) -> tuple[Tensor, Tensor] | Tensor:
         """Parameter ``index``'s noise for ``seeds``, stacked along a first dimension: the algorithm's low-rank
         factors ``(A, B)`` where allowed and available, else the dense ``E``."""
@@ -326,7 +345,7 @@ class PopulationEstimator:
         for index, value in known.items():
             fitness[index] = value.float().cpu()
         todo = [i for i in (range(len(population)) if members is None else members) if i not in known]
-        size = chunk or max(len(todo), 1)
+        size = min(chunk or max(len(todo), 1), self._members_within_noise_budget())
 
         recorder = self._row_recorder(population, loss_fn, rng, members, member_inputs)
         rows: list[tuple[int, Tensor, Tensor]] = []

@@ -89,8 +89,9 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         seed: base seed of every perturbation (counter-derived per step, member and parameter). ``None`` takes the
             seed of ``lightning.seed_everything`` (``PL_GLOBAL_SEED``), else 0.
         reuse_official_pass: evaluate the official ``training_step`` at the first member's perturbed weights and
-            reuse its loss as that member's fitness (MeZO: 2 forwards per step instead of 3; the logged training
-            loss is then measured at ``theta + eps*z``). ``False`` logs the loss at the unperturbed weights.
+            reuse its loss as that member's fitness (one forward less per step: 2 instead of 3 for a one-direction
+            MeZO; the logged training loss is then measured at ``theta + eps*z``). ``False`` logs the loss at the
+            unperturbed weights.
         accelerator: see ``lightning.pytorch.strategies.DDPStrategy``.
         parallel_devices: see ``DDPStrategy``.
         cluster_environment: see ``DDPStrategy``.
