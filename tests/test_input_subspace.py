@@ -228,3 +228,37 @@ def test_resuming_mid_observation_continues_exactly(tmp_path) -> None:
     resumed, _ = fit(max_epochs=2, ckpt_path=str(path))
     for expected, got in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(expected, got)
+
+
+def test_the_search_copies_only_the_inputs_of_data_fed_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large model's activations are fingerprinted, not kept: only the data-fed layer's input is copied."""
+    import lightning_nobp.perturb.input_subspace as module
+
+    x = _low_rank_inputs(rows=16)
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(40, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    copies: list[tuple[int, ...]] = []
+    rows = module._rows
+
+    def counted(value: torch.Tensor) -> torch.Tensor:
+        copies.append(tuple(value.shape))
+        return rows(value)
+
+    monkeypatch.setattr(module, "_rows", counted)
+    subspaces = InputSubspaces(0.97)
+    shift = {"on": False}
+
+    mlp[1].register_forward_hook(lambda m, a, out: out + 1.0 if shift["on"] else out)  # "perturbed weights"
+
+    def run() -> None:
+        with torch.no_grad():
+            mlp(x)
+
+    def moved() -> None:
+        shift["on"] = True
+        run()
+
+    seen = subspaces.search({0: mlp[0], 2: mlp[2], 4: mlp[4]}, run, moved)
+    assert list(seen) == [0] and subspaces.layers == {0: mlp[0]}
+    assert copies == [(16, 40)]
+    torch.testing.assert_close(seen[0][0], x)

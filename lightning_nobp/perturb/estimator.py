@@ -472,12 +472,8 @@ class PopulationEstimator:
         The strategy calls it when an optimizer step ends (after its update, or after skipping it), so every
         micro-batch of a step draws its noise in the same bases and the update regenerates exactly that noise.
         """
-        if self.input_subspaces is None:
-            return
-        install = getattr(self.algorithm, "set_input_basis", None)
-        for index, basis in self.input_subspaces.commit().items():
-            if install is not None:
-                install(self.params[index], basis)
+        if self.input_subspaces is not None:
+            self._give_input_bases(self.input_subspaces.commit())
 
     def input_subspace_state(self) -> dict[str, Any] | None:
         """The input subspaces' state for a checkpoint (``None`` when they are off)."""
@@ -489,10 +485,13 @@ class PopulationEstimator:
             return
         modules = {layer.weight_index: layer.module for layer in self._unshared_linear_layers()}
         self.input_subspaces.load_state_dict(state, modules)
+        self._give_input_bases(self.input_subspaces.installed)
+
+    def _give_input_bases(self, bases: dict[int, tuple[Tensor, Tensor] | None]) -> None:
+        """Install ``bases`` (by parameter index) in the algorithm (``None`` restores isotropic noise)."""
         install = getattr(self.algorithm, "set_input_basis", None)
-        if install is not None:
-            for index, basis in self.input_subspaces.installed.items():
-                install(self.params[index], basis)
+        for index, basis in bases.items() if install is not None else ():
+            install(self.params[index], basis)
 
     def _unshared_linear_layers(self) -> list[RowLocalLayer]:
         """``nn.Linear`` layers with a trained weight whose parameters no other module shares."""

@@ -60,6 +60,34 @@ def principal_basis(moment: Tensor, energy: float) -> tuple[Tensor, Tensor] | No
     return vectors[:, :kept].float().contiguous(), scales.float()
 
 
+def _rows(value: Tensor) -> Tensor:
+    """A float32 copy of a layer input as rows ``(rows, in)``."""
+    return value.detach().reshape(-1, value.shape[-1]).float().clone()
+
+
+def _fingerprint(value: Tensor) -> tuple[tuple[int, ...], float, float]:
+    """Shape, sum and norm of a tensor in float64: equal for equal inputs, without keeping a copy."""
+    value = value.detach()
+    return (
+        tuple(value.shape),
+        float(value.sum(dtype=torch.float64)),
+        float(torch.linalg.vector_norm(value, dtype=torch.float64)),
+    )
+
+
+@contextlib.contextmanager
+def _pre_hooks(
+    layers: Mapping[int, nn.Module], make_hook: Callable[[int], Callable[[nn.Module, tuple], None]]
+) -> Iterator[None]:
+    """Forward pre-hooks ``make_hook(index)`` on ``layers`` within the context."""
+    handles = [module.register_forward_pre_hook(make_hook(index)) for index, module in layers.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @contextlib.contextmanager
 def tap_inputs(layers: Mapping[int, nn.Module]) -> Iterator[dict[int, list[Tensor]]]:
     """Within the context, every call of a layer keeps a float32 copy of its input rows ``(rows, in)``.
@@ -73,18 +101,10 @@ def tap_inputs(layers: Mapping[int, nn.Module]) -> Iterator[dict[int, list[Tenso
     seen: dict[int, list[Tensor]] = {index: [] for index in layers}
 
     def tap(index: int) -> Callable[[nn.Module, tuple], None]:
-        def hook(module: nn.Module, args: tuple) -> None:
-            value = args[0].detach()
-            seen[index].append(value.reshape(-1, value.shape[-1]).float().clone())
+        return lambda module, args: seen[index].append(_rows(args[0]))
 
-        return hook
-
-    handles = [module.register_forward_pre_hook(tap(index)) for index, module in layers.items()]
-    try:
+    with _pre_hooks(layers, tap):
         yield seen
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class InputSubspaces:
@@ -122,20 +142,40 @@ class InputSubspaces:
             perturbed: runs it at one member's perturbed weights (with the same random state).
 
         Returns:
-            The inputs of the data-fed layers at the current weights.
+            The inputs of the data-fed layers (the same at both weights).
         """
-        with tap_inputs(candidates) as plain:
+        # the first pass keeps only fingerprints, the second copies the inputs of layers that still match: a
+        # large model's activations are never all held at once
+        fingerprints: dict[int, list[tuple]] = {index: [] for index in candidates}
+        kept: dict[int, list[Tensor]] = {index: [] for index in candidates}
+        unchanged = dict.fromkeys(candidates, True)
+
+        def fingerprint(index: int) -> Callable[[nn.Module, tuple], None]:
+            return lambda module, args: fingerprints[index].append(_fingerprint(args[0]))
+
+        def compare(index: int) -> Callable[[nn.Module, tuple], None]:
+            def hook(module: nn.Module, args: tuple) -> None:
+                call = len(kept[index])
+                if not unchanged[index] or call >= len(fingerprints[index]):
+                    unchanged[index] = False
+                elif _fingerprint(args[0]) != fingerprints[index][call]:
+                    unchanged[index] = False
+                    kept[index].clear()
+                else:
+                    kept[index].append(_rows(args[0]))
+
+            return hook
+
+        with _pre_hooks(candidates, fingerprint):
             at_weights()
-        with tap_inputs(candidates) as moved:
+        with _pre_hooks(candidates, compare):
             perturbed()
         self.layers = {
             index: module
             for index, module in candidates.items()
-            if plain[index]
-            and len(plain[index]) == len(moved[index])
-            and all(torch.equal(a, b) for a, b in zip(plain[index], moved[index]))
+            if unchanged[index] and kept[index] and len(kept[index]) == len(fingerprints[index])
         }
-        return {index: plain[index] for index in self.layers}
+        return {index: kept[index] for index in self.layers}
 
     def observe(self, inputs: Mapping[int, list[Tensor]]) -> None:
         """Add a batch's inputs to the moments and compute the bases that ``commit`` will install."""
