@@ -33,7 +33,8 @@ def check_input_subspace(owner: str, value: object) -> float | None:
 
 class InputBases:
     """Mixin of algorithms whose noise can be drawn inside an input subspace (set ``input_subspace`` and
-    ``noise_cache`` in ``__init__``, then call :meth:`_in_input_subspace` on the input side of a weight's noise)."""
+    ``noise_cache`` in ``__init__``, then draw dense noise with :meth:`_draw_dense` and pass low-rank input factors
+    through :meth:`_in_input_subspace`)."""
 
     input_subspace: float | None
     noise_cache: NoiseCache
