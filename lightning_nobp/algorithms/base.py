@@ -9,11 +9,14 @@ regenerated from the seed whenever it is needed.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+#: largest stack of member noise (bytes) :meth:`Algorithm.combine` forms at once; larger weights sum member by member
+COMBINE_STACK_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -107,11 +110,40 @@ class Algorithm(ABC):
             param_index: the parameter's position in the trained parameter list.
             param: the parameter (for shape, device).
         """
-        total = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
-        for seed, weight in weights.items():
-            if weight != 0.0:
-                total.add_(self.noise(seed, param_index, param), alpha=weight)
-        return total
+        seeds = [seed for seed, weight in weights.items() if weight != 0.0]
+        if not seeds:
+            return torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+        if len(seeds) * param.numel() * 4 > COMBINE_STACK_BYTES:  # a large weight: one member's noise at a time
+            total = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+            for seed in seeds:
+                total.add_(self.noise(seed, param_index, param), alpha=weights[seed])
+            return total
+        coefficients = torch.tensor([weights[seed] for seed in seeds], dtype=torch.float32, device=param.device)
+        stacked = self.stacked_noise(seeds, param_index, param)
+        return (coefficients @ stacked.view(len(seeds), -1)).view(param.shape)
+
+    def stacked_noise(self, noise_seeds: Sequence[int], param_index: int, param: Tensor) -> Tensor:
+        """The noise ``E`` of one parameter for several member seeds, stacked ``(S, *param.shape)`` in float32.
+
+        Equal to stacking :meth:`noise` of every seed (the default does exactly that); algorithms override it to
+        draw a whole population's noise with a few batched operations.
+
+        Args:
+            noise_seeds: the members' noise seeds.
+            param_index: the parameter's position in the trained parameter list.
+            param: the parameter (for shape, device).
+        """
+        return torch.stack([self.noise(seed, param_index, param) for seed in noise_seeds])
+
+    def stacked_low_rank_factors(
+        self, noise_seeds: Sequence[int], param_index: int, param: Tensor
+    ) -> tuple[Tensor, Tensor] | None:
+        """:meth:`low_rank_factors` of several member seeds, stacked: ``(A (S, out, r), B (S, in, r))``, or ``None``
+        for dense noise. The default stacks the per-seed factors; overrides draw them together."""
+        factors = [self.low_rank_factors(seed, param_index, param) for seed in noise_seeds]
+        if not factors or any(f is None for f in factors):
+            return None
+        return torch.stack([f[0] for f in factors]), torch.stack([f[1] for f in factors])  # type: ignore[index]
 
     def noise_stream(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[int, str] | None:
         """The counter-based stream ``(seed, distribution)`` of this parameter's dense noise, or ``None``.

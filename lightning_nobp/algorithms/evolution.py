@@ -11,7 +11,7 @@ full-rank Gaussian noise. OpenES uses full-rank Gaussian noise everywhere.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -106,12 +106,6 @@ class EvolutionStrategy(InputBases, Algorithm):
             members = [Member(derive_seed(step_seed, index), +1.0) for index in range(self.population)]
         return Population(tuple(members), sigma=self.sigma)
 
-    def _dense_noise(self, noise_seed: int, param_index: int, param: Tensor) -> Tensor:
-        """Full-rank Gaussian noise of one parameter (cached: do not modify it in place)."""
-        key = ("dense", noise_seed, param_index, param.shape, param.device)
-        (noise,) = self.noise_cache.get(key, lambda: (self._draw_dense(derive_seed(noise_seed, param_index), param),))
-        return noise
-
     def _usable(self, fitness: Tensor) -> Tensor:
         """Members whose fitness is finite (with antithetic sampling: whose whole pair is finite)."""
         finite = torch.isfinite(fitness)
@@ -185,7 +179,10 @@ class OpenES(EvolutionStrategy):
         )
 
     def noise(self, noise_seed: int, param_index: int, param: Tensor) -> Tensor:
-        return self._dense_noise(noise_seed, param_index, param).clone()
+        return self._dense_stack([noise_seed], param_index, param)[0]
+
+    def stacked_noise(self, noise_seeds: Sequence[int], param_index: int, param: Tensor) -> Tensor:
+        return self._dense_stack(noise_seeds, param_index, param)
 
     def noise_stream(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[int, str] | None:
         if id(param) in self.input_bases:
@@ -255,21 +252,29 @@ class EggRoll(EvolutionStrategy):
 
         The factors are cached (``noise_cache``) and shared: do not modify them in place.
         """
+        a, b = self.stacked_factors([noise_seed], param_index, param)
+        return a[0], b[0]
+
+    def stacked_factors(self, noise_seeds: Sequence[int], param_index: int, param: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`factors` of several member seeds, stacked ``(A (S, out, r), B (S, in, r))`` (new tensors).
+
+        Every seed's factors come from its own stream ``derive_seed(seed, param_index)`` (the first ``out * r``
+        numbers are ``A``) and are cached; the seeds absent from the cache are drawn and projected together.
+        """
         out_features = param.shape[0]
         in_features = param.numel() // out_features
+        numbers = torch.Size(((out_features + in_features) * self.rank,))
+        keys = [("factors", seed, param_index, param.shape, param.device) for seed in noise_seeds]
 
-        def draw() -> tuple[Tensor, Tensor]:
-            both = sample_direction(
-                derive_seed(noise_seed, param_index),
-                torch.Size(((out_features + in_features) * self.rank,)),
-                param.device,
-            )
-            a = both[: out_features * self.rank].view(out_features, self.rank)
-            b = both[out_features * self.rank :].view(in_features, self.rank)
-            return a, self._in_input_subspace(param, b)
+        def draw_many(missing: list[int]) -> list[tuple[Tensor, Tensor]]:
+            streams = [derive_seed(noise_seeds[i], param_index) for i in missing]
+            both = torch.stack([sample_direction(seed, numbers, param.device) for seed in streams])
+            a = both[:, : out_features * self.rank].view(len(missing), out_features, self.rank)
+            b = self._in_input_subspace(param, both[:, out_features * self.rank :].view(len(missing), in_features, -1))
+            return list(zip(a, b))
 
-        a, b = self.noise_cache.get(("factors", noise_seed, param_index, param.shape, param.device), draw)
-        return a, b
+        entries = self.noise_cache.get_many(keys, draw_many)
+        return torch.stack([a for a, _ in entries]), torch.stack([b for _, b in entries])
 
     def low_rank_factors(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[Tensor, Tensor] | None:
         if param.dim() != 2:
@@ -277,14 +282,25 @@ class EggRoll(EvolutionStrategy):
         a, b = self.factors(noise_seed, param_index, param)
         return (a if self.rank == 1 else a.div(math.sqrt(self.rank))), b
 
+    def stacked_low_rank_factors(
+        self, noise_seeds: Sequence[int], param_index: int, param: Tensor
+    ) -> tuple[Tensor, Tensor] | None:
+        if param.dim() != 2:
+            return None
+        a, b = self.stacked_factors(noise_seeds, param_index, param)
+        return (a if self.rank == 1 else a.div_(math.sqrt(self.rank))), b
+
     def noise_stream(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[int, str] | None:
         return (derive_seed(noise_seed, param_index), "gaussian") if param.dim() < 2 else None
 
     def noise(self, noise_seed: int, param_index: int, param: Tensor) -> Tensor:
+        return self.stacked_noise([noise_seed], param_index, param)[0]
+
+    def stacked_noise(self, noise_seeds: Sequence[int], param_index: int, param: Tensor) -> Tensor:
         if param.dim() < 2:
-            return self._dense_noise(noise_seed, param_index, param).clone()
-        a, b = self.factors(noise_seed, param_index, param)
-        return (a @ b.t()).div_(math.sqrt(self.rank)).view(param.shape)
+            return self._dense_stack(noise_seeds, param_index, param)
+        a, b = self.stacked_factors(noise_seeds, param_index, param)
+        return torch.bmm(a, b.transpose(1, 2)).div_(math.sqrt(self.rank)).view(len(noise_seeds), *param.shape)
 
     def combine(self, weights: Mapping[int, float], param_index: int, param: Tensor) -> Tensor:
         """``sum_s w_s A_s B_s^T / sqrt(r)`` as one product ``(A diag(w)) B^T``: no per-member matrix."""
@@ -293,10 +309,8 @@ class EggRoll(EvolutionStrategy):
         seeds = [seed for seed, weight in weights.items() if weight != 0.0]
         if not seeds:
             return torch.zeros(param.shape, dtype=torch.float32, device=param.device)
-        pairs = [self.factors(seed, param_index, param) for seed in seeds]
+        a, b = self.stacked_factors(seeds, param_index, param)  # (K, out, r), (K, in, r)
         scale = torch.tensor([weights[s] for s in seeds], dtype=torch.float32, device=param.device)
-        a = torch.stack([a for a, _ in pairs])  # (K, out, r)
-        b = torch.stack([b for _, b in pairs])  # (K, in, r)
         scaled_a = (a * scale.view(-1, 1, 1)).permute(1, 0, 2).reshape(a.shape[1], -1)  # (out, K r)
         stacked_b = b.permute(1, 0, 2).reshape(b.shape[1], -1)  # (in, K r)
         return (scaled_a @ stacked_b.t()).div_(math.sqrt(self.rank)).view(param.shape)

@@ -7,11 +7,14 @@ input side of those weights' noise on them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from lightning_nobp.algorithms.base import sample_direction
 from lightning_nobp.algorithms.noise_cache import NoiseCache
+from lightning_nobp.algorithms.seeds import derive_seed
 
 
 def check_input_subspace(owner: str, value: object) -> float | None:
@@ -31,9 +34,14 @@ def check_input_subspace(owner: str, value: object) -> float | None:
     return float(value)
 
 
+def _stacked(tensors: list[Tensor]) -> Tensor:
+    """``torch.stack(tensors)``, without a copy for a single tensor (a large weight's one noise)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
 class InputBases:
     """Mixin of algorithms whose noise can be drawn inside an input subspace (set ``input_subspace`` and
-    ``noise_cache`` in ``__init__``, then draw dense noise with :meth:`_draw_dense` and pass low-rank input factors
+    ``noise_cache`` in ``__init__``, then draw dense noise with :meth:`_dense_stack` and pass low-rank input factors
     through :meth:`_in_input_subspace`)."""
 
     input_subspace: float | None
@@ -69,22 +77,42 @@ class InputBases:
         self.noise_cache.clear()
 
     def _in_input_subspace(self, param: Tensor, columns: Tensor) -> Tensor:
-        """``P diag(scales) P^T columns`` for a weight with an input basis (``columns``: ``(in, k)``), else
-        ``columns``."""
+        """``P diag(scales) P^T columns`` for a weight with an input basis, else ``columns``.
+
+        Args:
+            param: the weight.
+            columns: ``(S, in, k)``: the input-side factors of ``S`` members, projected together.
+        """
         basis = self.input_bases.get(id(param))
         if basis is None:
             return columns
         directions, scales = basis
-        return directions @ (directions.t() @ columns).mul_(scales.view(-1, 1))
+        return torch.matmul(directions, torch.matmul(directions.t(), columns).mul_(scales.view(-1, 1)))
 
-    def _draw_dense(self, seed: int, param: Tensor, distribution: str = "gaussian") -> Tensor:
-        """A dense noise shaped like ``param``, drawn from ``seed``: inside the input subspace where ``param`` has
-        one (the ``(out, r)`` coordinates drawn, then ``coordinates diag(scales) P^T``), else everywhere."""
+    def _draw_dense(self, seeds: Sequence[int], param: Tensor, distribution: str = "gaussian") -> Tensor:
+        """Dense noises shaped like ``param``, one per (derived) seed, stacked ``(S, *param.shape)``: inside the
+        input subspace where ``param`` has one (the ``(out, r)`` coordinates drawn, then ``coordinates diag(scales)
+        P^T``), else everywhere."""
         basis = self.input_bases.get(id(param))
         if basis is None:
-            return sample_direction(seed, param.shape, param.device, distribution)
+            return _stacked([sample_direction(seed, param.shape, param.device, distribution) for seed in seeds])
         directions, scales = basis
-        coordinates = sample_direction(
-            seed, torch.Size((param.shape[0], directions.shape[1])), param.device, distribution
-        )
-        return (coordinates.mul_(scales) @ directions.t()).reshape(param.shape)
+        shape = torch.Size((param.shape[0], directions.shape[1]))
+        coordinates = _stacked([sample_direction(seed, shape, param.device, distribution) for seed in seeds])
+        return torch.matmul(coordinates.mul_(scales), directions.t()).reshape(len(seeds), *param.shape)
+
+    def _dense_stack(
+        self, seeds: Sequence[int], param_index: int, param: Tensor, distribution: str = "gaussian"
+    ) -> Tensor:
+        """The dense noise of ``param`` for every member seed, stacked ``(S, *param.shape)`` (a new tensor).
+
+        Each seed's noise is drawn from ``derive_seed(seed, param_index)`` and cached; the seeds absent from the
+        cache are drawn and projected together.
+        """
+        keys = [("dense", seed, param_index, param.shape, param.device, distribution) for seed in seeds]
+
+        def draw_many(missing: list[int]) -> list[tuple[Tensor]]:
+            drawn = self._draw_dense([derive_seed(seeds[i], param_index) for i in missing], param, distribution)
+            return [(noise,) for noise in drawn]
+
+        return torch.stack([noise for (noise,) in self.noise_cache.get_many(keys, draw_many)])

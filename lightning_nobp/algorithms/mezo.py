@@ -8,6 +8,7 @@ the step's directions.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -88,12 +89,10 @@ class MeZO(InputBases, Algorithm):
         return Estimate(per_member.to(torch.float32), stats=stats)
 
     def noise(self, noise_seed: int, param_index: int, param: Tensor) -> Tensor:
-        def draw() -> tuple[Tensor]:
-            seed = derive_seed(noise_seed, param_index)
-            return (self._draw_dense(seed, param, self.distribution),)
+        return self._dense_stack([noise_seed], param_index, param, self.distribution)[0]
 
-        (direction,) = self.noise_cache.get((noise_seed, param_index, param.shape, param.device), draw)
-        return direction.clone()
+    def stacked_noise(self, noise_seeds: Sequence[int], param_index: int, param: Tensor) -> Tensor:
+        return self._dense_stack(noise_seeds, param_index, param, self.distribution)
 
     def noise_stream(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[int, str] | None:
         if id(param) in self.input_bases:

@@ -8,7 +8,7 @@ exact; the cache is bounded in bytes and evicts the least recently used draws fi
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 
 from torch import Tensor
 
@@ -47,14 +47,45 @@ class NoiseCache:
             return entry
         self.misses += 1
         entry = draw()
+        self._keep(key, entry)
+        return entry
+
+    def get_many(
+        self, keys: Sequence[Hashable], draw_many: Callable[[list[int]], Sequence[tuple[Tensor, ...]]]
+    ) -> list[tuple[Tensor, ...]]:
+        """The entries of ``keys``, drawing every absent one in a single ``draw_many(positions)`` call.
+
+        Args:
+            keys: the entries wanted, in order.
+            draw_many: given the positions in ``keys`` of the absent entries, returns their entries in that order
+                (so a whole population's noise is drawn with one batched computation instead of one per member).
+        """
+        entries: list[tuple[Tensor, ...] | None] = []
+        missing: list[int] = []
+        for position, key in enumerate(keys):
+            entry = self._entries.get(key)
+            if entry is None:
+                missing.append(position)
+            else:
+                self._entries.move_to_end(key)
+            entries.append(entry)
+        self.hits += len(keys) - len(missing)
+        if missing:
+            self.misses += len(missing)
+            drawn = draw_many(missing)
+            for position, entry in zip(missing, drawn):
+                entries[position] = entry
+                self._keep(keys[position], entry)
+        return entries  # type: ignore[return-value]
+
+    def _keep(self, key: Hashable, entry: tuple[Tensor, ...]) -> None:
         size = sum(t.numel() * t.element_size() for t in entry)
-        if size <= self.max_bytes:
+        if size <= self.max_bytes and key not in self._entries:
             self._entries[key] = entry
             self._bytes += size
             while self._bytes > self.max_bytes:
                 _, evicted = self._entries.popitem(last=False)
                 self._bytes -= sum(t.numel() * t.element_size() for t in evicted)
-        return entry
 
     def clear(self) -> None:
         """Forget every entry."""

@@ -60,6 +60,8 @@ class GPTLanguageModel(ByteLanguageModel):
         n_embd: residual width (``None`` keeps the preset's).
         dropout: dropout probability.
         attention: ``"sdpa"`` (fused kernels) or ``"math"`` (batches a whole ES population under ``vmap`` on CPU).
+        tie_weights: share the output head's weight with the token embedding (``False``: a separate head, which
+            ``NoBackpropStrategy`` can estimate from per-row losses).
         optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"``.
         lr: peak learning rate.
         weight_decay: weight decay of the optimizer.
@@ -79,6 +81,7 @@ class GPTLanguageModel(ByteLanguageModel):
         n_embd: int | None = None,
         dropout: float = 0.0,
         attention: str = "sdpa",
+        tie_weights: bool = True,
         optimizer: str = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -92,7 +95,11 @@ class GPTLanguageModel(ByteLanguageModel):
         self.save_hyperparameters()
         overrides = dict(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
         config = GPTConfig.preset(
-            preset, dropout=dropout, attention=attention, **{k: v for k, v in overrides.items() if v is not None}
+            preset,
+            dropout=dropout,
+            attention=attention,
+            tie_weights=tie_weights,
+            **{k: v for k, v in overrides.items() if v is not None},
         )
         self.model = GPT(config)
 

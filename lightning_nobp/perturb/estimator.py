@@ -302,10 +302,12 @@ class PopulationEstimator:
         factors ``(A, B)`` where allowed and available, else the dense ``E``."""
         param = self.params[index]
         if low_rank:
-            factors = [self.algorithm.low_rank_factors(seed, index, param) for seed in seeds]
-            if all(f is not None for f in factors):
-                return torch.stack([f[0] for f in factors]), torch.stack([f[1] for f in factors])  # type: ignore[index]
-        return torch.stack([self.dense_noise(seed, index) for seed in seeds])
+            factors = self.algorithm.stacked_low_rank_factors(seeds, index, param)
+            if factors is not None:
+                return factors
+        if index in self.low_bit and self.algorithm.noise_stream(seeds[0], index, param) is not None:
+            return torch.stack([self.dense_noise(seed, index) for seed in seeds])  # the kernels' Philox streams
+        return self.algorithm.stacked_noise(seeds, index, param)
 
     def _row_local_indices(self) -> set[int]:
         """Parameters of the row-local layers while per-row estimates are on (their noise is kept for the update)."""
@@ -788,10 +790,12 @@ class PopulationEstimator:
         terms = UpdateTerms(decay=decay)
         if not seeds:
             return terms
-        factors = [self.algorithm.low_rank_factors(seed, index, param) for seed in seeds]
-        if all(f is not None for f in factors):
-            terms.factor_a = torch.cat([f[0] * merged[s] for f, s in zip(factors, seeds)], dim=1)  # type: ignore[index]
-            terms.factor_b = torch.cat([f[1] for f in factors], dim=1)  # type: ignore[index]
+        factors = self.algorithm.stacked_low_rank_factors(seeds, index, param)
+        if factors is not None:
+            a, b = factors  # (K, out, r), (K, in, r)
+            weights = torch.tensor([merged[s] for s in seeds], dtype=torch.float32, device=a.device)
+            terms.factor_a = (a * weights.view(-1, 1, 1)).permute(1, 0, 2).reshape(a.shape[1], -1)  # (out, K r)
+            terms.factor_b = b.permute(1, 0, 2).reshape(b.shape[1], -1)  # (in, K r)
             return terms
         streams = [self.algorithm.noise_stream(seed, index, param) for seed in seeds]
         if all(stream is not None for stream in streams) and len({st[1] for st in streams}) == 1:  # type: ignore[index]
