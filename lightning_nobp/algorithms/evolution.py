@@ -271,7 +271,7 @@ class EggRoll(EvolutionStrategy):
             both = torch.stack([sample_direction(seed, numbers, param.device) for seed in streams])
             a = both[:, : out_features * self.rank].view(len(missing), out_features, self.rank)
             b = self._in_input_subspace(param, both[:, out_features * self.rank :].view(len(missing), in_features, -1))
-            return list(zip(a, b))
+            return list(zip(a.unbind(0), b.unbind(0)))
 
         entries = self.noise_cache.get_many(keys, draw_many)
         return torch.stack([a for a, _ in entries]), torch.stack([b for _, b in entries])

@@ -113,6 +113,6 @@ class InputBases:
 
         def draw_many(missing: list[int]) -> list[tuple[Tensor]]:
             drawn = self._draw_dense([derive_seed(seeds[i], param_index) for i in missing], param, distribution)
-            return [(noise,) for noise in drawn]
+            return [(noise,) for noise in drawn.unbind(0)]
 
         return torch.stack([noise for (noise,) in self.noise_cache.get_many(keys, draw_many)])
