@@ -19,6 +19,21 @@ from torch import Tensor
 COMBINE_STACK_BYTES = 64 * 1024 * 1024
 
 
+def weighted_factor_columns(a: Tensor, b: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Stacked low-rank factors as two wide matrices whose product is ``sum_k weights[k] A_k B_k^T``.
+
+    Args:
+        a: ``(K, out, r)``: every member's ``A``.
+        b: ``(K, in, r)``: every member's ``B``.
+        weights: ``(K,)``: each member's coefficient (folded into ``A``).
+
+    Returns:
+        ``(out, K r)`` and ``(in, K r)``; member ``k`` owns columns ``k r`` to ``(k + 1) r``.
+    """
+    scaled_a = (a * weights.view(-1, 1, 1)).permute(1, 0, 2).reshape(a.shape[1], -1)
+    return scaled_a, b.permute(1, 0, 2).reshape(b.shape[1], -1)
+
+
 @dataclass(frozen=True)
 class Member:
     """One perturbed copy of the weights: ``theta + sigma * sign * E(noise_seed)``.

@@ -16,7 +16,14 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lightning_nobp.algorithms.base import Algorithm, Estimate, Member, Population, sample_direction
+from lightning_nobp.algorithms.base import (
+    Algorithm,
+    Estimate,
+    Member,
+    Population,
+    sample_direction,
+    weighted_factor_columns,
+)
 from lightning_nobp.algorithms.input_bases import InputBases, check_input_subspace
 from lightning_nobp.algorithms.noise_cache import NoiseCache
 from lightning_nobp.algorithms.seeds import derive_seed
@@ -248,9 +255,7 @@ class EggRoll(EvolutionStrategy):
 
     def factors(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[Tensor, Tensor]:
         """The Gaussian factors ``A (out, r)`` and ``B (in, r)`` of a matrix parameter, from one seeded stream
-        (``B`` projected on the weight's input basis, if it has one).
-
-        The factors are cached (``noise_cache``) and shared: do not modify them in place.
+        (``B`` projected on the weight's input basis, if it has one); cached in ``noise_cache``, returned as copies.
         """
         a, b = self.stacked_factors([noise_seed], param_index, param)
         return a[0], b[0]
@@ -311,6 +316,5 @@ class EggRoll(EvolutionStrategy):
             return torch.zeros(param.shape, dtype=torch.float32, device=param.device)
         a, b = self.stacked_factors(seeds, param_index, param)  # (K, out, r), (K, in, r)
         scale = torch.tensor([weights[s] for s in seeds], dtype=torch.float32, device=param.device)
-        scaled_a = (a * scale.view(-1, 1, 1)).permute(1, 0, 2).reshape(a.shape[1], -1)  # (out, K r)
-        stacked_b = b.permute(1, 0, 2).reshape(b.shape[1], -1)  # (in, K r)
+        scaled_a, stacked_b = weighted_factor_columns(a, b, scale)  # (out, K r), (in, K r)
         return (scaled_a @ stacked_b.t()).div_(math.sqrt(self.rank)).view(param.shape)

@@ -40,14 +40,7 @@ class NoiseCache:
 
     def get(self, key: Hashable, draw: Callable[[], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
         """The tensors cached under ``key``, drawing (and keeping) them with ``draw()`` when absent."""
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry
-        self.misses += 1
-        entry = draw()
-        self._keep(key, entry)
+        (entry,) = self.get_many([key], lambda missing: [draw()])
         return entry
 
     def get_many(

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from lightning_nobp.algorithms.base import Algorithm, Member, Population
+from lightning_nobp.algorithms.base import Algorithm, Member, Population, weighted_factor_columns
 from lightning_nobp.algorithms.seeds import derive_seed
 from lightning_nobp.kernels.lowbit_update import UpdateTerms
 from lightning_nobp.kernels.perturbed_weight import perturbed_weight
@@ -794,8 +794,7 @@ class PopulationEstimator:
         if factors is not None:
             a, b = factors  # (K, out, r), (K, in, r)
             weights = torch.tensor([merged[s] for s in seeds], dtype=torch.float32, device=a.device)
-            terms.factor_a = (a * weights.view(-1, 1, 1)).permute(1, 0, 2).reshape(a.shape[1], -1)  # (out, K r)
-            terms.factor_b = b.permute(1, 0, 2).reshape(b.shape[1], -1)  # (in, K r)
+            terms.factor_a, terms.factor_b = weighted_factor_columns(a, b, weights)  # (out, K r), (in, K r)
             return terms
         streams = [self.algorithm.noise_stream(seed, index, param) for seed in seeds]
         if all(stream is not None for stream in streams) and len({st[1] for st in streams}) == 1:  # type: ignore[index]
