@@ -200,6 +200,21 @@ def test_the_trainer_uses_per_row_estimates_for_the_head_only_where_they_apply(n
         assert not estimator.row_local, (algorithm, kwargs)
 
 
+def test_per_row_max_outputs_widens_which_layers_qualify(no_backprop: None) -> None:
+    """The hidden layer (128 outputs) is row-local too, but wider than a population of 32's 16 pairs: it takes
+    per-row estimates only when ``per_row_max_outputs`` allows it."""
+    strategy = _fit(EggRoll(population=32, per_row_max_outputs=128))
+    (estimator,) = strategy.engine._estimators.values()
+    net = strategy.lightning_module.net
+    assert [layer.module for layer in estimator.row_local] == [net[0], net[2]]
+    strategy = _fit(EggRoll(population=32, per_row_max_outputs=127))
+    (estimator,) = strategy.engine._estimators.values()
+    assert [layer.module for layer in estimator.row_local] == [strategy.lightning_module.net[2]]
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match="per_row_max_outputs"):
+            EggRoll(per_row_max_outputs=bad)
+
+
 class _HeadCalls(pl.Callback):
     """Counts the head's forward calls during each training batch."""
 

@@ -53,6 +53,10 @@ class EvolutionStrategy(InputBases, Algorithm):
             (``lightning_nobp.perturb.row_estimate``).
         input_subspace: perturb data-fed layers inside the principal subspace of their inputs that holds this
             fraction of the inputs' energy (``lightning_nobp.perturb.input_subspace``); ``None``: everywhere.
+        per_row_embeddings: with ``per_row_estimates``, also estimate a causal sequence model's embeddings from
+            the per-row losses (``lightning_nobp.perturb.row_estimate``; biased).
+        per_row_max_outputs: widest layer output (or embedding dimension) estimated from per-row losses;
+            ``None``: ``population / 2``, the number of antithetic pairs.
     """
 
     def __init__(
@@ -64,6 +68,8 @@ class EvolutionStrategy(InputBases, Algorithm):
         population_chunk: int | None = None,
         per_row_estimates: bool = True,
         input_subspace: float | None = None,
+        per_row_embeddings: bool = False,
+        per_row_max_outputs: int | None = None,
     ) -> None:
         owner = type(self).__name__
         if not (isinstance(population, int) and population >= 2):
@@ -90,7 +96,19 @@ class EvolutionStrategy(InputBases, Algorithm):
         self.noise_cache = NoiseCache()
         self.population = population
         self.sigma = float(sigma)
+        if per_row_embeddings and not per_row_estimates:
+            raise ValueError(
+                f"{owner}(per_row_estimates=False, per_row_embeddings=True): embeddings are estimated from per-row"
+                " losses like row-local layers; set per_row_estimates=True or per_row_embeddings=False"
+            )
         self.per_row_estimates = bool(per_row_estimates)
+        self.per_row_embeddings = bool(per_row_embeddings)
+        if per_row_max_outputs is not None and not (isinstance(per_row_max_outputs, int) and per_row_max_outputs >= 1):
+            raise ValueError(
+                f"{owner}(per_row_max_outputs={per_row_max_outputs!r}): a positive integer (the widest layer output"
+                " estimated from per-row losses), or None for population / 2"
+            )
+        self.per_row_max_outputs = per_row_max_outputs
         self.input_subspace = check_input_subspace(owner, input_subspace)
         self.antithetic = antithetic
         self.fitness_shaping = fitness_shaping
@@ -162,6 +180,16 @@ class OpenES(EvolutionStrategy):
         input_subspace: for layers fed directly by the data (an MLP's first layer), draw the noise inside the
             principal subspace of their inputs holding this fraction of the inputs' energy (estimated over the
             first 16 batches), where the gradient lies; ``None`` draws it in every direction. One process only.
+        per_row_embeddings: with ``per_row_estimates``, also estimate the ``nn.Embedding`` weights of a causal
+            sequence model (token and position embeddings of a GPT: output row ``n`` moves loss row ``n`` and no
+            earlier one, tested once on the first batch) from the per-row losses: exact for the paths from an
+            embedding row to the losses of the positions that read it (the residual stream at the same position),
+            with the paths through attention to other positions' losses left out. A biased estimate with far less
+            noise than evolution strategies' for a ``vocab x dim`` table; off by default.
+        per_row_max_outputs: widest layer output (or embedding dimension) estimated from per-row losses.
+            ``None``: ``population / 2``, the number of antithetic pairs, where each row's output gradient is fully
+            determined; wider layers still get an unbiased per-row estimate, noisier per row but usually far less
+            noisy than evolution strategies' estimate of the whole weight.
     """
 
     def __init__(
@@ -173,16 +201,27 @@ class OpenES(EvolutionStrategy):
         population_chunk: int | None = None,
         per_row_estimates: bool = True,
         input_subspace: float | None = 0.97,
+        per_row_embeddings: bool = False,
+        per_row_max_outputs: int | None = None,
     ) -> None:
         super().__init__(
-            population, sigma, antithetic, fitness_shaping, population_chunk, per_row_estimates, input_subspace
+            population,
+            sigma,
+            antithetic,
+            fitness_shaping,
+            population_chunk,
+            per_row_estimates,
+            input_subspace,
+            per_row_embeddings,
+            per_row_max_outputs,
         )
 
     def __repr__(self) -> str:
         return (
             f"OpenES(population={self.population}, sigma={self.sigma}, antithetic={self.antithetic},"
             f" fitness_shaping={self.fitness_shaping!r}, per_row_estimates={self.per_row_estimates},"
-            f" input_subspace={self.input_subspace})"
+            f" input_subspace={self.input_subspace}, per_row_embeddings={self.per_row_embeddings},"
+            f" per_row_max_outputs={self.per_row_max_outputs})"
         )
 
     def noise(self, noise_seed: int, param_index: int, param: Tensor) -> Tensor:
@@ -226,6 +265,16 @@ class EggRoll(EvolutionStrategy):
         input_subspace: for layers fed directly by the data (an MLP's first layer), draw ``B`` inside the
             principal subspace of their inputs holding this fraction of the inputs' energy (estimated over the
             first 16 batches), where the gradient lies; ``None`` draws it in every direction. One process only.
+        per_row_embeddings: with ``per_row_estimates``, also estimate the ``nn.Embedding`` weights of a causal
+            sequence model (token and position embeddings of a GPT: output row ``n`` moves loss row ``n`` and no
+            earlier one, tested once on the first batch) from the per-row losses: exact for the paths from an
+            embedding row to the losses of the positions that read it (the residual stream at the same position),
+            with the paths through attention to other positions' losses left out. A biased estimate with far less
+            noise than evolution strategies' for a ``vocab x dim`` table; off by default.
+        per_row_max_outputs: widest layer output (or embedding dimension) estimated from per-row losses.
+            ``None``: ``population / 2``, the number of antithetic pairs, where each row's output gradient is fully
+            determined; wider layers still get an unbiased per-row estimate, noisier per row but usually far less
+            noisy than evolution strategies' estimate of the whole weight.
     """
 
     def __init__(
@@ -238,9 +287,19 @@ class EggRoll(EvolutionStrategy):
         population_chunk: int | None = None,
         per_row_estimates: bool = True,
         input_subspace: float | None = 0.97,
+        per_row_embeddings: bool = False,
+        per_row_max_outputs: int | None = None,
     ) -> None:
         super().__init__(
-            population, sigma, antithetic, fitness_shaping, population_chunk, per_row_estimates, input_subspace
+            population,
+            sigma,
+            antithetic,
+            fitness_shaping,
+            population_chunk,
+            per_row_estimates,
+            input_subspace,
+            per_row_embeddings,
+            per_row_max_outputs,
         )
         if not (isinstance(rank, int) and rank >= 1):
             raise ValueError(f"EggRoll(rank={rank!r}): the rank must be an integer >= 1")
@@ -250,7 +309,8 @@ class EggRoll(EvolutionStrategy):
         return (
             f"EggRoll(population={self.population}, rank={self.rank}, sigma={self.sigma},"
             f" antithetic={self.antithetic}, fitness_shaping={self.fitness_shaping!r},"
-            f" per_row_estimates={self.per_row_estimates}, input_subspace={self.input_subspace})"
+            f" per_row_estimates={self.per_row_estimates}, input_subspace={self.input_subspace},"
+            f" per_row_embeddings={self.per_row_embeddings}, per_row_max_outputs={self.per_row_max_outputs})"
         )
 
     def factors(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[Tensor, Tensor]:
@@ -266,14 +326,15 @@ class EggRoll(EvolutionStrategy):
         Every seed's factors come from its own stream ``derive_seed(seed, param_index)`` (the first ``out * r``
         numbers are ``A``) and are cached; the seeds absent from the cache are drawn and projected together.
         """
-        out_features = param.shape[0]
-        in_features = param.numel() // out_features
+        shape, device = param.shape, param.device  # read once: slow on tensor subclasses (low-bit weights)
+        out_features = shape[0]
+        in_features = shape.numel() // out_features
         numbers = torch.Size(((out_features + in_features) * self.rank,))
-        keys = [("factors", seed, param_index, param.shape, param.device) for seed in noise_seeds]
+        keys = [("factors", seed, param_index, shape, device) for seed in noise_seeds]
 
         def draw_many(missing: list[int]) -> list[tuple[Tensor, Tensor]]:
             streams = [derive_seed(noise_seeds[i], param_index) for i in missing]
-            both = torch.stack([sample_direction(seed, numbers, param.device) for seed in streams])
+            both = torch.stack([sample_direction(seed, numbers, device) for seed in streams])
             a = both[:, : out_features * self.rank].view(len(missing), out_features, self.rank)
             b = self._in_input_subspace(param, both[:, out_features * self.rank :].view(len(missing), in_features, -1))
             return list(zip(a.unbind(0), b.unbind(0)))

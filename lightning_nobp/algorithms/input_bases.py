@@ -109,7 +109,8 @@ class InputBases:
         Each seed's noise is drawn from ``derive_seed(seed, param_index)`` and cached; the seeds absent from the
         cache are drawn and projected together.
         """
-        keys = [("dense", seed, param_index, param.shape, param.device, distribution) for seed in seeds]
+        shape, device = param.shape, param.device  # read once: slow on tensor subclasses (low-bit weights)
+        keys = [("dense", seed, param_index, shape, device, distribution) for seed in seeds]
 
         def draw_many(missing: list[int]) -> list[tuple[Tensor]]:
             drawn = self._draw_dense([derive_seed(seeds[i], param_index) for i in missing], param, distribution)

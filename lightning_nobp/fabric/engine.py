@@ -190,6 +190,8 @@ class ForwardOnlyEngine:
                 and bool(getattr(self.algorithm, "per_row_estimates", False))
                 and bool(getattr(self.algorithm, "antithetic", False))
             )
+            estimator.row_embeddings = bool(getattr(self.algorithm, "per_row_embeddings", False))
+            estimator.row_max_outputs = getattr(self.algorithm, "per_row_max_outputs", None)
             energy = getattr(self.algorithm, "input_subspace", None)
             if energy is not None and self._world()[1] == 1:
                 estimator.input_subspaces = InputSubspaces(energy)

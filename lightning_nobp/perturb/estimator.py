@@ -26,7 +26,7 @@ from lightning_nobp.lowbit import apply_low_bit_update, is_low_bit, layout_of
 from lightning_nobp.perturb.forward import ParameterOwners, ParameterReadProbe, PerturbedForward
 from lightning_nobp.perturb.input_subspace import InputSubspaces, tap_inputs
 from lightning_nobp.perturb.narrow_softmax import NarrowSoftmaxMode
-from lightning_nobp.perturb.row_estimate import row_local_gradient
+from lightning_nobp.perturb.row_estimate import embedding_row_gradient, row_local_gradient
 from lightning_nobp.perturb.row_losses import RowLocalLayer, RowLossRecorder, find_row_local_layers
 
 LossFn = Callable[..., Tensor]
@@ -52,6 +52,16 @@ def _rescaled(better: Tensor, norm: float, fallback: Any) -> Any:
     if length > 0 and math.isfinite(length) and math.isfinite(norm):
         return better.mul_(norm / length)
     return fallback
+
+
+def _inputs_fit(layer: RowLocalLayer, inputs: Tensor | None, loss_rows: int) -> bool:
+    """Whether a row-local layer's tapped inputs belong to a batch of ``loss_rows`` loss rows: one input row per
+    loss row, or for an embedding a whole number of lookups per loss row's position (broadcast over the batch)."""
+    if inputs is None or len(inputs) == 0:
+        return False
+    if layer.is_embedding:
+        return loss_rows % len(inputs) == 0
+    return len(inputs) == loss_rows
 
 
 def _first(stacked: Any) -> Any:
@@ -138,6 +148,11 @@ class PopulationEstimator:
         self.narrow_softmax = all(param.device.type == "cpu" for param in self.params)
         #: estimate row-local layers from per-row losses (set by the engine: antithetic ES on one process)
         self.row_estimates = False
+        #: also estimate the embeddings of a causal sequence model from per-row losses (set by the engine from the
+        #: algorithm's ``per_row_embeddings``; a biased estimate, see ``lightning_nobp.perturb.row_estimate``)
+        self.row_embeddings = False
+        #: widest output of a layer estimated from per-row losses (``None``: the population's antithetic pairs)
+        self.row_max_outputs: int | None = None
         #: the row-local layers found on the first batch (``None``: not searched yet)
         self.row_local: list[RowLocalLayer] | None = None
         #: the last evaluation's per-row record: (population, rows ``(P, N)``, each row-local layer's input rows)
@@ -461,7 +476,7 @@ class PopulationEstimator:
                     at_weights()
 
             seen = subspaces.search(
-                {layer.weight_index: layer.module for layer in self._unshared_linear_layers()}, at_weights, perturbed
+                {layer.weight_index: layer.module for layer in self._unshared_layers()}, at_weights, perturbed
             )
         else:
             with tap_inputs(subspaces.layers) as seen:
@@ -485,7 +500,7 @@ class PopulationEstimator:
         """Continue with a checkpoint's input subspaces: the same layers, moments and installed bases."""
         if self.input_subspaces is None:
             return
-        modules = {layer.weight_index: layer.module for layer in self._unshared_linear_layers()}
+        modules = {layer.weight_index: layer.module for layer in self._unshared_layers()}
         self.input_subspaces.load_state_dict(state, modules)
         self._give_input_bases(self.input_subspaces.installed)
 
@@ -495,15 +510,17 @@ class PopulationEstimator:
         for index, basis in bases.items() if install is not None else ():
             install(self.params[index], basis)
 
-    def _unshared_linear_layers(self) -> list[RowLocalLayer]:
-        """``nn.Linear`` layers with a trained weight whose parameters no other module shares."""
+    def _unshared_layers(self, embeddings: bool = False) -> list[RowLocalLayer]:
+        """``nn.Linear`` layers (and ``nn.Embedding`` layers if ``embeddings``: dense lookups without ``max_norm``)
+        with a trained weight whose parameters no other module shares."""
         holders: dict[int, int] = {}
         for slots in self.owners.slots.values():
             for _, index in slots:
                 holders[index] = holders.get(index, 0) + 1
         layers = []
         for module, slots in self.owners.slots.items():
-            if not isinstance(module, nn.Linear):
+            plain_embedding = isinstance(module, nn.Embedding) and module.max_norm is None and not module.sparse
+            if not (isinstance(module, nn.Linear) or (embeddings and plain_embedding)):
                 continue
             indices = dict(slots)
             weight = indices.get("weight")
@@ -541,13 +558,18 @@ class PopulationEstimator:
         return RowLossRecorder() if self.row_local else None
 
     def _row_local_candidates(self, pairs: int) -> list[RowLocalLayer]:
-        """``nn.Linear`` layers with a trained weight and at most ``pairs`` outputs, whose parameters no other
-        module shares (a head tied to an embedding also gets the embedding's gradient: not from rows alone)."""
-        return [
-            layer
-            for layer in self._unshared_linear_layers()
-            if type(layer.module) is nn.Linear and layer.module.out_features <= pairs
-        ]
+        """``nn.Linear`` layers with a trained weight and at most ``pairs`` outputs (or ``row_max_outputs``), whose
+        parameters no other module shares (a head tied to an embedding also gets the embedding's gradient: not from
+        rows alone); with ``row_embeddings`` also such ``nn.Embedding`` layers of at most that many dimensions."""
+        widest = pairs if self.row_max_outputs is None else self.row_max_outputs
+        candidates = []
+        for layer in self._unshared_layers(embeddings=self.row_embeddings):
+            module = layer.module
+            if type(module) is nn.Linear and module.out_features <= widest:
+                candidates.append(layer)
+            elif isinstance(module, nn.Embedding) and module.embedding_dim <= widest:
+                candidates.append(layer)
+        return candidates
 
     def _keep_rows(
         self,
@@ -581,9 +603,7 @@ class PopulationEstimator:
             )
             return
         inputs, self._tapped_inputs = self._tapped_inputs, {}
-        if any(
-            layer.weight_index not in inputs or len(inputs[layer.weight_index]) != width for layer in self.row_local
-        ):
+        if any(not _inputs_fit(layer, inputs.get(layer.weight_index), width) for layer in self.row_local):
             inputs = {}  # not from this batch: take them from one forward at the current weights
             with self.row_input_tap(inputs):
                 if rng is not None:
@@ -607,7 +627,10 @@ class PopulationEstimator:
 
         def tap(layer: RowLocalLayer) -> Callable[[nn.Module, Any], None]:
             def hook(module: nn.Module, args: Any) -> None:
-                store[layer.weight_index] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                if layer.is_embedding:  # the rows it looks up
+                    store[layer.weight_index] = args[0].detach().reshape(-1)
+                else:
+                    store[layer.weight_index] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
 
             return hook
 
@@ -643,10 +666,14 @@ class PopulationEstimator:
         estimates: dict[int, Tensor] = {}
         for layer in self.row_local or []:
             rows = inputs.get(layer.weight_index)
-            if rows is None or rows.shape[0] != differences.shape[1]:
+            if not _inputs_fit(layer, rows, differences.shape[1]):
                 continue
+            assert rows is not None
             weight = self.params[layer.weight_index]
             noise = self._pair_noise(layer.weight_index, seeds, seed_noise)
+            if layer.is_embedding:
+                estimates[layer.weight_index] = self._embedding_gradient(layer, differences, rows, noise)
+                continue
             bias_noise = None
             if layer.bias_index is not None:
                 bias_noise = self._pair_noise(layer.bias_index, seeds, seed_noise)
@@ -659,6 +686,20 @@ class PopulationEstimator:
             if bias_gradient is not None and layer.bias_index is not None:
                 estimates[layer.bias_index] = bias_gradient
         return estimates
+
+    def _embedding_gradient(
+        self, layer: RowLocalLayer, differences: Tensor, looked_up: Tensor, noise: tuple[Tensor, Tensor] | Tensor
+    ) -> Tensor:
+        """A causal model's embedding weight from the per-row losses (``embedding_row_gradient``): the rows it
+        looked up repeat over the loss rows when it was broadcast over the batch (position embeddings)."""
+        module = layer.module
+        assert isinstance(module, nn.Embedding)
+        weight = self.params[layer.weight_index]
+        indices = looked_up.to(weight.device).repeat(differences.shape[1] // len(looked_up))
+        gradient = embedding_row_gradient(differences.to(weight.device), indices, noise, module.num_embeddings)
+        if module.padding_idx is not None:
+            gradient[module.padding_idx] = 0.0  # the padding row is never trained
+        return gradient.view(weight.shape)
 
     def _pair_noise(
         self, index: int, seeds: list[int], seed_noise: list[tuple[int, list[int], Any]]

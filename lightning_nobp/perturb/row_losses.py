@@ -4,8 +4,9 @@ The user's ``training_step`` returns one scalar, but most losses are a mean over
 ``F.cross_entropy(logits, y)`` is ``sum_n c_n`` with ``c_n = l_n / N``. :class:`RowLossRecorder` is a
 ``TorchFunctionMode`` that computes such a loss with ``reduction="none"``, keeps the row contributions ``c_n`` and
 returns their sum (the same value). :func:`find_row_local_layers` then finds the ``nn.Linear`` layers whose output
-row ``n`` changes loss row ``n`` only (a classifier's head; a language model's output projection): for those, each
-member's per-row losses tell far more about the layer's gradient than its one scalar loss
+row ``n`` changes loss row ``n`` only (a classifier's head; a language model's output projection), and, when asked,
+the ``nn.Embedding`` layers of a causal sequence model (output row ``n`` changes loss row ``n`` and no earlier row):
+for those, each member's per-row losses tell far more about the layer's gradient than its one scalar loss
 (:mod:`lightning_nobp.perturb.row_estimate`).
 """
 
@@ -115,17 +116,23 @@ class RowLossRecorder(TorchFunctionMode):
 
 @dataclass(frozen=True)
 class RowLocalLayer:
-    """An ``nn.Linear`` whose output row ``n`` changes loss row ``n`` only.
+    """An ``nn.Linear`` whose output row ``n`` changes loss row ``n`` only, or an ``nn.Embedding`` of a causal
+    sequence model: its output row ``n`` changes loss row ``n`` and no earlier row (output rows repeat over the loss
+    rows when the embedding is broadcast over the batch, as position embeddings are).
 
     Args:
         module: the layer.
         weight_index: its weight's position in the trained parameter list.
-        bias_index: its bias's position, or ``None`` (no bias, or an untrained one).
+        bias_index: its bias's position, or ``None`` (no bias, an untrained one, or an embedding).
     """
 
-    module: nn.Linear
+    module: nn.Linear | nn.Embedding
     weight_index: int
     bias_index: int | None
+
+    @property
+    def is_embedding(self) -> bool:
+        return isinstance(self.module, nn.Embedding)
 
 
 def _shifted_row(row: int, generator: torch.Generator) -> Callable[[nn.Module, Any, Tensor], Tensor]:
@@ -141,14 +148,42 @@ def _shifted_row(row: int, generator: torch.Generator) -> Callable[[nn.Module, A
     return hook
 
 
+def _rows_qualify(candidate: RowLocalLayer, output_rows: int, loss_rows: int, shifted: int, changed: Tensor) -> bool:
+    """Whether shifting output row ``shifted`` changed the loss rows (boolean ``changed``) a row-local layer may.
+
+    ``nn.Linear``: exactly loss row ``shifted``. ``nn.Embedding``: every loss row the output row feeds directly
+    (``n = shifted`` modulo the output's rows) and no row of an earlier position.
+    """
+    if not candidate.is_embedding:
+        return output_rows == loss_rows and changed.nonzero().flatten().tolist() == [shifted]
+    if output_rows == 0 or loss_rows % output_rows:
+        return False
+    position = torch.arange(loss_rows) % output_rows
+    return bool(changed[position == shifted].all()) and not bool(changed[position < shifted].any())
+
+
+def _counting_hooks(candidates: Sequence[RowLocalLayer]) -> tuple[list[list[int]], list[Any]]:
+    """Forward hooks that record, per candidate, the rows of its output at every call."""
+    calls: list[list[int]] = [[] for _ in candidates]
+    handles = [
+        candidate.module.register_forward_hook(
+            lambda module, args, output, seen=seen: seen.append(output.numel() // output.shape[-1])
+        )
+        for candidate, seen in zip(candidates, calls)
+    ]
+    return calls, handles
+
+
 def find_row_local_layers(
     candidates: Sequence[RowLocalLayer], evaluate: Callable[[], Tensor], restore_rng: Callable[[], None]
 ) -> list[RowLocalLayer]:
-    """The candidates whose output rows map one-to-one onto the loss's rows, tested on the current batch.
+    """The candidates whose output rows map onto the loss's rows, tested on the current batch.
 
     Runs the loss once as it is and, for each candidate, twice more with a random shift added to its first or its
-    last output row: the candidate qualifies when exactly that loss row changes each time, the layer ran once per
-    forward and its output has as many rows as the loss. Costs ``1 + 2 * len(candidates)`` forwards, once.
+    last output row. An ``nn.Linear`` qualifies when exactly that loss row changes each time and its output has as
+    many rows as the loss; an ``nn.Embedding`` when the loss rows it feeds directly change and no earlier row does
+    (at the last row: nothing but its own rows, so a bidirectional model fails). Either must run once per forward.
+    Costs ``1 + 2 * len(candidates)`` forwards, once.
 
     Args:
         candidates: the layers to test.
@@ -158,22 +193,26 @@ def find_row_local_layers(
     if not candidates:
         return []
     recorder = RowLossRecorder()
-    with torch.no_grad(), recorder:
-        restore_rng()
-        evaluate()
+    calls, handles = _counting_hooks(candidates)
+    try:
+        with torch.no_grad(), recorder:
+            restore_rng()
+            evaluate()
+    finally:
+        for handle in handles:
+            handle.remove()
     baseline = recorder.rows
     if baseline is None or baseline.numel() == 0:
         return []
     baseline = baseline.detach().float().cpu()
     rows = baseline.numel()
     found: list[RowLocalLayer] = []
-    for candidate in candidates:
+    for candidate, seen in zip(candidates, calls):
+        if len(seen) != 1 or seen[0] < 1:  # not run, or run twice per forward (shared): rows of which call?
+            continue
+        output_rows = seen[0]
         qualifies = True
-        for row in sorted({0, rows - 1}):
-            calls: list[int] = []
-            count = candidate.module.register_forward_hook(
-                lambda module, args, output: calls.append(output.numel() // output.shape[-1])
-            )
+        for row in sorted({0, output_rows - 1}):
             shift = candidate.module.register_forward_hook(_shifted_row(row, torch.Generator().manual_seed(row)))
             recorder.reset()
             try:
@@ -181,13 +220,12 @@ def find_row_local_layers(
                     restore_rng()
                     evaluate()
             finally:
-                count.remove()
                 shift.remove()
-            if calls != [rows] or recorder.rows is None or recorder.rows.numel() != rows:
+            if recorder.rows is None or recorder.rows.numel() != rows:
                 qualifies = False
                 break
             changed = (recorder.rows.detach().float().cpu() - baseline).abs() > 1e-6 * (baseline.abs() + 1e-6)
-            if changed.nonzero().flatten().tolist() != [row]:
+            if not _rows_qualify(candidate, output_rows, rows, row, changed):
                 qualifies = False
                 break
         if qualifies:
