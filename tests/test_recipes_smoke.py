@@ -75,14 +75,15 @@ def test_shakespeare_recipes_smoke_mode_report_bits_per_byte(recipe: str, litdat
     if recipe != "shakespeare-bigram":
         assert cli.trainer.global_step == 3
     if recipe == "shakespeare-gpt-eggroll-fp8":
-        # its untied head, and the layers after the only attention (whose output at token n reaches loss n only),
-        # learn from the members' per-token losses; the attention's input projection mixes tokens: it does not
+        # its untied head, the layers after the only attention (whose output at token n reaches loss n only) and
+        # the embeddings (per_row_embeddings: causal, token n reaches loss n and later ones) learn from the members'
+        # per-token losses; the attention's input projection mixes tokens: it does not
         gpt = cli.model.model
         (estimator,) = cli.trainer.strategy.engine._estimators.values()
         names = {
             name for name, module in gpt.named_modules() for layer in estimator.row_local if layer.module is module
         }
-        assert names == {"lm_head", "blocks.0.attn.proj", "blocks.0.mlp.fc", "blocks.0.mlp.proj"}
+        assert names == {"lm_head", "blocks.0.attn.proj", "blocks.0.mlp.fc", "blocks.0.mlp.proj", "wte", "wpe"}
 
 
 @pytest.mark.skipif(not fashion_mnist_available(), reason="apt-get install dataset-fashion-mnist")
