@@ -156,7 +156,7 @@ def _rows_qualify(candidate: RowLocalLayer, output_rows: int, loss_rows: int, sh
     """
     if not candidate.is_embedding:
         return output_rows == loss_rows and changed.nonzero().flatten().tolist() == [shifted]
-    if output_rows == 0 or loss_rows % output_rows:
+    if loss_rows % output_rows:
         return False
     position = torch.arange(loss_rows) % output_rows
     return bool(changed[position == shifted].all()) and not bool(changed[position < shifted].any())
