@@ -9,10 +9,12 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 import yaml
 
 from lightning_nobp.cli import main
 from lightning_nobp.data import fashion_mnist_available
+from lightning_nobp.lowbit.formats import is_low_bit
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -74,7 +76,7 @@ def test_shakespeare_recipes_smoke_mode_report_bits_per_byte(recipe: str, litdat
     assert 0.0 < cli.held_out["test_bpb"] < 9.0
     if recipe != "shakespeare-bigram":
         assert cli.trainer.global_step == 3
-    if recipe == "shakespeare-gpt-eggroll-fp8":
+    if recipe in ("shakespeare-gpt-eggroll", "shakespeare-gpt-eggroll-fp8"):
         # its untied head, the layers after the only attention (whose output at token n reaches loss n only) and
         # the embeddings (per_row_embeddings: causal, token n reaches loss n and later ones) learn from the members'
         # per-token losses; the attention's input projection mixes tokens: it does not
@@ -84,6 +86,12 @@ def test_shakespeare_recipes_smoke_mode_report_bits_per_byte(recipe: str, litdat
             name for name, module in gpt.named_modules() for layer in estimator.row_local if layer.module is module
         }
         assert names == {"lm_head", "blocks.0.attn.proj", "blocks.0.mlp.fc", "blocks.0.mlp.proj", "wte", "wpe"}
+        # the two recipes differ in the weights' storage only: FP8 (torchao Float8Tensor) or BF16
+        for weight in (gpt.wte.weight, gpt.blocks[0].attn.qkv.weight, gpt.lm_head.weight):
+            if recipe.endswith("fp8"):
+                assert type(weight).__name__ == "Float8Tensor"
+            else:
+                assert not is_low_bit(weight) and weight.dtype == torch.bfloat16
 
 
 @pytest.mark.skipif(not fashion_mnist_available(), reason="apt-get install dataset-fashion-mnist")
