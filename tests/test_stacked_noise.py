@@ -69,12 +69,12 @@ def test_absent_seeds_are_drawn_in_one_call_and_cached_ones_are_reused() -> None
     weight = torch.zeros(5, 3)
     algorithm.stacked_factors(SEEDS[:2], 0, weight)
     calls: list[list[int]] = []
-    original = algorithm.noise_cache.get_many
+    original = algorithm.noise_cache.get_stacked
 
     def counting(keys, draw_many):  # type: ignore[no-untyped-def]
         return original(keys, lambda missing: calls.append(list(missing)) or draw_many(missing))
 
-    algorithm.noise_cache.get_many = counting  # type: ignore[method-assign]
+    algorithm.noise_cache.get_stacked = counting  # type: ignore[method-assign]
     algorithm.stacked_factors(SEEDS, 0, weight)
     assert calls == [[2, 3, 4]]  # the three new seeds together; the first two came from the cache
     algorithm.stacked_factors(SEEDS, 0, weight)

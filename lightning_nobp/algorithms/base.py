@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lightning_nobp.algorithms.counter_noise import sample_direction
+
+__all__ = ["Algorithm", "Estimate", "Member", "Population", "sample_direction", "weighted_factor_columns"]
+
 #: largest stack of member noise (bytes) :meth:`Algorithm.combine` forms at once; larger weights sum member by member
 COMBINE_STACK_BYTES = 64 * 1024 * 1024
 
@@ -202,33 +206,3 @@ class Algorithm(ABC):
     def forwards_per_step(self) -> int:
         """Loss evaluations per micro-batch (the population size)."""
         return len(self.ask(0))
-
-
-_GENERATORS: dict[torch.device, torch.Generator] = {}
-
-
-def _generator_of(device: torch.device) -> torch.Generator:
-    """One reusable generator per device: re-seeding it costs less than building a new one for every draw."""
-    generator = _GENERATORS.get(device)
-    if generator is None:
-        generator = _GENERATORS[device] = torch.Generator(device=device)
-    return generator
-
-
-def sample_direction(seed: int, shape: torch.Size, device: torch.device, distribution: str = "gaussian") -> Tensor:
-    """Draw a float32 direction from a seeded generator: standard normal or Rademacher (+-1).
-
-    Args:
-        seed: the generator seed (see ``derive_seed``).
-        shape: shape of the direction.
-        device: where to draw it; the same seed gives the same values on the same device type.
-        distribution: ``"gaussian"`` or ``"rademacher"``.
-    """
-    generator = _generator_of(torch.device(device))
-    generator.manual_seed(seed)  # resets the whole state: the draw depends on the seed alone
-    if distribution == "gaussian":
-        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-    if distribution == "rademacher":
-        bits = torch.randint(0, 2, shape, generator=generator, device=device, dtype=torch.int8)
-        return bits.to(torch.float32).mul_(2.0).sub_(1.0)
-    raise ValueError(f"unknown distribution {distribution!r}: use 'gaussian' or 'rademacher'")

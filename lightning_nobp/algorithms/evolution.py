@@ -21,9 +21,9 @@ from lightning_nobp.algorithms.base import (
     Estimate,
     Member,
     Population,
-    sample_direction,
     weighted_factor_columns,
 )
+from lightning_nobp.algorithms.counter_noise import derive_seeds, sample_directions
 from lightning_nobp.algorithms.input_bases import InputBases, check_input_subspace
 from lightning_nobp.algorithms.noise_cache import NoiseCache
 from lightning_nobp.algorithms.seeds import derive_seed
@@ -58,6 +58,9 @@ class EvolutionStrategy(InputBases, Algorithm):
         per_row_max_outputs: widest layer output (or embedding dimension) estimated from per-row losses;
             ``None``: ``population / 2``, the number of antithetic pairs.
     """
+
+    #: a population's noise is drawn for all its seeds at once (``lightning_nobp.algorithms.counter_noise``)
+    noise_source = "counter"
 
     def __init__(
         self,
@@ -332,15 +335,15 @@ class EggRoll(EvolutionStrategy):
         numbers = torch.Size(((out_features + in_features) * self.rank,))
         keys = [("factors", seed, param_index, shape, device) for seed in noise_seeds]
 
-        def draw_many(missing: list[int]) -> list[tuple[Tensor, Tensor]]:
-            streams = [derive_seed(noise_seeds[i], param_index) for i in missing]
-            both = torch.stack([sample_direction(seed, numbers, device) for seed in streams])
+        def draw_many(missing: list[int]) -> tuple[Tensor, Tensor]:
+            streams = derive_seeds([noise_seeds[i] for i in missing], param_index, device)
+            both = sample_directions(streams, numbers, device, source="counter")
             a = both[:, : out_features * self.rank].view(len(missing), out_features, self.rank)
             b = self._in_input_subspace(param, both[:, out_features * self.rank :].view(len(missing), in_features, -1))
-            return list(zip(a.unbind(0), b.unbind(0)))
+            return a, b
 
-        entries = self.noise_cache.get_many(keys, draw_many)
-        return torch.stack([a for a, _ in entries]), torch.stack([b for _, b in entries])
+        a, b = self.noise_cache.get_stacked(keys, draw_many)
+        return a, b
 
     def low_rank_factors(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[Tensor, Tensor] | None:
         if param.dim() != 2:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_nobp.algorithms.base import sample_direction
+from lightning_nobp.algorithms.counter_noise import derive_seeds, sample_directions
 from lightning_nobp.algorithms.noise_cache import NoiseCache
 from lightning_nobp.algorithms.seeds import derive_seed
 
@@ -34,11 +34,6 @@ def check_input_subspace(owner: str, value: object) -> float | None:
     return float(value)
 
 
-def _stacked(tensors: list[Tensor]) -> Tensor:
-    """``torch.stack(tensors)``, without a copy for a single tensor (a large weight's one noise)."""
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
-
-
 class InputBases:
     """Mixin of algorithms whose noise can be drawn inside an input subspace (set ``input_subspace`` and
     ``noise_cache`` in ``__init__``, then draw dense noise with :meth:`_dense_stack` and pass low-rank input factors
@@ -46,6 +41,9 @@ class InputBases:
 
     input_subspace: float | None
     noise_cache: NoiseCache
+    #: where dense noise comes from (``lightning_nobp.algorithms.counter_noise.sample_directions``): ``"counter"``
+    #: for populations, ``"generator"`` for algorithms that draw one or a few directions a step
+    noise_source: str = "generator"
 
     @property
     def input_bases(self) -> dict[int, tuple[Tensor, Tensor]]:
@@ -89,16 +87,16 @@ class InputBases:
         directions, scales = basis
         return torch.matmul(directions, torch.matmul(directions.t(), columns).mul_(scales.view(-1, 1)))
 
-    def _draw_dense(self, seeds: Sequence[int], param: Tensor, distribution: str = "gaussian") -> Tensor:
+    def _draw_dense(self, seeds: Sequence[int] | Tensor, param: Tensor, distribution: str = "gaussian") -> Tensor:
         """Dense noises shaped like ``param``, one per (derived) seed, stacked ``(S, *param.shape)``: inside the
         input subspace where ``param`` has one (the ``(out, r)`` coordinates drawn, then ``coordinates diag(scales)
         P^T``), else everywhere."""
         basis = self.input_bases.get(id(param))
         if basis is None:
-            return _stacked([sample_direction(seed, param.shape, param.device, distribution) for seed in seeds])
+            return sample_directions(seeds, param.shape, param.device, distribution, self.noise_source)
         directions, scales = basis
         shape = torch.Size((param.shape[0], directions.shape[1]))
-        coordinates = _stacked([sample_direction(seed, shape, param.device, distribution) for seed in seeds])
+        coordinates = sample_directions(seeds, shape, param.device, distribution, self.noise_source)
         return torch.matmul(coordinates.mul_(scales), directions.t()).reshape(len(seeds), *param.shape)
 
     def _dense_stack(
@@ -112,8 +110,13 @@ class InputBases:
         shape, device = param.shape, param.device  # read once: slow on tensor subclasses (low-bit weights)
         keys = [("dense", seed, param_index, shape, device, distribution) for seed in seeds]
 
-        def draw_many(missing: list[int]) -> list[tuple[Tensor]]:
-            drawn = self._draw_dense([derive_seed(seeds[i], param_index) for i in missing], param, distribution)
-            return [(noise,) for noise in drawn.unbind(0)]
+        def draw_many(missing: list[int]) -> tuple[Tensor]:
+            chosen = [seeds[i] for i in missing]
+            if self.noise_source == "counter":  # vectorized: many seeds
+                streams: list[int] | Tensor = derive_seeds(chosen, param_index, device)
+            else:
+                streams = [derive_seed(seed, param_index) for seed in chosen]
+            return (self._draw_dense(streams, param, distribution),)
 
-        return torch.stack([noise for (noise,) in self.noise_cache.get_many(keys, draw_many)])
+        (stacked,) = self.noise_cache.get_stacked(keys, draw_many)
+        return stacked

@@ -3,6 +3,9 @@
 A step draws a member's noise for its ``+`` evaluation, again for its antithetic ``-`` twin and again when the
 update is formed. Noise is a pure function of (seed, parameter, shape, device), so keeping the last few draws is
 exact; the cache is bounded in bytes and evicts the least recently used draws first.
+
+Draws are kept as the stacks they were drawn in (one tensor for a whole population's noise of a parameter, not one
+small tensor per member): a later request for the same members returns one copy of that stack.
 """
 
 from __future__ import annotations
@@ -10,15 +13,17 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 
+import torch
 from torch import Tensor
 
 DEFAULT_NOISE_CACHE_BYTES = 64 * 1024 * 1024
 
 
 class NoiseCache:
-    """Least-recently-used cache of noise tensors, bounded by their total size in bytes.
+    """Least-recently-used cache of noise stacks, bounded by their total size in bytes.
 
-    Cached tensors are shared: callers must not modify what ``get`` returns in place (clone it first).
+    An entry is one key's row of a stack of draws (the tensors ``draw_many`` returned for several keys at once).
+    What the cache returns is always a new tensor: callers may modify it in place.
 
     Args:
         max_bytes: the most bytes kept; ``0`` disables caching.
@@ -28,8 +33,10 @@ class NoiseCache:
         if max_bytes < 0:
             raise ValueError(f"NoiseCache(max_bytes={max_bytes}): the size must be >= 0 (0 disables the cache)")
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[Hashable, tuple[Tensor, ...]] = OrderedDict()
+        self._stacks: OrderedDict[int, tuple[tuple[Tensor, ...], list[Hashable], int]] = OrderedDict()
+        self._rows: dict[Hashable, tuple[int, int]] = {}  # key -> (stack id, row)
         self._bytes = 0
+        self._next_id = 0
         self.hits = 0
         self.misses = 0
 
@@ -39,52 +46,94 @@ class NoiseCache:
         return self._bytes
 
     def get(self, key: Hashable, draw: Callable[[], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
-        """The tensors cached under ``key``, drawing (and keeping) them with ``draw()`` when absent."""
-        (entry,) = self.get_many([key], lambda missing: [draw()])
-        return entry
+        """The tensors cached under ``key`` (copies), drawing (and keeping) them with ``draw()`` when absent."""
+        stacked = self.get_stacked([key], lambda missing: tuple(t.unsqueeze(0) for t in draw()))
+        return tuple(t[0] for t in stacked)
 
     def get_many(
         self, keys: Sequence[Hashable], draw_many: Callable[[list[int]], Sequence[tuple[Tensor, ...]]]
     ) -> list[tuple[Tensor, ...]]:
-        """The entries of ``keys``, drawing every absent one in a single ``draw_many(positions)`` call.
+        """The entries of ``keys`` (copies), drawing every absent one in a single ``draw_many(positions)`` call.
 
         Args:
             keys: the entries wanted, in order.
-            draw_many: given the positions in ``keys`` of the absent entries, returns their entries in that order
-                (so a whole population's noise is drawn with one batched computation instead of one per member).
+            draw_many: given the positions in ``keys`` of the absent entries, returns their entries in that order.
         """
-        entries: list[tuple[Tensor, ...] | None] = []
+
+        def draw_stacked(missing: list[int]) -> tuple[Tensor, ...]:
+            entries = draw_many(missing)
+            return tuple(torch.stack(parts) for parts in zip(*entries))
+
+        stacked = self.get_stacked(keys, draw_stacked)
+        return [tuple(t[i] for t in stacked) for i in range(len(keys))]
+
+    def get_stacked(
+        self, keys: Sequence[Hashable], draw_many: Callable[[list[int]], tuple[Tensor, ...]]
+    ) -> tuple[Tensor, ...]:
+        """The entries of ``keys`` stacked along a first dimension (new tensors), drawing every absent one in a
+        single ``draw_many(positions)`` call.
+
+        Args:
+            keys: the entries wanted, in order.
+            draw_many: given the positions in ``keys`` of the absent entries, returns their entries stacked (each
+                tensor's first dimension runs over those positions, in order), so a whole population's noise is
+                drawn with one batched computation instead of one per member.
+        """
+        found: list[tuple[tuple[Tensor, ...], int] | None] = []
         missing: list[int] = []
         for position, key in enumerate(keys):
-            entry = self._entries.get(key)
-            if entry is None:
+            where = self._rows.get(key)
+            if where is None:
                 missing.append(position)
+                found.append(None)
             else:
-                self._entries.move_to_end(key)
-            entries.append(entry)
+                found.append((self._touch(where[0]), where[1]))
         self.hits += len(keys) - len(missing)
         if missing:
             self.misses += len(missing)
-            drawn = draw_many(missing)
-            for position, entry in zip(missing, drawn):
-                entries[position] = entry
-                self._keep(keys[position], entry)
-        return entries  # type: ignore[return-value]
+            drawn = tuple(draw_many(missing))
+            self._keep([keys[position] for position in missing], drawn)
+            if len(missing) == len(keys):
+                return tuple(t.clone() for t in drawn)  # all new: the draw itself, in the keys' order
+            for row, position in enumerate(missing):
+                found[position] = (drawn, row)
+        rows = [where for where in found if where is not None]
+        first = rows[0][0]
+        if all(tensors is first for tensors, _ in rows):  # one stack: one gather
+            index = torch.tensor([row for _, row in rows], device=first[0].device)
+            return tuple(t.index_select(0, index) for t in first)
+        return tuple(torch.stack([tensors[part][row] for tensors, row in rows]) for part in range(len(first)))
 
-    def _keep(self, key: Hashable, entry: tuple[Tensor, ...]) -> None:
-        size = sum(t.numel() * t.element_size() for t in entry)
-        if size <= self.max_bytes and key not in self._entries:
-            self._entries[key] = entry
-            self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self._bytes -= sum(t.numel() * t.element_size() for t in evicted)
+    def _touch(self, stack_id: int) -> tuple[Tensor, ...]:
+        self._stacks.move_to_end(stack_id)
+        return self._stacks[stack_id][0]
+
+    def _keep(self, keys: list[Hashable], tensors: tuple[Tensor, ...]) -> None:
+        """Keep a drawn stack under ``keys`` (its rows, in order), unless it is larger than the whole cache."""
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        if size > self.max_bytes:
+            return
+        stack_id = self._next_id
+        self._next_id += 1
+        self._stacks[stack_id] = (tensors, keys, size)
+        self._bytes += size
+        for row, key in enumerate(keys):
+            self._rows[key] = (stack_id, row)
+        while self._bytes > self.max_bytes:
+            evicted_id, (_, evicted_keys, evicted_size) = self._stacks.popitem(last=False)
+            self._bytes -= evicted_size
+            for key in evicted_keys:
+                if self._rows.get(key, (None,))[0] == evicted_id:
+                    del self._rows[key]
 
     def clear(self) -> None:
         """Forget every entry."""
-        self._entries.clear()
+        self._stacks.clear()
+        self._rows.clear()
         self._bytes = 0
 
     def __getstate__(self) -> dict:
         # pickled with an algorithm (spawned processes, checkpoints): the tensors are not worth shipping
-        return {"max_bytes": self.max_bytes, "hits": 0, "misses": 0, "_entries": OrderedDict(), "_bytes": 0}
+        state = dict(self.__dict__)
+        state.update(hits=0, misses=0, _stacks=OrderedDict(), _rows={}, _bytes=0)
+        return state
