@@ -315,11 +315,13 @@ class ForwardOnlyEngine:
 
         self.evaluating = True
         try:
+            own = self.own_members(population)
+            if own and not self.algorithm.uses_jvp:
+                estimator.prefetch_noise(population, own)  # one draw per parameter, before the probe reads member 0
             if not estimator.probed:
                 estimator.probe_parameter_reads(population, closure)
                 rng.restore()
             started = time.perf_counter()
-            own = self.own_members(population)
             fitness = self.evaluate(estimator, population, closure_loss, rng, members=own)
             elapsed = time.perf_counter() - started
         finally:

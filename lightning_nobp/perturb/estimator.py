@@ -36,6 +36,8 @@ MemberInputs = Callable[[Sequence[int]], Any]
 """Given member indices, the inputs of those members stacked along a leading dimension (a pytree of tensors)."""
 
 
+#: the most bytes of dense noise per parameter :meth:`PopulationEstimator.prefetch_noise` draws ahead
+PREFETCH_DENSE_BYTES = 1024 * 1024
 #: the most bytes of stacked dense noise a batched evaluation holds (more members are evaluated in chunks)
 STACKED_NOISE_BYTES = 256 * 1024 * 1024
 
@@ -246,7 +248,7 @@ class PopulationEstimator:
         known = known or {}
         fitness = torch.zeros(len(population), dtype=torch.float32)
         recorder = self._row_recorder(population, loss_fn, rng, members, member_inputs)
-        rows: list[tuple[int, Tensor, Tensor]] = []
+        rows: list[tuple[list[int], Tensor, Tensor]] = []
         for index in range(len(population)) if members is None else members:
             member = population.members[index]
             if index in known:
@@ -262,7 +264,7 @@ class PopulationEstimator:
                     with recorder:
                         loss = loss_fn()
                     if recorder.rows is not None:
-                        rows.append((index, recorder.rows.float().cpu(), recorder.mismatch(loss).cpu()))
+                        rows.append(([index], recorder.rows.float().cpu()[None], recorder.mismatch(loss).cpu()[None]))
             fitness[index] = loss.float().cpu()
         if recorder is not None:
             self._keep_rows(population, fitness, rows, loss_fn, rng)
@@ -298,6 +300,33 @@ class PopulationEstimator:
             else:
                 dense[index] = noise[members_of].mul_(scale.view(-1, *([1] * param.dim())))
         return dense, low_rank
+
+    def prefetch_noise(self, population: Population, members: Sequence[int]) -> None:
+        """Draw the noise of ``members`` now, one stack per parameter (the algorithm caches it), so that a single
+        member's perturbation (the official training pass, the first step's probe) reads its noise from the stacks
+        the batched evaluation uses instead of drawing it on its own first. The strategies call it at the start of
+        every step: each noise is then drawn in the same company in a resumed run as in an uninterrupted one (a
+        projection on an input basis is not bit-identical across batch sizes).
+
+        Only low-rank factors and small dense noise are drawn ahead (at most ``PREFETCH_DENSE_BYTES`` per
+        parameter); low-bit weights' noise comes from the kernels' streams and is not cached.
+
+        Args:
+            population: what ``algorithm.ask`` returned.
+            members: the member indices this process evaluates.
+        """
+        seeds = list(dict.fromkeys(population.members[i].noise_seed for i in members))
+        if not seeds:
+            return
+        low_rank_allowed = self.owners.low_rank_capable - self.owners.whole_evaluation
+        for index, param in enumerate(self.params):
+            if index in self.low_bit:
+                continue
+            low_rank = index in low_rank_allowed
+            if low_rank and self.algorithm.stacked_low_rank_factors(seeds, index, param) is not None:
+                continue
+            if 4 * param.numel() * len(seeds) <= PREFETCH_DENSE_BYTES:
+                self.algorithm.stacked_noise(seeds, index, param)
 
     def _members_within_noise_budget(self) -> int:
         """How many members' dense noise fits in ``STACKED_NOISE_BYTES`` (at least 1): a batched evaluation
@@ -365,7 +394,7 @@ class PopulationEstimator:
         size = min(chunk or max(len(todo), 1), self._members_within_noise_budget())
 
         recorder = self._row_recorder(population, loss_fn, rng, members, member_inputs)
-        rows: list[tuple[int, Tensor, Tensor]] = []
+        rows: list[tuple[list[int], Tensor, Tensor]] = []
         recorded: list[bool] = []
 
         def member_loss(
@@ -397,7 +426,7 @@ class PopulationEstimator:
                 )
             fitness[part] = losses.float().cpu()
             if recorded and recorded[-1]:
-                rows += list(zip(part, part_rows.float().cpu(), mismatches.float().cpu()))
+                rows.append((part, part_rows.float().cpu(), mismatches.float().cpu()))
         if recorder is not None:
             self._keep_rows(population, fitness, rows, loss_fn, rng)
         return fitness
@@ -575,25 +604,27 @@ class PopulationEstimator:
         self,
         population: Population,
         fitness: Tensor,
-        rows: list[tuple[int, Tensor, Tensor]],
+        rows: list[tuple[list[int], Tensor, Tensor]],
         loss_fn: LossFn,
         rng: RngSnapshot | None,
     ) -> None:
         """Keep the step's per-row losses and the row-local layers' unperturbed inputs for the update.
 
-        A training step that returns something else than the recorded loss (a regularizer added to it) turns the
-        per-row estimates off for good, with a warning.
+        ``rows`` holds, per evaluated chunk, the member indices, their per-row losses ``(k, ...)`` and how far each
+        returned loss is from the recorded one ``(k,)``. A training step that returns something else than the
+        recorded loss (a regularizer added to it) turns the per-row estimates off for good, with a warning.
         """
         if not rows or self.row_local is None:
             return
-        width = rows[0][1].numel()
+        width = rows[0][1][0].numel()
         table = torch.full((len(population), width), float("nan"))
-        for index, values, _ in rows:
-            if values.numel() != width:
+        for indices, values, _ in rows:
+            if values[0].numel() != width:
                 return
-            table[index] = values
-        mismatches = torch.stack([mismatch.reshape(()) for _, _, mismatch in rows])
-        if bool((mismatches[torch.isfinite(fitness[[index for index, _, _ in rows]])] != 0).any()):
+            table[indices] = values.reshape(len(indices), width)
+        mismatches = torch.cat([mismatch.reshape(-1) for _, _, mismatch in rows])
+        evaluated = [index for indices, _, _ in rows for index in indices]
+        if bool((mismatches[torch.isfinite(fitness[evaluated])] != 0).any()):
             self.row_estimates = False
             warnings.warn(
                 "per-row estimates are off: the loss returned by the training step is not the single recognized"

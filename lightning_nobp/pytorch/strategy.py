@@ -307,6 +307,10 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             "own": own,
         }
         with torch.no_grad():
+            if own and not self.algorithm.uses_jvp:
+                # the whole population's noise in one draw per parameter, before any single member reads its own
+                # (the official pass, the probe): a resumed run then draws exactly what an uninterrupted one does
+                estimator.prefetch_noise(population, own)
             if not estimator.probed:
                 estimator.probe_parameter_reads(population, self._muted_training_step)
                 rng.restore()
