@@ -41,7 +41,9 @@ class TextModel(nn.Module):
 @pytest.mark.parametrize("weights", LOW_BIT)
 def test_no_fp32_tensor_is_left_but_scales_and_bytes_per_weight_meet_the_bar(weights: str) -> None:
     model = TextModel()
-    LowBitPrecision(weights).convert_module(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bf16 on a CPU without native bf16: slow, still correct
+        LowBitPrecision(weights, compute_dtype=torch.bfloat16).convert_module(model)
     for name, value in model.state_dict().items():
         if is_low_bit(value):
             for inner_name, inner in inner_tensors(value).items():
@@ -59,13 +61,49 @@ def test_low_bit_forward_matches_the_dequantized_weights() -> None:
     torch.manual_seed(0)
     model = TextModel()
     reference = copy.deepcopy(model)
-    LowBitPrecision("fp8_e4m3").convert_module(model)
+    precision = LowBitPrecision("fp8_e4m3")
+    precision.convert_module(model)
     tokens = torch.randint(0, 64, (4, 8))
     expected = reference(tokens)
     relative = (model(tokens).float() - expected).norm() / expected.norm()
-    assert relative < 0.08  # e4m3 weights and bf16 compute
-    dequantized = F.linear(torch.randn(3, 512).bfloat16(), model.up.weight.dequantize())
-    assert dequantized.dtype == torch.bfloat16
+    assert relative < 0.08  # e4m3 weights, bf16 or float32 compute
+    dequantized = F.linear(torch.randn(3, 512).to(precision.compute_dtype), model.up.weight.dequantize())
+    assert dequantized.dtype == precision.compute_dtype
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-native-bf16"])
+def test_the_automatic_compute_dtype_is_float32_only_on_cpus_without_native_bf16(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_nobp.lowbit import compute_dtype as compute
+
+    monkeypatch.setattr(compute, "has_native_bf16", lambda device: native)
+    precision = LowBitPrecision("fp8_e4m3")
+    expected = torch.bfloat16 if native else torch.float32
+    assert precision.compute_dtype == expected and precision.precision == ("bf16-true" if native else "32-true")
+    model = TextModel()
+    precision.convert_module(model)
+    assert is_low_bit(model.up.weight) and model.up.weight.dequantize().dtype == expected
+    assert model.norm.weight.dtype == expected and model(torch.randint(0, 64, (2, 3))).dtype == expected
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bf16 = LowBitPrecision("bf16")  # the storage format computes in its own dtype
+        explicit = LowBitPrecision("fp8_e4m3", compute_dtype=torch.bfloat16)
+    assert bf16.compute_dtype == explicit.compute_dtype == torch.bfloat16
+    slow = [str(w.message) for w in caught if "25 times slower" in str(w.message)]
+    assert len(slow) == (0 if native else 2)
+    if not native:
+        assert "'fp8_e4m3'" in slow[0] and "compute_dtype=None" in slow[1]
+
+
+def test_bf16_is_native_on_cuda_and_decided_by_onednn_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_nobp.lowbit.compute_dtype import has_native_bf16
+
+    assert has_native_bf16("cuda")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False, raising=False)
+    assert not has_native_bf16("cpu")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    assert has_native_bf16(torch.device("cpu"))
 
 
 def test_unknown_format_lists_the_valid_ones() -> None:
@@ -78,7 +116,7 @@ def test_layers_whose_k_is_not_divisible_by_the_block_stay_bf16_with_one_warning
     model = nn.Sequential(nn.Linear(64, 32), nn.Linear(40, 8), nn.Linear(24, 8))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        LowBitPrecision("nvfp4").convert_module(model)
+        LowBitPrecision("nvfp4", compute_dtype=torch.bfloat16).convert_module(model)
     messages = [str(w.message) for w in caught if "block size" in str(w.message)]
     assert len(messages) == 1 and "1.weight" in messages[0] and "2.weight" in messages[0]
     assert is_low_bit(model[0].weight)

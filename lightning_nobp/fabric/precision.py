@@ -17,8 +17,9 @@ from lightning_utilities import apply_to_collection
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_nobp.lowbit.compute_dtype import resolve_compute_dtype, training_device
 from lightning_nobp.lowbit.convert import ConversionResult, convert_to_low_bit
-from lightning_nobp.lowbit.formats import check_format
+from lightning_nobp.lowbit.formats import check_format, is_low_bit
 
 _PRECISION_NAMES = {torch.bfloat16: "bf16-true", torch.float16: "16-true", torch.float32: "32-true"}
 
@@ -33,7 +34,10 @@ class LowBitPrecision(Precision):
             bytes) or ``"bf16"`` (no low-bit storage, for comparison). Embeddings take fp8 under the fp4 formats.
         ignore_modules: qualified module names or ``fnmatch`` patterns (``"lm_head"``, ``"blocks.*.mlp"``) whose
             weights stay in ``compute_dtype``.
-        compute_dtype: dtype of the forward computation, of vectors (biases, norms) and of buffers.
+        compute_dtype: dtype of the forward computation, of vectors (biases, norms) and of buffers. ``None``
+            (default): ``torch.bfloat16`` on CUDA and on CPUs with native BF16 arithmetic, ``torch.float32`` on other
+            CPUs, where BF16 matrix products run about 25 times slower (the low-bit weights then dequantize to
+            float32 inside each layer; ``weights="bf16"`` always computes in BF16).
         activation_quantization: fp8 only: also quantize activations per row so ``F.linear`` runs
             ``torch._scaled_mm`` on fp8 tensor cores. ``None``: on when converting on a CUDA device with compute
             capability 8.9 or newer.
@@ -45,16 +49,19 @@ class LowBitPrecision(Precision):
         self,
         weights: str = "fp8_e4m3",
         ignore_modules: Sequence[str] | None = None,
-        compute_dtype: torch.dtype = torch.bfloat16,
+        compute_dtype: torch.dtype | None = None,
         activation_quantization: bool | None = None,
         lattice_threshold: float = 2.0,
     ) -> None:
         self.weights = check_format(weights)
         self.ignore_modules = list(ignore_modules or [])
-        if compute_dtype not in _PRECISION_NAMES:
-            raise ValueError(f"compute_dtype={compute_dtype}: choose torch.bfloat16, torch.float16 or torch.float32")
-        self.compute_dtype = compute_dtype
-        self.precision = _PRECISION_NAMES[compute_dtype]  # type: ignore[assignment]
+        if compute_dtype is not None and compute_dtype not in _PRECISION_NAMES:
+            raise ValueError(
+                f"compute_dtype={compute_dtype}: choose torch.bfloat16, torch.float16, torch.float32 or None (auto)"
+            )
+        self.compute_dtype = resolve_compute_dtype(self.weights, compute_dtype, training_device())
+        self._automatic_compute_dtype = compute_dtype is None
+        self.precision = _PRECISION_NAMES[self.compute_dtype]  # type: ignore[assignment]
         self.activation_quantization = activation_quantization
         if lattice_threshold <= 0:
             raise ValueError(f"lattice_threshold must be positive, got {lattice_threshold}")
@@ -71,7 +78,15 @@ class LowBitPrecision(Precision):
         )
 
     def convert_module(self, module: nn.Module) -> nn.Module:
-        """Convert ``module``'s weights in place (and return it): low-bit weights, compute-dtype vectors."""
+        """Convert ``module``'s weights in place (and return it): low-bit weights, compute-dtype vectors.
+
+        With the automatic compute dtype, weights the user quantized with torchao before keep the dtype they
+        dequantize to, and the forward computes in it.
+        """
+        adopted = {p.dtype for p in module.parameters() if is_low_bit(p)}
+        if self._automatic_compute_dtype and len(adopted) == 1 and adopted != {self.compute_dtype}:
+            (self.compute_dtype,) = adopted
+            self.precision = _PRECISION_NAMES.get(self.compute_dtype, self.precision)  # type: ignore[assignment]
         self.conversion = convert_to_low_bit(
             module,
             self.weights,

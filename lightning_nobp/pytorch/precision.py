@@ -18,7 +18,8 @@ class LowBitPrecision(_FabricLowBitPrecision, Precision):
         weights: ``"fp8_e4m3"``, ``"int8"``, ``"int8_lattice"``, ``"nvfp4"``, ``"mxfp4"`` or ``"bf16"``
             (see ``lightning_nobp.fabric.LowBitPrecision``).
         ignore_modules: qualified module names or ``fnmatch`` patterns whose weights stay in ``compute_dtype``.
-        compute_dtype: dtype of the forward, of vectors (biases, norms) and of buffers.
+        compute_dtype: dtype of the forward, of vectors (biases, norms) and of buffers; ``None``: BF16 where the
+            device multiplies it natively (CUDA, CPUs with AVX-512 BF16 or AMX), float32 on other CPUs.
         activation_quantization: fp8: quantize activations per row for ``torch._scaled_mm``; ``None``: on CUDA
             devices with compute capability 8.9 or newer.
         lattice_threshold: ``"int8_lattice"``: standardized-update threshold for a one-step move.
