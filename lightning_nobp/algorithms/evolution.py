@@ -342,7 +342,7 @@ class EggRoll(EvolutionStrategy):
             b = self._in_input_subspace(param, both[:, out_features * self.rank :].view(len(missing), in_features, -1))
             return a, b
 
-        a, b = self.noise_cache.get_stacked(keys, draw_many)
+        a, b = self.noise_cache.get_stacked(keys, draw_many)  # new tensors: the caller may modify them
         return a, b
 
     def low_rank_factors(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[Tensor, Tensor] | None:

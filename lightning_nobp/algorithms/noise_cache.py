@@ -50,23 +50,6 @@ class NoiseCache:
         stacked = self.get_stacked([key], lambda missing: tuple(t.unsqueeze(0) for t in draw()))
         return tuple(t[0] for t in stacked)
 
-    def get_many(
-        self, keys: Sequence[Hashable], draw_many: Callable[[list[int]], Sequence[tuple[Tensor, ...]]]
-    ) -> list[tuple[Tensor, ...]]:
-        """The entries of ``keys`` (copies), drawing every absent one in a single ``draw_many(positions)`` call.
-
-        Args:
-            keys: the entries wanted, in order.
-            draw_many: given the positions in ``keys`` of the absent entries, returns their entries in that order.
-        """
-
-        def draw_stacked(missing: list[int]) -> tuple[Tensor, ...]:
-            entries = draw_many(missing)
-            return tuple(torch.stack(parts) for parts in zip(*entries))
-
-        stacked = self.get_stacked(keys, draw_stacked)
-        return [tuple(t[i] for t in stacked) for i in range(len(keys))]
-
     def get_stacked(
         self, keys: Sequence[Hashable], draw_many: Callable[[list[int]], tuple[Tensor, ...]]
     ) -> tuple[Tensor, ...]:
