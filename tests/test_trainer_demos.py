@@ -83,7 +83,7 @@ def test_lightning_transformer_demo_fits_and_its_loss_goes_down(no_backprop: Non
     recorder = LossRecorder()
     trainer = pl.Trainer(
         strategy=NoBackpropStrategy(algorithm=MeZO(eps=1e-3)),
-        max_epochs=20,
+        max_epochs=10,
         gradient_clip_val=10.0,
         callbacks=[recorder],
         **quiet_trainer_kwargs(),
