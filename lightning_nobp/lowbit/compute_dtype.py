@@ -2,7 +2,7 @@
 
 On a CPU without native BF16 arithmetic (x86 without AVX-512 or AMX, e.g. an AVX2-only AMD EPYC), PyTorch's BF16
 matrix products take a slow generic path: measured with torch 2.14.1 on such a 2-core machine, a
-``(4096, 64) @ (64, 256)`` product ran at 1.8 GFLOP/s in BF16 against 50 GFLOP/s in float32, and a step of the
+``(16384, 64) @ (64, 256)`` product ran at 1.8 GFLOP/s in BF16 against 50 GFLOP/s in float32, and a step of the
 Shakespeare FP8 recipe took 5 s instead of a fraction of one. Low-bit weights dequantize to the compute dtype inside
 each layer, so there they dequantize to float32: the weights stay stored in low bit, only activations are float32.
 """
