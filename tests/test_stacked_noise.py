@@ -109,3 +109,21 @@ def test_combine_equals_the_weighted_sum_of_the_noise(name: str, large: bool, mo
         expected = sum(w * algorithm.noise(seed, index, param) for seed, w in weights.items())
         torch.testing.assert_close(algorithm.combine(weights, index, param), expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(algorithm.combine({1: 0.0}, 1, torch.zeros(6)), torch.zeros(6))
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_input_subspace_projection_of_stacked_factors_follows_its_definition(rank: int) -> None:
+    """``P diag(scales) P^T B_s`` for every member ``s`` at once (the members' columns side by side in one pair of
+    products): equal to the projection written per member, member-major in memory."""
+    algorithm = EggRoll(population=8, rank=rank)
+    weight = torch.zeros(6, 20)
+    generator = torch.Generator().manual_seed(3)
+    directions = torch.linalg.qr(torch.randn(20, 5, generator=generator))[0]
+    scales = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.25])
+    algorithm.set_input_basis(weight, (directions, scales))
+    columns = torch.randn(7, 20, rank, generator=generator)
+    projected = algorithm._in_input_subspace(weight, columns)
+    expected = torch.stack([directions @ torch.diag(scales) @ directions.t() @ member for member in columns])
+    torch.testing.assert_close(projected, expected, rtol=1e-5, atol=1e-6)
+    assert projected.shape == columns.shape and projected.is_contiguous()
+    assert algorithm._in_input_subspace(torch.zeros(6, 20), columns) is columns  # no basis: unchanged

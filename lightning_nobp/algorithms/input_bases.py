@@ -85,7 +85,13 @@ class InputBases:
         if basis is None:
             return columns
         directions, scales = basis
-        return torch.matmul(directions, torch.matmul(directions.t(), columns).mul_(scales.view(-1, 1)))
+        # one pair of matrix products over all members' columns side by side: a (in, r) basis broadcast against
+        # (S, in, k) would be copied once per member (8 ms instead of 0.4 for 32 members on Fashion-MNIST)
+        members, features, rank = columns.shape
+        side_by_side = columns.transpose(0, 1).reshape(features, members * rank)
+        coordinates = (directions.t() @ side_by_side).mul_(scales.view(-1, 1))
+        projected = directions @ coordinates
+        return projected.view(features, members, rank).transpose(0, 1).contiguous()
 
     def _draw_dense(self, seeds: Sequence[int] | Tensor, param: Tensor, distribution: str = "gaussian") -> Tensor:
         """Dense noises shaped like ``param``, one per (derived) seed, stacked ``(S, *param.shape)``: inside the
