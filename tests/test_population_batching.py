@@ -61,6 +61,64 @@ def test_linear_and_embedding_layers_take_the_low_rank_correction_not_a_perturbe
     assert {names[i] for i in low_rank} == {"embed.weight", "proj.weight"}
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_batched_hidden_layers_compute_with_whole_member_weights_and_agree_with_the_correction(
+    bias: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CPU in float32, an ``nn.Linear`` fed a batched population's rows (here the second and third layers) takes
+    each member's whole weight ``W + A B^T`` (and perturbed bias): the same fitness as the shared product plus the
+    low-rank correction, and the stored weights come back untouched."""
+    from lightning_nobp.perturb import forward
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16, bias=bias), nn.ReLU(), nn.Linear(16, 12, bias=bias), nn.Tanh(),
+                          nn.Linear(12, 3, bias=bias))  # fmt: skip
+    x, targets = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    stored = [p.detach().clone() for p in model.parameters()]
+    algorithm = EggRoll(population=8, rank=2, sigma=0.05, input_subspace=None)
+    estimator = PopulationEstimator(algorithm, [model], list(model.parameters()))
+
+    def loss() -> torch.Tensor:
+        return F.cross_entropy(model(x), targets)
+
+    population = algorithm.ask(3)
+    chosen: list[tuple[int, bool]] = []
+    rule = forward.per_member_weight_is_cheaper
+
+    def recorded(module: nn.Module, inputs: torch.Tensor) -> bool:
+        chosen.append((module.in_features, rule(module, inputs)))
+        return chosen[-1][1]
+
+    monkeypatch.setattr(forward, "per_member_weight_is_cheaper", recorded)
+    whole = estimator.evaluate_batched(population, loss)
+    assert sorted(set(chosen)) == [(6, False), (12, True), (16, True)]  # the data-fed layer keeps the correction
+    monkeypatch.setattr(forward, "per_member_weight_is_cheaper", lambda module, inputs: False)
+    corrected = estimator.evaluate_batched(population, loss)
+    looped = estimator.evaluate(population, loss)
+    torch.testing.assert_close(whole, corrected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(whole, looped, rtol=1e-5, atol=1e-6)
+    assert len(set(whole.tolist())) == len(population)
+    assert all(torch.equal(p, s) for p, s in zip(model.parameters(), stored))
+
+
+def test_whole_member_weights_only_where_they_save_memory_traffic() -> None:
+    from lightning_nobp.perturb.forward import per_member_weight_is_cheaper
+
+    hidden, wide = nn.Linear(128, 10), nn.Linear(784, 256)
+    seen: list[bool] = []
+
+    def check(layer: nn.Linear, rows: torch.Tensor) -> torch.Tensor:
+        seen.append(per_member_weight_is_cheaper(layer, rows))
+        return rows.sum()
+
+    torch.func.vmap(lambda rows: check(hidden, rows))(torch.zeros(4, 256, 128))  # a head on 256 rows: cheaper
+    torch.func.vmap(lambda rows: check(hidden, rows))(torch.zeros(4, 2, 128))  # 2 rows: the correction is cheaper
+    torch.func.vmap(lambda rows: check(wide, rows))(torch.zeros(4, 256, 784))  # 784 x 256 per member: too large
+    torch.func.vmap(lambda rows: check(hidden, rows))(torch.zeros(4, 256, 128, dtype=torch.bfloat16))
+    assert seen == [True, False, False, False]
+    assert not per_member_weight_is_cheaper(hidden, torch.zeros(256, 128))  # a shared input (not batched)
+
+
 class ItemInTrainingStep(DigitsClassifier):
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
