@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Timer
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -70,6 +71,10 @@ class GPTLanguageModel(ByteLanguageModel):
         warmup_steps: linear warm-up steps (0: none).
         decay_steps: steps of a cosine decay to ``min_lr_ratio * lr`` after warm-up (0: constant).
         min_lr_ratio: final learning rate as a fraction of ``lr``.
+        decay_over_max_time: run the cosine decay over the Trainer's ``max_time`` instead of ``decay_steps``: its
+            progress is the training time spent over the budget (Lightning's ``Timer``, restored on resume), so the
+            learning rate anneals by the end of the budget on a fast machine and on a slow one alike. Needs
+            ``Trainer(max_time=...)``; the schedule then depends on the machine's speed.
     """
 
     def __init__(
@@ -90,6 +95,7 @@ class GPTLanguageModel(ByteLanguageModel):
         warmup_steps: int = 0,
         decay_steps: int = 0,
         min_lr_ratio: float = 0.1,
+        decay_over_max_time: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -124,16 +130,34 @@ class GPTLanguageModel(ByteLanguageModel):
             opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
         else:
             raise ValueError(f"optimizer={hp.optimizer!r}: choose 'adam', 'adamw' or 'sgd'")
-        if hp.warmup_steps <= 0 and hp.decay_steps <= 0:
+        timer = self._budget_timer() if hp.decay_over_max_time else None
+        if hp.warmup_steps <= 0 and hp.decay_steps <= 0 and timer is None:
             return opt
 
         def factor(step: int) -> float:
             if step < hp.warmup_steps:
                 return (step + 1) / hp.warmup_steps
-            if hp.decay_steps <= 0:
+            if timer is not None:
+                spent = timer.time_elapsed("train")
+                progress = min(1.0, spent / max(spent + timer.time_remaining("train"), 1e-9))
+                # rank 0's clock for every process: their updates must stay identical
+                progress = self.trainer.strategy.broadcast(progress)
+            elif hp.decay_steps <= 0:
                 return 1.0
-            progress = min(1.0, (step - hp.warmup_steps) / hp.decay_steps)
+            else:
+                progress = min(1.0, (step - hp.warmup_steps) / hp.decay_steps)
             return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _budget_timer(self) -> Timer:
+        """The Trainer's ``Timer`` (it exists when ``max_time`` is set), for ``decay_over_max_time``."""
+        trainer = self._trainer
+        timer = None if trainer is None else next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is None or timer.time_remaining("train") is None:
+            raise ValueError(
+                "GPTLanguageModel(decay_over_max_time=True) decays the learning rate over the Trainer's time budget:"
+                " set Trainer(max_time=...) (e.g. --trainer.max_time 00:00:10:00), or use decay_steps instead"
+            )
+        return timer
