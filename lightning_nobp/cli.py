@@ -122,6 +122,12 @@ class NoBackpropCLI(LightningCLI):
             f"nobp: fit ran {steps} optimizer steps in {self.fit_seconds:.1f} s"
             f" ({self.fit_cpu_seconds:.1f} s of CPU time in this process)"
         )
+        device = self.trainer.strategy.root_device
+        if device.type == "cuda":
+            import torch
+
+            peak = torch.cuda.max_memory_allocated(device) / 2**30
+            report += f", peak GPU memory {peak:.2f} GiB"
         print(report, flush=True)
         if not self._subcommand_config().get("test_after_fit", True) or self.trainer.interrupted:
             return

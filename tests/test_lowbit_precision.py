@@ -243,3 +243,16 @@ def test_a_nan_loss_skips_the_step_and_leaves_low_bit_weights_untouched() -> Non
     assert isinstance(strategy, NoBackpropStrategy) and strategy.skipped_steps == 1
     unchanged = [all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(snapshots, snapshots[1:])]
     assert unchanged == [False, False, True, False]  # batch 2 (NaN) wrote nothing
+
+
+@pytest.mark.parametrize("activation_quantization", [True, False])
+def test_fp8_weights_with_quantized_activations_carry_a_scaled_mm_configuration(activation_quantization: bool) -> None:
+    """torchao's fp8 x fp8 product (``torch._scaled_mm``, quantized activations on CUDA) asserts on a Float8Tensor
+    without a matrix-product configuration: the H200 check failed there before the weights carried one."""
+    from lightning_nobp.lowbit.formats import quantize_weight
+
+    weight = quantize_weight(torch.randn(32, 16), "fp8_e4m3", torch.float32, activation_quantization)
+    assert (weight.act_quant_kwargs is not None) is activation_quantization
+    assert (weight.mm_config is not None) is activation_quantization
+    if activation_quantization:
+        assert weight.mm_config.use_fast_accum

@@ -45,6 +45,7 @@ _quietly_import_torchao()
 
 from torchao.prototype.mx_formats.mx_tensor import MXTensor, QuantizeTensorToMXKwargs  # noqa: E402
 from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor  # noqa: E402
+from torchao.float8.inference import Float8MMConfig  # noqa: E402
 from torchao.quantization import Float8Tensor, Int8Tensor  # noqa: E402
 from torchao.quantization.granularity import PerRow  # noqa: E402
 from torchao.quantization.quantize_.common import KernelPreference  # noqa: E402
@@ -126,7 +127,12 @@ def wrap_layout(layout: LowBitLayout, compute_dtype: torch.dtype, activation_qua
     cols = layout.cols
     if layout.kind == "fp8_e4m3":
         act = QuantizeTensorToFloat8Kwargs(granularity=PerRow()) if activation_quantization else None
-        return Float8Tensor(layout.qdata, layout.scale, block_size=[1, cols], act_quant_kwargs=act, dtype=compute_dtype)
+        # torch._scaled_mm (quantized activations) needs a matrix-product configuration: torchao's default one
+        mm_config = Float8MMConfig(use_fast_accum=True) if activation_quantization else None
+        return Float8Tensor(
+            layout.qdata, layout.scale, block_size=[1, cols], mm_config=mm_config, act_quant_kwargs=act,
+            dtype=compute_dtype,
+        )  # fmt: skip
     if layout.kind == "int8":
         return Int8Tensor(layout.qdata, layout.scale, block_size=[1, cols], dtype=compute_dtype)
     if layout.kind == "nvfp4":
