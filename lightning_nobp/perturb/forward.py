@@ -14,7 +14,8 @@ it watches one evaluation for torch calls that receive a stored (unperturbed) pa
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -159,17 +160,23 @@ class PerturbedForward:
         #: low-rank layers computing with whole per-member weights in the current call (their stored tensors)
         self._whole_weights: dict[nn.Module, list[tuple[str, Tensor]]] = {}
 
-    def _value(self, index: int) -> Tensor:
-        stored = self.owners.params[index]
+    @contextmanager
+    def _unwatched(self) -> Iterator[None]:
+        """No gradients, and the probe paused: computing perturbed values reads the stored parameters."""
         if self.probe is not None:
             self.probe.paused = True
         try:
             with torch.no_grad():
-                whole = self.value(index, stored) if self.value is not None else None
-                return whole if whole is not None else perturbed_value(stored, self.delta(index, stored))
+                yield
         finally:
             if self.probe is not None:
                 self.probe.paused = False
+
+    def _value(self, index: int) -> Tensor:
+        stored = self.owners.params[index]
+        with self._unwatched():
+            whole = self.value(index, stored) if self.value is not None else None
+            return whole if whole is not None else perturbed_value(stored, self.delta(index, stored))
 
     def __enter__(self) -> PerturbedForward:
         whole = self.owners.whole_evaluation
@@ -240,14 +247,8 @@ class PerturbedForward:
         return next(((name, index) for name, index in layer_slots if name == "bias"), None)
 
     def _delta(self, index: int) -> Tensor:
-        if self.probe is not None:
-            self.probe.paused = True
-        try:
-            with torch.no_grad():
-                return self.delta(index, self.owners.params[index])
-        finally:
-            if self.probe is not None:
-                self.probe.paused = False
+        with self._unwatched():
+            return self.delta(index, self.owners.params[index])
 
     def _make_correction(self, index: int, bias_index: int | None = None) -> Callable[[nn.Module, Any, Any], Tensor]:
         a, b = self.low_rank[index]
@@ -286,16 +287,10 @@ class PerturbedForward:
             saved = [("weight", module._parameters["weight"])]
             if bias_index is not None:
                 saved.append(("bias", module._parameters["bias"]))
-            if self.probe is not None:
-                self.probe.paused = True
-            try:
-                with torch.no_grad():
-                    whole = [perturbed_value(saved[0][1], a.float() @ b.float().transpose(-1, -2))]
-                    if bias_index is not None:
-                        whole.append(perturbed_value(saved[1][1], self.delta(bias_index, saved[1][1])))
-            finally:
-                if self.probe is not None:
-                    self.probe.paused = False
+            with self._unwatched():
+                whole = [perturbed_value(saved[0][1], a.float() @ b.float().transpose(-1, -2))]
+                if bias_index is not None:
+                    whole.append(perturbed_value(saved[1][1], self.delta(bias_index, saved[1][1])))
             for (name, _), value in zip(saved, whole):
                 module._parameters[name] = value
             self._whole_weights[module] = saved
