@@ -164,6 +164,23 @@ class Algorithm(ABC):
             return None
         return torch.stack([f[0] for f in factors]), torch.stack([f[1] for f in factors])  # type: ignore[index]
 
+    def prefetch_noise(self, noise_seeds: Sequence[int], params: Sequence[tuple[int, Tensor, bool, bool]]) -> None:
+        """Draw (and keep, where the algorithm caches noise) the noise of several parameters for ``noise_seeds``
+        ahead of the step's evaluations. The default draws one parameter at a time; algorithms that can draw
+        several together override it.
+
+        Args:
+            noise_seeds: the members' noise seeds.
+            params: ``(index, param, low_rank, dense_allowed)``: the parameter's position and the parameter,
+                whether its low-rank factors are wanted (where it has them), and whether its dense noise may be
+                drawn (small enough) otherwise.
+        """
+        for index, param, low_rank, dense_allowed in params:
+            if low_rank and self.stacked_low_rank_factors(noise_seeds, index, param) is not None:
+                continue
+            if dense_allowed:
+                self.stacked_noise(noise_seeds, index, param)
+
     def noise_stream(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[int, str] | None:
         """The counter-based stream ``(seed, distribution)`` of this parameter's dense noise, or ``None``.
 

@@ -60,13 +60,26 @@ def derive_seeds(seeds: Sequence[int], counter: int, device: torch.device | str 
         counter: the counter appended to each seed (a parameter index).
         device: where to compute.
     """
+    return derive_seed_grid(seeds, [counter], device)[0]
+
+
+def derive_seed_grid(seeds: Sequence[int], counters: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
+    """``derive_seed(seed, counter)`` for every counter and seed, as an int64 tensor ``(counters, seeds)``.
+
+    Args:
+        seeds: non-negative integers below ``2**63`` (member noise seeds).
+        counters: the counters appended to each seed (parameter indices).
+        device: where to compute.
+    """
     if len(seeds) and min(seeds) < 0:
         raise ValueError(f"seed counters must be non-negative integers, got {min(seeds)}")
     state = torch.tensor([_signed(seed ^ _START) for seed in seeds], dtype=torch.int64, device=device)
     state.add_(_GOLDEN_GAMMA)
-    _mix_(state).bitwise_xor_(_signed(counter))
-    state.add_(_GOLDEN_GAMMA)
-    return _shifted(_mix_(state), 1)
+    mixed = _mix_(state)
+    appended = torch.tensor([_signed(counter) for counter in counters], dtype=torch.int64, device=device)
+    grid = torch.bitwise_xor(mixed.view(1, -1), appended.view(-1, 1))
+    grid.add_(_GOLDEN_GAMMA)
+    return _shifted(_mix_(grid), 1)
 
 
 def _hashes(keys: Tensor, count: int) -> Tensor:
@@ -193,6 +206,7 @@ def reference_directions(seed: int, numel: int, distribution: str = "gaussian") 
 __all__ = [
     "COUNTER_DRAW_MAX_NUMEL",
     "counter_directions",
+    "derive_seed_grid",
     "derive_seeds",
     "reference_directions",
     "sample_direction",

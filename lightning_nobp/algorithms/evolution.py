@@ -11,7 +11,7 @@ full-rank Gaussian noise. OpenES uses full-rank Gaussian noise everywhere.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -23,9 +23,9 @@ from lightning_nobp.algorithms.base import (
     Population,
     weighted_factor_columns,
 )
-from lightning_nobp.algorithms.counter_noise import derive_seeds, sample_directions
 from lightning_nobp.algorithms.input_bases import InputBases, check_input_subspace
 from lightning_nobp.algorithms.noise_cache import NoiseCache
+from lightning_nobp.algorithms.noise_requests import NoiseRequest, draw_requests
 from lightning_nobp.algorithms.seeds import derive_seed
 from lightning_nobp.algorithms.shaping import FITNESS_SHAPINGS, shape_fitness
 
@@ -159,6 +159,22 @@ class EvolutionStrategy(InputBases, Algorithm):
             "dropped_members": float(dropped),
         }
         return Estimate(coefficients.to(torch.float32), dropped_members=dropped, stats=stats)
+
+    def prefetch_noise(self, noise_seeds: Sequence[int], params: Sequence[tuple[int, Tensor, bool, bool]]) -> None:
+        """Draw the noise of every listed parameter with shared counter-based computations
+        (``lightning_nobp.algorithms.noise_requests``): the same numbers as drawing them one by one."""
+        requests = []
+        for index, param, low_rank, dense_allowed in params:
+            request = self._noise_request(noise_seeds, index, param, low_rank, dense_allowed)
+            if request is not None:
+                requests.append(request)
+        draw_requests(noise_seeds, requests, self.noise_cache)
+
+    def _noise_request(
+        self, noise_seeds: Sequence[int], index: int, param: Tensor, low_rank: bool, dense_allowed: bool
+    ) -> NoiseRequest | None:
+        """The cached draw behind a parameter's noise (see :meth:`prefetch_noise`): its dense noise."""
+        return self._dense_request(noise_seeds, index, param) if dense_allowed else None
 
 
 class OpenES(EvolutionStrategy):
@@ -329,21 +345,27 @@ class EggRoll(EvolutionStrategy):
         Every seed's factors come from its own stream ``derive_seed(seed, param_index)`` (the first ``out * r``
         numbers are ``A``) and are cached; the seeds absent from the cache are drawn and projected together.
         """
+        request = self._factor_request(noise_seeds, param_index, param)
+        a, b = self.noise_cache.get_stacked(
+            request.keys, lambda missing: request.draw([noise_seeds[i] for i in missing])
+        )  # new tensors: the caller may modify them
+        return a, b
+
+    def _factor_request(self, noise_seeds: Sequence[int], param_index: int, param: Tensor) -> NoiseRequest:
+        """How a matrix parameter's factors for ``noise_seeds`` come from counter-based streams (the entries
+        :meth:`stacked_factors` caches)."""
         shape, device = param.shape, param.device  # read once: slow on tensor subclasses (low-bit weights)
         out_features = shape[0]
         in_features = shape.numel() // out_features
-        numbers = torch.Size(((out_features + in_features) * self.rank,))
-        keys = [("factors", seed, param_index, shape, device) for seed in noise_seeds]
+        split = out_features * self.rank
 
-        def draw_many(missing: list[int]) -> tuple[Tensor, Tensor]:
-            streams = derive_seeds([noise_seeds[i] for i in missing], param_index, device)
-            both = sample_directions(streams, numbers, device, source="counter")
-            a = both[:, : out_features * self.rank].view(len(missing), out_features, self.rank)
-            b = self._in_input_subspace(param, both[:, out_features * self.rank :].view(len(missing), in_features, -1))
+        def finish(both: Tensor) -> tuple[Tensor, Tensor]:
+            a = both[:, :split].view(len(both), out_features, self.rank)
+            b = self._in_input_subspace(param, both[:, split:].view(len(both), in_features, -1))
             return a, b
 
-        a, b = self.noise_cache.get_stacked(keys, draw_many)  # new tensors: the caller may modify them
-        return a, b
+        keys: list[Hashable] = [("factors", seed, param_index, shape, device) for seed in noise_seeds]
+        return NoiseRequest(keys, param_index, (out_features + in_features) * self.rank, finish, device)
 
     def low_rank_factors(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[Tensor, Tensor] | None:
         if param.dim() != 2:
@@ -370,6 +392,15 @@ class EggRoll(EvolutionStrategy):
             return self._dense_stack(noise_seeds, param_index, param)
         a, b = self.stacked_factors(noise_seeds, param_index, param)
         return torch.bmm(a, b.transpose(1, 2)).div_(math.sqrt(self.rank)).view(len(noise_seeds), *param.shape)
+
+    def _noise_request(
+        self, noise_seeds: Sequence[int], index: int, param: Tensor, low_rank: bool, dense_allowed: bool
+    ) -> NoiseRequest | None:
+        """A matrix's factors (its dense noise is formed from them too), else the dense noise."""
+        if param.dim() >= 2:
+            wanted = (low_rank and param.dim() == 2) or dense_allowed
+            return self._factor_request(noise_seeds, index, param) if wanted else None
+        return super()._noise_request(noise_seeds, index, param, low_rank, dense_allowed)
 
     def combine(self, weights: Mapping[int, float], param_index: int, param: Tensor) -> Tensor:
         """``sum_s w_s A_s B_s^T / sqrt(r)`` as one product ``(A diag(w)) B^T``: no per-member matrix."""

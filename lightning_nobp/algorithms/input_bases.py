@@ -7,13 +7,14 @@ input side of those weights' noise on them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 from torch import Tensor
 
 from lightning_nobp.algorithms.counter_noise import derive_seeds, sample_directions
 from lightning_nobp.algorithms.noise_cache import NoiseCache
+from lightning_nobp.algorithms.noise_requests import NoiseRequest
 from lightning_nobp.algorithms.seeds import derive_seed
 
 
@@ -93,17 +94,38 @@ class InputBases:
         projected = directions @ coordinates
         return projected.view(features, members, rank).transpose(0, 1).contiguous()
 
-    def _draw_dense(self, seeds: Sequence[int] | Tensor, param: Tensor, distribution: str = "gaussian") -> Tensor:
-        """Dense noises shaped like ``param``, one per (derived) seed, stacked ``(S, *param.shape)``: inside the
-        input subspace where ``param`` has one (the ``(out, r)`` coordinates drawn, then ``coordinates diag(scales)
-        P^T``), else everywhere."""
+    def _dense_draw_shape(self, param: Tensor) -> torch.Size:
+        """The shape of one seed's draw for ``param``'s dense noise: its ``(out, r)`` coordinates in the input
+        subspace where it has one, else ``param``'s shape."""
+        basis = self.input_bases.get(id(param))
+        return param.shape if basis is None else torch.Size((param.shape[0], basis[0].shape[1]))
+
+    def _dense_from_draw(self, param: Tensor, drawn: Tensor) -> Tensor:
+        """Dense noises shaped like ``param`` from their draws ``(S, *_dense_draw_shape(param))`` (modified in
+        place): ``coordinates diag(scales) P^T`` inside the input subspace, else the draws themselves."""
         basis = self.input_bases.get(id(param))
         if basis is None:
-            return sample_directions(seeds, param.shape, param.device, distribution, self.noise_source)
+            return drawn
         directions, scales = basis
-        shape = torch.Size((param.shape[0], directions.shape[1]))
-        coordinates = sample_directions(seeds, shape, param.device, distribution, self.noise_source)
-        return torch.matmul(coordinates.mul_(scales), directions.t()).reshape(len(seeds), *param.shape)
+        return torch.matmul(drawn.mul_(scales), directions.t()).reshape(len(drawn), *param.shape)
+
+    def _draw_dense(self, seeds: Sequence[int] | Tensor, param: Tensor, distribution: str = "gaussian") -> Tensor:
+        """Dense noises shaped like ``param``, one per (derived) seed, stacked ``(S, *param.shape)``: inside the
+        input subspace where ``param`` has one, else everywhere."""
+        drawn = sample_directions(seeds, self._dense_draw_shape(param), param.device, distribution, self.noise_source)
+        return self._dense_from_draw(param, drawn)
+
+    def _dense_request(self, seeds: Sequence[int], param_index: int, param: Tensor) -> NoiseRequest:
+        """How ``param``'s Gaussian dense noise for ``seeds`` comes from counter-based streams (the entries
+        :meth:`_dense_stack` caches), for drawing several parameters' noise together (``draw_requests``)."""
+        shape, device = param.shape, param.device  # read once: slow on tensor subclasses (low-bit weights)
+        draw_shape = self._dense_draw_shape(param)
+
+        def finish(drawn: Tensor) -> tuple[Tensor]:
+            return (self._dense_from_draw(param, drawn.view(len(drawn), *draw_shape)),)
+
+        keys: list[Hashable] = [("dense", seed, param_index, shape, device, "gaussian") for seed in seeds]
+        return NoiseRequest(keys, param_index, draw_shape.numel(), finish, device)
 
     def _dense_stack(
         self, seeds: Sequence[int], param_index: int, param: Tensor, distribution: str = "gaussian"

@@ -35,6 +35,7 @@ class NoiseCache:
         self.max_bytes = max_bytes
         self._stacks: OrderedDict[int, tuple[tuple[Tensor, ...], list[Hashable], int]] = OrderedDict()
         self._rows: dict[Hashable, tuple[int, int]] = {}  # key -> (stack id, row)
+        self._whole: dict[tuple[Hashable, ...], int] = {}  # all keys of a stack, in order -> stack id
         self._bytes = 0
         self._next_id = 0
         self.hits = 0
@@ -62,6 +63,10 @@ class NoiseCache:
                 tensor's first dimension runs over those positions, in order), so a whole population's noise is
                 drawn with one batched computation instead of one per member.
         """
+        whole = self._whole.get(tuple(keys))
+        if whole is not None:  # the same keys as one earlier draw (a population asked again): no per-key lookups
+            self.hits += len(keys)
+            return tuple(t.clone() for t in self._touch(whole))
         found: list[tuple[tuple[Tensor, ...], int] | None] = []
         missing: list[int] = []
         for position, key in enumerate(keys):
@@ -87,6 +92,20 @@ class NoiseCache:
             return tuple(t.index_select(0, index) for t in first)
         return tuple(torch.stack([tensors[part][row] for tensors, row in rows]) for part in range(len(first)))
 
+    def holds(self, keys: Sequence[Hashable]) -> bool:
+        """Whether every one of ``keys`` is cached."""
+        return tuple(keys) in self._whole or all(key in self._rows for key in keys)
+
+    def put(self, keys: Sequence[Hashable], tensors: tuple[Tensor, ...]) -> None:
+        """Keep ``tensors`` (row ``i`` of each is the entry of ``keys[i]``), drawn ahead of the requests for them.
+
+        Args:
+            keys: the entries, in row order.
+            tensors: the entries stacked along a first dimension (kept, not copied: do not modify them).
+        """
+        self.misses += len(keys)
+        self._keep(list(keys), tensors)
+
     def _touch(self, stack_id: int) -> tuple[Tensor, ...]:
         self._stacks.move_to_end(stack_id)
         return self._stacks[stack_id][0]
@@ -102,9 +121,12 @@ class NoiseCache:
         self._bytes += size
         for row, key in enumerate(keys):
             self._rows[key] = (stack_id, row)
+        self._whole[tuple(keys)] = stack_id
         while self._bytes > self.max_bytes:
             evicted_id, (_, evicted_keys, evicted_size) = self._stacks.popitem(last=False)
             self._bytes -= evicted_size
+            if self._whole.get(tuple(evicted_keys)) == evicted_id:
+                del self._whole[tuple(evicted_keys)]
             for key in evicted_keys:
                 if self._rows.get(key, (None,))[0] == evicted_id:
                     del self._rows[key]
@@ -113,10 +135,11 @@ class NoiseCache:
         """Forget every entry."""
         self._stacks.clear()
         self._rows.clear()
+        self._whole.clear()
         self._bytes = 0
 
     def __getstate__(self) -> dict:
         # pickled with an algorithm (spawned processes, checkpoints): the tensors are not worth shipping
         state = dict(self.__dict__)
-        state.update(hits=0, misses=0, _stacks=OrderedDict(), _rows={}, _bytes=0)
+        state.update(hits=0, misses=0, _stacks=OrderedDict(), _rows={}, _whole={}, _bytes=0)
         return state

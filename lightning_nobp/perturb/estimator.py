@@ -319,14 +319,12 @@ class PopulationEstimator:
         if not seeds:
             return
         low_rank_allowed = self.owners.low_rank_capable - self.owners.whole_evaluation
-        for index, param in enumerate(self.params):
-            if index in self.low_bit:
-                continue
-            low_rank = index in low_rank_allowed
-            if low_rank and self.algorithm.stacked_low_rank_factors(seeds, index, param) is not None:
-                continue
-            if 4 * param.numel() * len(seeds) <= PREFETCH_DENSE_BYTES:
-                self.algorithm.stacked_noise(seeds, index, param)
+        wanted = [
+            (index, param, index in low_rank_allowed, 4 * param.numel() * len(seeds) <= PREFETCH_DENSE_BYTES)
+            for index, param in enumerate(self.params)
+            if index not in self.low_bit
+        ]
+        self.algorithm.prefetch_noise(seeds, wanted)
 
     def _members_within_noise_budget(self) -> int:
         """How many members' dense noise fits in ``STACKED_NOISE_BYTES`` (at least 1): a batched evaluation
