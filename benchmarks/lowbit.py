@@ -35,6 +35,7 @@ from lightning_nobp.lowbit import apply_low_bit_update, is_low_bit, memory_repor
 from lightning_nobp.lowbit.memory import storage_bytes  # noqa: E402
 from lightning_nobp.models.gpt import GPT, GPTConfig  # noqa: E402
 from lightning_nobp.perturb import PopulationEstimator  # noqa: E402
+from lightning_nobp.perturb.direct_step import DirectHyperparameters  # noqa: E402
 
 FORMATS = ("fp8_e4m3", "int8", "nvfp4", "mxfp4")
 
@@ -149,7 +150,8 @@ def measure_step_memory(model: GPT, population: int, batch: int, seq_len: int, d
         fitness = estimator.evaluate_members(members, lambda: model.loss(inputs, targets))
         estimate = algorithm.tell(members, fitness)
         assert estimate.coefficients is not None
-        estimator.apply_update([(members, estimate.coefficients)], [(1e-3, 0.0)] * len(params), 7, normalize=True)
+        settings = [DirectHyperparameters(1e-3)] * len(params)
+        estimator.apply_update([(members, estimate.coefficients)], settings, 7, normalize=True)
         synchronize(device)
         step_peak = peak_memory(device)
     return {

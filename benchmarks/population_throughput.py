@@ -36,6 +36,7 @@ from torch import Tensor
 from lightning_nobp.algorithms import EggRoll
 from lightning_nobp.models.gpt import GPT, GPTConfig
 from lightning_nobp.perturb import PopulationEstimator
+from lightning_nobp.perturb.direct_step import DirectHyperparameters
 
 from devices import device_name, free_memory, peak_memory, reset_peak_memory, synchronize
 
@@ -231,7 +232,7 @@ def population_step(
         device: the model's device (for synchronisation and peak memory).
     """
     population = algorithm.ask(seed)
-    hyperparameters = [(LEARNING_RATE, 0.0)] * len(estimator.params)
+    hyperparameters = [DirectHyperparameters(LEARNING_RATE)] * len(estimator.params)
     synchronize(device)
     reset_peak_memory(device)
     start = time.perf_counter()

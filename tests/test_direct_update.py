@@ -48,13 +48,14 @@ def test_overflow_is_clamped_never_inf() -> None:
 
 
 class PlainSGD(DigitsClassifier):
-    def __init__(self, weight_decay: float = 0.0, gamma: float = 0.7) -> None:
+    def __init__(self, weight_decay: float = 0.0, gamma: float = 0.7, **sgd_options: float | bool) -> None:
         super().__init__(lr=3e-3)
         self.weight_decay = weight_decay
         self.gamma = gamma
+        self.sgd_options = sgd_options
 
     def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.parameters(), lr=3e-3, weight_decay=self.weight_decay)
+        optimizer = torch.optim.SGD(self.parameters(), lr=3e-3, weight_decay=self.weight_decay, **self.sgd_options)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=self.gamma)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
@@ -67,10 +68,12 @@ class GradBuffers(Callback):
         self.seen.append(any(p.grad is not None for p in pl_module.parameters()))
 
 
-def fit(update: str, weight_decay: float = 0.0, **kwargs) -> tuple[DigitsClassifier, GradBuffers]:
+def fit(
+    update: str, weight_decay: float = 0.0, sgd_options: dict | None = None, **kwargs
+) -> tuple[DigitsClassifier, GradBuffers]:
     pl.seed_everything(0)
     train, _ = digits_loaders()
-    model = PlainSGD(weight_decay)
+    model = PlainSGD(weight_decay, **(sgd_options or {}))
     buffers = GradBuffers()
     trainer = pl.Trainer(
         strategy=NoBackpropStrategy(algorithm=MeZO(), update=update),
@@ -97,6 +100,36 @@ def test_direct_path_equals_sgd_on_the_grad_path_and_keeps_no_gradient_buffers(n
     assert not torch.equal(initial.net[0].weight, direct_model.net[0].weight)
 
 
+@pytest.mark.parametrize(
+    "sgd_options",
+    [{"momentum": 0.9}, {"momentum": 0.8, "dampening": 0.3}, {"momentum": 0.9, "nesterov": True}],
+    ids=["momentum", "dampening", "nesterov"],
+)
+def test_direct_path_momentum_is_torch_sgds_momentum_without_gradient_buffers(no_backprop: None, sgd_options) -> None:
+    grad_model, _ = fit("grad", sgd_options=sgd_options)
+    direct_model, direct_buffers = fit("direct", sgd_options=sgd_options)
+    plain_model, _ = fit("direct")
+    assert not any(direct_buffers.seen)
+    for p, q, plain in zip(grad_model.parameters(), direct_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)  # the buffer in optimizer.state, as SGD keeps it
+        assert (q - plain).abs().max() > 1e-4  # momentum changed the path
+
+
+def test_direct_momentum_keeps_its_buffer_out_of_non_finite_estimates() -> None:
+    from lightning_nobp.perturb.direct_step import MOMENTUM_BUFFER, DirectHyperparameters, momentum_direction
+
+    settings, state = DirectHyperparameters(lr=0.1, momentum=0.9), {}
+    first = momentum_direction(torch.tensor([3.0, -4.0]), state, settings, normalize=True, buffer_dtype=torch.bfloat16)
+    torch.testing.assert_close(first, torch.tensor([3.0, -4.0]) / 12.5**0.5)  # normalized: unit RMS
+    kept = state[MOMENTUM_BUFFER].clone()
+    assert kept.dtype == torch.bfloat16
+    skipped = momentum_direction(torch.tensor([float("nan"), 1.0]), state, settings, True, torch.bfloat16)
+    assert torch.equal(skipped, torch.zeros(2)) and torch.equal(state[MOMENTUM_BUFFER], kept)
+    second = momentum_direction(torch.tensor([0.0, 5.0]), state, settings, True, torch.bfloat16)
+    expected = 0.9 * kept.float() + torch.tensor([0.0, 5.0]) / 12.5**0.5  # b <- m b + e (e at unit RMS)
+    torch.testing.assert_close(second, expected / expected.square().mean().sqrt(), rtol=1e-2, atol=1e-2)
+
+
 def test_direct_path_trains_bf16_weights_with_stochastic_rounding(no_backprop: None) -> None:
     pl.seed_everything(0)
     train, test = digits_loaders()
@@ -114,11 +147,16 @@ def test_direct_path_trains_bf16_weights_with_stochastic_rounding(no_backprop: N
     assert after > before + 0.25, (before, after)
 
 
+class AdamClassifier(DigitsClassifier):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
 def test_direct_path_refuses_stateful_optimizers_and_clipping() -> None:
     train, _ = digits_loaders()
     trainer = pl.Trainer(strategy=NoBackpropStrategy(update="direct"), max_steps=1, **quiet_trainer_kwargs())
-    with pytest.raises(ValueError, match=r"SGD without momentum.*update='grad'"):
-        trainer.fit(DigitsClassifier(momentum=0.9), train)
+    with pytest.raises(ValueError, match=r"torch.optim.SGD.*Adam with its own state.*update='grad'"):
+        trainer.fit(AdamClassifier(), train)
     trainer = pl.Trainer(
         strategy=NoBackpropStrategy(update="direct"), gradient_clip_val=1.0, max_steps=1, **quiet_trainer_kwargs()
     )

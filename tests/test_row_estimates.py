@@ -12,6 +12,7 @@ from torch import nn
 
 from lightning_nobp.algorithms import EggRoll, MeZO, OpenES, Population
 from lightning_nobp.perturb import PopulationEstimator
+from lightning_nobp.perturb.direct_step import DirectHyperparameters
 from lightning_nobp.perturb.row_estimate import row_local_gradient
 from lightning_nobp.perturb.row_losses import RowLocalLayer, RowLossRecorder, find_row_local_layers
 from lightning_nobp.pytorch import NoBackpropStrategy
@@ -285,7 +286,8 @@ def test_the_direct_update_applies_the_same_per_row_estimate() -> None:
         coefficients = algorithm.tell(population, fitness).coefficients
         assert estimator.row_local
         if direct:
-            estimator.apply_update([(population, coefficients)], [(0.5, 0.0)] * len(estimator.params), 7)
+            settings = [DirectHyperparameters(0.5)] * len(estimator.params)
+            estimator.apply_update([(population, coefficients)], settings, 7)
             written.append((before - net[2].weight.detach()) / 0.5)
         else:
             estimator.accumulate_gradient(population, coefficients)

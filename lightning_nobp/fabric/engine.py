@@ -31,6 +31,7 @@ from lightning_nobp.algorithms import (
 )
 from lightning_nobp.perturb import PopulationEstimator, RngSnapshot, scalar_loss
 from lightning_nobp.perturb.estimator import LossFn, MemberInputs
+from lightning_nobp.perturb.direct_step import DirectHyperparameters
 from lightning_nobp.algorithms.local import ForwardForward, LocalLearning
 from lightning_nobp.perturb.jvp import directional_derivatives
 from lightning_nobp.perturb.input_subspace import InputSubspaces
@@ -79,15 +80,15 @@ def trainable_parameters(optimizer: Optimizer) -> list[Tensor]:
 
 
 def check_direct_update_optimizer(optimizer: Optimizer) -> None:
-    """The direct path applies plain SGD with the optimizer's lr and weight decay: refuse optimizers it would betray."""
-    stateless_sgd = type(optimizer) is torch.optim.SGD and all(
-        group.get("momentum", 0) == 0 and not group.get("nesterov", False) for group in optimizer.param_groups
-    )
-    if not stateless_sgd:
+    """The direct path applies ``torch.optim.SGD``'s step (lr, weight decay, momentum) itself: refuse optimizers it
+    would betray."""
+    if type(optimizer) is not torch.optim.SGD or any(group.get("maximize", False) for group in optimizer.param_groups):
         raise ValueError(
             f"update='direct' writes theta <- theta - lr * (estimate + weight_decay * theta) in place, which is"
-            f" torch.optim.SGD without momentum; {type(optimizer).__name__} with its own state cannot be honoured."
-            " Use torch.optim.SGD(params, lr=..., weight_decay=...) or update='grad' (costs one gradient buffer)."
+            f" torch.optim.SGD (its momentum kept in the optimizer's state, bf16 for low-bit weights);"
+            f" {type(optimizer).__name__} with its own state cannot be honoured. Use"
+            " torch.optim.SGD(params, lr=..., momentum=..., weight_decay=...) or update='grad' (costs one gradient"
+            " buffer)."
         )
 
 
@@ -283,11 +284,10 @@ class ForwardOnlyEngine:
             norms = [estimator.accumulate_gradient(population, coefficients) for population, coefficients in terms]
             return sum(n * n for n in norms) ** 0.5
         group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-        hyperparameters = [
-            (float(group_of[id(p)]["lr"]), float(group_of[id(p)].get("weight_decay", 0.0))) for p in estimator.params
-        ]
+        settings = [DirectHyperparameters.from_group(group_of[id(p)]) for p in estimator.params]
+        states = [optimizer.state[p] for p in estimator.params]  # where torch.optim.SGD keeps momentum buffers
         return estimator.apply_update(
-            terms, hyperparameters, derive_seed(step_seed, ROUNDING_STREAM), self.direct_step == "normalized"
+            terms, settings, derive_seed(step_seed, ROUNDING_STREAM), self.direct_step == "normalized", states
         )
 
     def closure_step(

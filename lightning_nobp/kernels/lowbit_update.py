@@ -126,17 +126,26 @@ def reference_dequantize(layout: LowBitLayout) -> Tensor:
 
 def reference_updated_values(layout: LowBitLayout, terms: UpdateTerms) -> Tensor:
     """``decay * w + sum_m c_m z_m + A B^T + dense`` in float32, the same sum the kernel forms."""
-    values = reference_dequantize(layout) * terms.decay
-    numel = layout.rows * layout.cols
+    return added_terms(terms, reference_dequantize(layout) * terms.decay)
+
+
+def added_terms(terms: UpdateTerms, into: Tensor) -> Tensor:
+    """``into + sum_m c_m z_m + A B^T + dense`` (everything but the decay), in place in float32 ``into``.
+
+    Args:
+        terms: the step's terms.
+        into: a float32 ``[rows, cols]`` tensor (zeros for the update alone).
+    """
+    numel = into.numel()
     if terms.seeds is not None and terms.coefficients is not None:
         distribution = "gaussian" if terms.gaussian else "rademacher"
         for seed, coefficient in zip(terms.seeds.tolist(), terms.coefficients.tolist()):
-            values.view(-1).add_(reference_noise(int(seed), numel, distribution, layout.device), alpha=coefficient)
+            into.view(-1).add_(reference_noise(int(seed), numel, distribution, into.device), alpha=coefficient)
     if terms.factor_a is not None and terms.factor_b is not None:
-        values.add_(terms.factor_a.float() @ terms.factor_b.float().t())
+        into.add_(terms.factor_a.float() @ terms.factor_b.float().t())
     if terms.dense is not None:
-        values.add_(terms.dense.float())
-    return values
+        into.add_(terms.dense.float().view_as(into))
+    return into
 
 
 def quantize_into(layout: LowBitLayout, values: Tensor, uniform: Tensor) -> None:

@@ -18,11 +18,12 @@ from torch.utils._pytree import tree_map
 
 from lightning_nobp.algorithms.base import Algorithm, Member, Population, weighted_factor_columns
 from lightning_nobp.algorithms.seeds import derive_seed
-from lightning_nobp.kernels.lowbit_update import UpdateTerms
+from lightning_nobp.kernels.lowbit_update import UpdateTerms, added_terms
 from lightning_nobp.kernels.perturbed_weight import perturbed_weight
 from lightning_nobp.kernels.philox import philox_noise
 from lightning_nobp.kernels.stochastic_rounding import stochastic_round
 from lightning_nobp.lowbit import apply_low_bit_update, is_low_bit, layout_of
+from lightning_nobp.perturb.direct_step import DirectHyperparameters, momentum_direction, rms
 from lightning_nobp.perturb.forward import ParameterOwners, ParameterReadProbe, PerturbedForward
 from lightning_nobp.perturb.input_subspace import InputSubspaces, tap_inputs
 from lightning_nobp.perturb.narrow_softmax import NarrowSoftmaxMode
@@ -40,11 +41,6 @@ MemberInputs = Callable[[Sequence[int]], Any]
 PREFETCH_DENSE_BYTES = 1024 * 1024
 #: the most bytes of stacked dense noise a batched evaluation holds (more members are evaluated in chunks)
 STACKED_NOISE_BYTES = 256 * 1024 * 1024
-
-
-def _rms(squared_norm: float, numel: int) -> float:
-    """Root-mean-square from a squared norm (1 for an all-zero estimate, which then stays zero)."""
-    return math.sqrt(squared_norm / numel) if squared_norm > 0 else 1.0
 
 
 def _rescaled(better: Tensor, norm: float, fallback: Any) -> Any:
@@ -748,13 +744,6 @@ class PopulationEstimator:
             return torch.cat(stacks)[rows]
         return self._noise_of_seeds(index, seeds, low_rank=index in self.owners.low_rank_capable)
 
-    def _estimate_of(self, index: int, terms: Sequence[tuple[Population, Tensor]]) -> Tensor:
-        """The float32 estimate of parameter ``index``: ``sum over terms of sum_i c_i sign_i E_i``.
-
-        Members sharing a noise seed (antithetic pairs) are merged first, so each noise is regenerated once.
-        """
-        return self.algorithm.combine(self._merged_weights(terms), index, self.params[index])
-
     @torch.no_grad()
     def accumulate_gradient(self, population: Population, coefficients: Tensor, scale: float = 1.0) -> float:
         """``.grad`` path: ``p.grad += scale * sum_i coefficients[i] * sign_i * E_i(p)`` for every parameter.
@@ -770,8 +759,9 @@ class PopulationEstimator:
             )
         squared_norm = 0.0
         row_local = self._row_local_gradients(population)
+        merged = self._merged_weights([(population, coefficients)])  # antithetic twins merged, once for all
         for index, param in enumerate(self.params):
-            total = self._estimate_of(index, [(population, coefficients)])
+            total = self.algorithm.combine(merged, index, param)
             if index in row_local:
                 total = _rescaled(row_local[index], float(total.norm()), total)
             if scale != 1.0:
@@ -787,11 +777,13 @@ class PopulationEstimator:
     def apply_update(
         self,
         terms: Sequence[tuple[Population, Tensor]],
-        hyperparameters: Sequence[tuple[float, float]],
+        hyperparameters: Sequence[DirectHyperparameters],
         rounding_seed: int,
         normalize: bool = False,
+        states: Sequence[dict[str, Any]] | None = None,
     ) -> float:
-        """Direct path: ``p <- p - lr * (estimate + weight_decay * p)`` in place, with no ``.grad`` buffer.
+        """Direct path: ``p <- p - lr * (estimate + weight_decay * p)`` in place, with no ``.grad`` buffer (with
+        momentum, along the momentum direction: ``lightning_nobp.perturb.direct_step``).
 
         The new value is computed in float32 and written back with stochastic rounding where the parameter is
         stored in lower precision (low-bit weights through the fused kernel), so updates smaller than the grid
@@ -799,10 +791,12 @@ class PopulationEstimator:
 
         Args:
             terms: ``(population, coefficients)`` of every micro-batch of the step (gradient accumulation).
-            hyperparameters: ``(lr, weight_decay)`` of every parameter, in parameter order.
+            hyperparameters: the step settings of every parameter, in parameter order.
             rounding_seed: counter-derived seed of the stochastic rounding (one stream per parameter).
             normalize: divide each parameter's estimate by its root-mean-square, so ``lr`` is the typical step
                 of one weight (as with Adam) without any optimizer state.
+            states: every parameter's optimizer state (``optimizer.state[p]``), where momentum buffers live;
+                needed when a parameter has momentum.
 
         Returns:
             The norm of the estimate (before normalization, lr and weight decay), over all parameters; NaN when
@@ -813,7 +807,9 @@ class PopulationEstimator:
         if not all(map(math.isfinite, merged.values())):
             return float("nan")  # never write a non-finite update: the weights stay untouched
         squared_norm = 0.0
-        for index, (param, (lr, weight_decay)) in enumerate(zip(self.params, hyperparameters)):
+        for index, (param, settings) in enumerate(zip(self.params, hyperparameters)):
+            lr, weight_decay = settings.lr, settings.weight_decay
+            seed = derive_seed(rounding_seed, index)
             if index in self.low_bit:
                 update_terms = self._low_bit_terms(index, merged, 1.0 - lr * weight_decay)
                 squared = self._squared_norm(index, update_terms)
@@ -823,21 +819,44 @@ class PopulationEstimator:
                     if dense is not None:
                         update_terms = UpdateTerms(decay=update_terms.decay, dense=dense.view(param.shape[0], -1))
                 squared_norm += squared
-                step = -lr / _rms(squared, param.numel()) if normalize else -lr
-                apply_low_bit_update(param, update_terms.scaled(step), derive_seed(rounding_seed, index))
+                if settings.momentum:
+                    layout = layout_of(param)
+                    estimate = added_terms(update_terms, torch.zeros(layout.rows, layout.cols, device=layout.device))
+                    direction = self._momentum(index, estimate, settings, normalize, states, torch.bfloat16)
+                    update_terms = UpdateTerms(decay=update_terms.decay, dense=direction.mul_(-lr))
+                    apply_low_bit_update(param, update_terms, seed)
+                    continue
+                step = -lr / rms(squared, param.numel()) if normalize else -lr
+                apply_low_bit_update(param, update_terms.scaled(step), seed)
                 continue
             estimate = self.algorithm.combine(merged, index, param)
             if index in row_local:
                 estimate = _rescaled(row_local[index], float(estimate.norm()), estimate)
             squared = float(estimate.square().sum())
             squared_norm += squared
-            if normalize:
-                estimate.div_(_rms(squared, param.numel()))
+            if settings.momentum:
+                estimate = self._momentum(index, estimate, settings, normalize, states, param.dtype)
+            elif normalize:
+                estimate.div_(rms(squared, param.numel()))
             if weight_decay:
                 estimate.add_(param.float(), alpha=weight_decay)
             updated = param.float().sub_(estimate, alpha=lr)
-            param.copy_(stochastic_round(updated, param.dtype, derive_seed(rounding_seed, index)))
+            param.copy_(stochastic_round(updated, param.dtype, seed))
         return squared_norm**0.5
+
+    def _momentum(
+        self,
+        index: int,
+        estimate: Tensor,
+        settings: DirectHyperparameters,
+        normalize: bool,
+        states: Sequence[dict[str, Any]] | None,
+        buffer_dtype: torch.dtype,
+    ) -> Tensor:
+        """Parameter ``index``'s momentum direction (its buffer in ``states[index]`` updated)."""
+        if states is None:
+            raise ValueError(f"momentum {settings.momentum} needs the optimizer's state to keep its buffer in")
+        return momentum_direction(estimate, states[index], settings, normalize, buffer_dtype)
 
     @staticmethod
     def _merged_weights(terms: Sequence[tuple[Population, Tensor]]) -> dict[int, float]:

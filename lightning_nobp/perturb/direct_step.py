@@ -1,0 +1,98 @@
+"""The direct path's step: the user's ``torch.optim.SGD`` (lr, weight decay, momentum) applied in place.
+
+Without momentum the step keeps no state: ``w <- w - lr * (e + weight_decay * w)``, where ``e`` is the step's
+estimate (divided by its root-mean-square with ``direct_step="normalized"``). With ``SGD(momentum=m)`` a momentum
+buffer lives where ``torch.optim.SGD`` keeps it, in ``optimizer.state[p]["momentum_buffer"]`` (so Lightning's and
+Fabric's checkpoints carry it), in the weight's dtype, or bfloat16 for low-bit weights (2 bytes a weight):
+
+    b <- m b + (1 - dampening) e          (b = e on the first step, as torch.optim.SGD does)
+    d <- e + m b  (nesterov)  or  b
+    w <- w - lr * (d + weight_decay * w)   (decay applied to the weight, not fed through the buffer)
+
+With ``direct_step="normalized"`` the direction ``d`` is divided by its root-mean-square as well, so ``lr`` stays
+the typical change of one weight and momentum only averages the estimates' directions (evolution strategies'
+estimates are noisy: averaging over about ``1 / (1 - m)`` steps keeps what they agree on).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: the optimizer-state key torch.optim.SGD uses for its momentum buffer
+MOMENTUM_BUFFER = "momentum_buffer"
+
+
+def rms(squared_norm: float, numel: int) -> float:
+    """Root-mean-square from a squared norm (1 for an all-zero estimate, which then stays zero)."""
+    return math.sqrt(squared_norm / numel) if squared_norm > 0 else 1.0
+
+
+@dataclass(frozen=True)
+class DirectHyperparameters:
+    """One parameter's step settings, read from its ``torch.optim.SGD`` param group every step.
+
+    Args:
+        lr: learning rate (the scheduler's current value).
+        weight_decay: L2 decay, applied to the weight directly.
+        momentum: SGD momentum ``m`` (0: no buffer, no state).
+        dampening: SGD dampening.
+        nesterov: SGD's Nesterov variant.
+    """
+
+    lr: float
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+
+    @classmethod
+    def from_group(cls, group: Mapping[str, Any]) -> DirectHyperparameters:
+        """The settings of an SGD param group (missing keys take SGD's defaults)."""
+        return cls(
+            lr=float(group["lr"]),
+            weight_decay=float(group.get("weight_decay", 0.0)),
+            momentum=float(group.get("momentum", 0.0)),
+            dampening=float(group.get("dampening", 0.0)),
+            nesterov=bool(group.get("nesterov", False)),
+        )
+
+
+def momentum_direction(
+    estimate: Tensor, state: dict[str, Any], settings: DirectHyperparameters, normalize: bool, buffer_dtype: torch.dtype
+) -> Tensor:
+    """The direction ``d`` of a step with momentum, updating the buffer in ``state`` (see the module docstring).
+
+    Args:
+        estimate: the step's float32 estimate ``e`` (not modified).
+        state: the parameter's optimizer state (``optimizer.state[p]``).
+        settings: the parameter's step settings (``momentum > 0``).
+        normalize: divide ``e`` and ``d`` by their root-mean-square (``direct_step="normalized"``).
+        buffer_dtype: the dtype the buffer is kept in.
+
+    Returns:
+        ``d`` in float32 (a new tensor); zeros, with the buffer untouched, when ``estimate`` is not finite.
+    """
+    if not bool(torch.isfinite(estimate).all()):
+        return torch.zeros_like(estimate)  # never let a non-finite estimate into the buffer: no step for this weight
+    numel = max(estimate.numel(), 1)
+    scaled = estimate / rms(float(estimate.square().sum()), numel) if normalize else estimate.clone()
+    previous = state.get(MOMENTUM_BUFFER)
+    if previous is None:
+        buffer = scaled.clone()
+    else:
+        buffer = previous.to(torch.float32).view_as(scaled).mul(settings.momentum)
+        buffer.add_(scaled, alpha=1.0 - settings.dampening)
+    state[MOMENTUM_BUFFER] = buffer.to(buffer_dtype)
+    direction = scaled.add_(buffer, alpha=settings.momentum) if settings.nesterov else buffer
+    if normalize:
+        direction = direction.div_(rms(float(direction.square().sum()), numel))
+    return direction
+
+
+__all__ = ["MOMENTUM_BUFFER", "DirectHyperparameters", "momentum_direction", "rms"]
