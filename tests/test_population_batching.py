@@ -269,3 +269,39 @@ def test_batched_evaluation_keeps_the_stacked_dense_noise_within_its_budget(monk
     monkeypatch.setattr(chunked, "_stacked_perturbations", recording)
     torch.testing.assert_close(chunked.evaluate_batched(population, loss), expected)
     assert sizes == [3, 3, 2]
+
+
+@pytest.mark.parametrize(
+    "algorithm", [MeZO(eps=1e-2, directions=3), OpenES(population=6, sigma=0.05)], ids=["mezo", "openes"]
+)
+def test_dense_noise_in_an_input_subspace_is_evaluated_through_the_shared_basis(algorithm) -> None:
+    """A data-fed layer's input-subspace noise ``E_s = A_s P^T`` is evaluated as ``x W^T + (x P) A_s^T`` with the
+    basis ``P`` shared by the batched members (not vmapped): the same fitness as the members' whole weights, and
+    the same update as the dense noise."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, targets = torch.randn(32, 12), torch.randint(0, 3, (32,))
+    basis = torch.linalg.qr(torch.randn(12, 4))[0]
+    algorithm.set_input_basis(model[0].weight, (basis, torch.tensor([2.0, 1.5, 1.0, 0.5])))
+    estimator = PopulationEstimator(algorithm, [model], list(model.parameters()))
+
+    def loss() -> torch.Tensor:
+        return F.cross_entropy(model(x), targets)
+
+    estimator.probe_parameter_reads(algorithm.ask(0), loss)
+    population = algorithm.ask(3)
+    dense, low_rank = estimator._stacked_perturbations(population, list(range(len(population))))
+    assert set(low_rank) == {0} and set(dense) == {1, 2, 3}  # the data-fed weight, through its basis
+    factors, shared = low_rank[0]
+    assert factors.shape == (len(population), 16, 4) and shared.shape == (12, 4)  # one basis for every member
+    seeds = [m.noise_seed for m in population.members]
+    signs = torch.tensor([m.sign for m in population.members]).view(-1, 1, 1)
+    expected = algorithm.stacked_noise(seeds, 0, model[0].weight) * signs
+    torch.testing.assert_close(factors @ shared.t() / population.sigma, expected, atol=1e-5, rtol=0)
+    looped = estimator.evaluate(population, loss)
+    batched = estimator.evaluate_batched(population, loss)
+    torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-5)
+    weights = {seed: float(i + 1) for i, seed in enumerate(dict.fromkeys(seeds))}
+    stacked = algorithm.stacked_noise(list(weights), 0, model[0].weight)
+    by_members = (torch.tensor(list(weights.values())) @ stacked.view(len(weights), -1)).view(16, 12)
+    torch.testing.assert_close(algorithm.combine(weights, 0, model[0].weight), by_members, atol=1e-5, rtol=1e-5)

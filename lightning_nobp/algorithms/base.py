@@ -132,12 +132,17 @@ class Algorithm(ABC):
         seeds = [seed for seed, weight in weights.items() if weight != 0.0]
         if not seeds:
             return torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+        coefficients = torch.tensor([weights[seed] for seed in seeds], dtype=torch.float32, device=param.device)
+        shared = self.shared_basis_factors(seeds, param_index, param)
+        if shared is not None:  # E_s = A_s P^T: (sum_s w_s A_s) P^T, no per-member matrix
+            factors, basis = shared
+            combined = (coefficients @ factors.view(len(seeds), -1)).view(factors.shape[1:])
+            return (combined @ basis.t()).view(param.shape)
         if len(seeds) * param.numel() * 4 > COMBINE_STACK_BYTES:  # a large weight: one member's noise at a time
             total = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
             for seed in seeds:
                 total.add_(self.noise(seed, param_index, param), alpha=weights[seed])
             return total
-        coefficients = torch.tensor([weights[seed] for seed in seeds], dtype=torch.float32, device=param.device)
         stacked = self.stacked_noise(seeds, param_index, param)
         return (coefficients @ stacked.view(len(seeds), -1)).view(param.shape)
 
@@ -180,6 +185,14 @@ class Algorithm(ABC):
                 continue
             if dense_allowed:
                 self.stacked_noise(noise_seeds, index, param)
+
+    def shared_basis_factors(
+        self, noise_seeds: Sequence[int], param_index: int, param: Tensor
+    ) -> tuple[Tensor, Tensor] | None:
+        """Dense noise that lies in a basis shared by every seed, as factors ``(A (S, out, r), P (in, r))`` with
+        ``E_s = A_s P^T`` (input-subspace noise of a data-fed weight), or ``None`` (the default). The estimator
+        then evaluates a population's layer as ``x W^T + (x P) A_s^T``, with ``x P`` computed once."""
+        return None
 
     def noise_stream(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[int, str] | None:
         """The counter-based stream ``(seed, distribution)`` of this parameter's dense noise, or ``None``.

@@ -249,6 +249,11 @@ class OpenES(EvolutionStrategy):
     def stacked_noise(self, noise_seeds: Sequence[int], param_index: int, param: Tensor) -> Tensor:
         return self._dense_stack(noise_seeds, param_index, param)
 
+    def shared_basis_factors(
+        self, noise_seeds: Sequence[int], param_index: int, param: Tensor
+    ) -> tuple[Tensor, Tensor] | None:
+        return self._subspace_factors(noise_seeds, param_index, param)
+
     def noise_stream(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[int, str] | None:
         if id(param) in self.input_bases:
             return None  # projected noise is not a Philox stream: kernels use `noise`

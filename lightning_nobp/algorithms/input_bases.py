@@ -94,38 +94,61 @@ class InputBases:
         projected = directions @ coordinates
         return projected.view(features, members, rank).transpose(0, 1).contiguous()
 
-    def _dense_draw_shape(self, param: Tensor) -> torch.Size:
-        """The shape of one seed's draw for ``param``'s dense noise: its ``(out, r)`` coordinates in the input
-        subspace where it has one, else ``param``'s shape."""
-        basis = self.input_bases.get(id(param))
-        return param.shape if basis is None else torch.Size((param.shape[0], basis[0].shape[1]))
-
-    def _dense_from_draw(self, param: Tensor, drawn: Tensor) -> Tensor:
-        """Dense noises shaped like ``param`` from their draws ``(S, *_dense_draw_shape(param))`` (modified in
-        place): ``coordinates diag(scales) P^T`` inside the input subspace, else the draws themselves."""
-        basis = self.input_bases.get(id(param))
-        if basis is None:
-            return drawn
-        directions, scales = basis
-        return torch.matmul(drawn.mul_(scales), directions.t()).reshape(len(drawn), *param.shape)
-
     def _draw_dense(self, seeds: Sequence[int] | Tensor, param: Tensor, distribution: str = "gaussian") -> Tensor:
-        """Dense noises shaped like ``param``, one per (derived) seed, stacked ``(S, *param.shape)``: inside the
-        input subspace where ``param`` has one, else everywhere."""
-        drawn = sample_directions(seeds, self._dense_draw_shape(param), param.device, distribution, self.noise_source)
-        return self._dense_from_draw(param, drawn)
+        """Dense noises shaped like ``param`` (no input basis), one per (derived) seed, stacked ``(S, *shape)``."""
+        return sample_directions(seeds, param.shape, param.device, distribution, self.noise_source)
+
+    def _streams(self, seeds: Sequence[int], param_index: int, device: torch.device) -> list[int] | Tensor:
+        """The stream seeds ``derive_seed(seed, param_index)`` of ``seeds``, in the form ``noise_source`` draws."""
+        if self.noise_source == "counter":  # vectorized: many seeds
+            return derive_seeds(seeds, param_index, device)
+        return [derive_seed(seed, param_index) for seed in seeds]
+
+    def _coordinate_stack(
+        self, seeds: Sequence[int], param_index: int, param: Tensor, distribution: str = "gaussian"
+    ) -> Tensor:
+        """The input-subspace coordinates of ``param``'s dense noise, ``(S, out, r)`` scaled by the basis' scales
+        (a new tensor): each seed's noise is ``coordinates P^T`` (cached; absent seeds drawn together)."""
+        shape, device = param.shape, param.device
+        directions, scales = self.input_bases[id(param)]
+        keys = [("coordinates", seed, param_index, shape, device, distribution) for seed in seeds]
+
+        def draw_many(missing: list[int]) -> tuple[Tensor]:
+            streams = self._streams([seeds[i] for i in missing], param_index, device)
+            drawn = sample_directions(streams, (shape[0], directions.shape[1]), device, distribution, self.noise_source)
+            return (drawn.mul_(scales),)
+
+        (stacked,) = self.noise_cache.get_stacked(keys, draw_many)
+        return stacked
+
+    def _subspace_factors(
+        self, seeds: Sequence[int], param_index: int, param: Tensor, distribution: str = "gaussian"
+    ) -> tuple[Tensor, Tensor] | None:
+        """A weight's dense input-subspace noise as factors: ``E_s = A_s P^T`` with ``A_s`` the scaled coordinates
+        ``(S, out, r)`` and the basis ``P (in, r)`` shared by every seed; ``None`` without a basis.
+
+        A batched population then computes ``x W^T + (x P) A_s^T``: the data's ``x P`` once for all members
+        instead of a whole ``W + E_s`` per member (``PopulationEstimator``'s shared-basis factors)."""
+        basis = self.input_bases.get(id(param))
+        if basis is None or param.dim() != 2:
+            return None
+        return self._coordinate_stack(seeds, param_index, param, distribution), basis[0]
 
     def _dense_request(self, seeds: Sequence[int], param_index: int, param: Tensor) -> NoiseRequest:
         """How ``param``'s Gaussian dense noise for ``seeds`` comes from counter-based streams (the entries
-        :meth:`_dense_stack` caches), for drawing several parameters' noise together (``draw_requests``)."""
+        :meth:`_dense_stack` caches, or their input-subspace coordinates), for drawing several parameters' noise
+        together (``draw_requests``)."""
         shape, device = param.shape, param.device  # read once: slow on tensor subclasses (low-bit weights)
-        draw_shape = self._dense_draw_shape(param)
-
-        def finish(drawn: Tensor) -> tuple[Tensor]:
-            return (self._dense_from_draw(param, drawn.view(len(drawn), *draw_shape)),)
-
-        keys: list[Hashable] = [("dense", seed, param_index, shape, device, "gaussian") for seed in seeds]
-        return NoiseRequest(keys, param_index, draw_shape.numel(), finish, device)
+        basis = self.input_bases.get(id(param))
+        if basis is None:
+            keys: list[Hashable] = [("dense", seed, param_index, shape, device, "gaussian") for seed in seeds]
+            return NoiseRequest(keys, param_index, shape.numel(), lambda drawn: (drawn.view(-1, *shape),), device)
+        directions, scales = basis
+        rank = directions.shape[1]
+        keys = [("coordinates", seed, param_index, shape, device, "gaussian") for seed in seeds]
+        return NoiseRequest(
+            keys, param_index, shape[0] * rank, lambda drawn: (drawn.view(-1, shape[0], rank).mul_(scales),), device
+        )
 
     def _dense_stack(
         self, seeds: Sequence[int], param_index: int, param: Tensor, distribution: str = "gaussian"
@@ -140,11 +163,11 @@ class InputBases:
 
         def draw_many(missing: list[int]) -> tuple[Tensor]:
             chosen = [seeds[i] for i in missing]
-            if self.noise_source == "counter":  # vectorized: many seeds
-                streams: list[int] | Tensor = derive_seeds(chosen, param_index, device)
-            else:
-                streams = [derive_seed(seed, param_index) for seed in chosen]
-            return (self._draw_dense(streams, param, distribution),)
+            basis = self.input_bases.get(id(param))
+            if basis is not None:  # inside the input subspace: its coordinates (drawn once), then P^T
+                coordinates = self._coordinate_stack(chosen, param_index, param, distribution)
+                return (torch.matmul(coordinates, basis[0].t()).reshape(len(chosen), *shape),)
+            return (self._draw_dense(self._streams(chosen, param_index, device), param, distribution),)
 
         (stacked,) = self.noise_cache.get_stacked(keys, draw_many)
         return stacked

@@ -287,6 +287,11 @@ class PopulationEstimator:
         for index, param in enumerate(self.params):
             members_of = spread.to(param.device)
             scale = scales.to(param.device)
+            shared = self._shared_basis_factors(index, seeds, low_rank_allowed, kept)
+            if shared is not None:  # B is the basis itself: one copy for every member (vmapped with in_dims None)
+                coordinates, basis = shared
+                low_rank[index] = (coordinates[members_of].mul_(scale.view(-1, 1, 1)), basis)
+                continue
             noise = self._noise_of_seeds(index, seeds, low_rank=index in low_rank_allowed)
             if index in kept:
                 self._seed_noise.append((index, seeds, noise))
@@ -296,6 +301,15 @@ class PopulationEstimator:
             else:
                 dense[index] = noise[members_of].mul_(scale.view(-1, *([1] * param.dim())))
         return dense, low_rank
+
+    def _shared_basis_factors(
+        self, index: int, seeds: Sequence[int], low_rank_allowed: set[int], kept: set[int]
+    ) -> tuple[Tensor, Tensor] | None:
+        """The algorithm's shared-basis factors of a low-rank-capable layer's dense noise (``(A (S, out, r),
+        P (in, r))``), where they apply: not for low-bit weights, nor for noise kept for per-row estimates."""
+        if index not in low_rank_allowed or index in self.low_bit or index in kept:
+            return None
+        return self.algorithm.shared_basis_factors(seeds, index, self.params[index])
 
     def prefetch_noise(self, population: Population, members: Sequence[int]) -> None:
         """Draw the noise of ``members`` now, one stack per parameter (the algorithm caches it), so that a single
@@ -414,7 +428,9 @@ class PopulationEstimator:
             if rng is not None:
                 rng.restore()
             with torch.no_grad(), self._loss_context():
-                in_dims = (0, 0, None if inputs is None else 0)
+                # a shared basis (``_shared_basis_factors``) is one tensor for every member: not vmapped
+                factor_dims = {i: (0, None if b.dim() == 2 else 0) for i, (_, b) in low_rank.items()}
+                in_dims = (0, factor_dims, None if inputs is None else 0)
                 losses, part_rows, mismatches = torch.func.vmap(member_loss, in_dims=in_dims, randomness="same")(
                     dense, low_rank, inputs
                 )
