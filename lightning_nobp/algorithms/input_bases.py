@@ -109,17 +109,29 @@ class InputBases:
     ) -> Tensor:
         """The input-subspace coordinates of ``param``'s dense noise, ``(S, out, r)`` scaled by the basis' scales
         (a new tensor): each seed's noise is ``coordinates P^T`` (cached; absent seeds drawn together)."""
-        shape, device = param.shape, param.device
-        directions, scales = self.input_bases[id(param)]
-        keys = [("coordinates", seed, param_index, shape, device, distribution) for seed in seeds]
-
-        def draw_many(missing: list[int]) -> tuple[Tensor]:
-            streams = self._streams([seeds[i] for i in missing], param_index, device)
-            drawn = sample_directions(streams, (shape[0], directions.shape[1]), device, distribution, self.noise_source)
-            return (drawn.mul_(scales),)
-
-        (stacked,) = self.noise_cache.get_stacked(keys, draw_many)
+        request = self._coordinate_request(seeds, param_index, param, distribution)
+        (stacked,) = self.noise_cache.get_stacked(
+            request.keys, lambda missing: request.draw([seeds[i] for i in missing])
+        )
         return stacked
+
+    def _coordinate_request(
+        self, seeds: Sequence[int], param_index: int, param: Tensor, distribution: str = "gaussian"
+    ) -> NoiseRequest:
+        """How the coordinates :meth:`_coordinate_stack` caches come from ``param``'s noise streams."""
+        shape, device = param.shape, param.device  # read once: slow on tensor subclasses (low-bit weights)
+        directions, scales = self.input_bases[id(param)]
+        rank = directions.shape[1]
+        keys: list[Hashable] = [("coordinates", seed, param_index, shape, device, distribution) for seed in seeds]
+        return NoiseRequest(
+            keys,
+            param_index,
+            shape[0] * rank,
+            lambda drawn: (drawn.view(-1, shape[0], rank).mul_(scales),),
+            device,
+            distribution,
+            self.noise_source,
+        )
 
     def _subspace_factors(
         self, seeds: Sequence[int], param_index: int, param: Tensor, distribution: str = "gaussian"
@@ -138,17 +150,11 @@ class InputBases:
         """How ``param``'s Gaussian dense noise for ``seeds`` comes from counter-based streams (the entries
         :meth:`_dense_stack` caches, or their input-subspace coordinates), for drawing several parameters' noise
         together (``draw_requests``)."""
+        if id(param) in self.input_bases:
+            return self._coordinate_request(seeds, param_index, param)
         shape, device = param.shape, param.device  # read once: slow on tensor subclasses (low-bit weights)
-        basis = self.input_bases.get(id(param))
-        if basis is None:
-            keys: list[Hashable] = [("dense", seed, param_index, shape, device, "gaussian") for seed in seeds]
-            return NoiseRequest(keys, param_index, shape.numel(), lambda drawn: (drawn.view(-1, *shape),), device)
-        directions, scales = basis
-        rank = directions.shape[1]
-        keys = [("coordinates", seed, param_index, shape, device, "gaussian") for seed in seeds]
-        return NoiseRequest(
-            keys, param_index, shape[0] * rank, lambda drawn: (drawn.view(-1, shape[0], rank).mul_(scales),), device
-        )
+        keys: list[Hashable] = [("dense", seed, param_index, shape, device, "gaussian") for seed in seeds]
+        return NoiseRequest(keys, param_index, shape.numel(), lambda drawn: (drawn.view(-1, *shape),), device)
 
     def _dense_stack(
         self, seeds: Sequence[int], param_index: int, param: Tensor, distribution: str = "gaussian"

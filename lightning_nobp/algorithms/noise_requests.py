@@ -24,6 +24,7 @@ from lightning_nobp.algorithms.counter_noise import (
     sample_directions,
 )
 from lightning_nobp.algorithms.noise_cache import NoiseCache
+from lightning_nobp.algorithms.seeds import derive_seed
 
 #: parameters share one draw while it holds at most this many times the numbers they need
 SHARED_DRAW_WASTE = 2.0
@@ -40,6 +41,9 @@ class NoiseRequest:
         finish: turns the ``(S, numbers)`` draw into the cached tensors (reshaped, projected), each with the seeds
             along its first dimension.
         device: where the numbers are drawn.
+        distribution: ``"gaussian"`` or ``"rademacher"``.
+        source: ``"counter"`` or ``"generator"`` (``sample_directions``); only counter-based Gaussian requests are
+            drawn together (:func:`draw_requests`).
     """
 
     keys: list[Hashable]
@@ -47,11 +51,21 @@ class NoiseRequest:
     numbers: int
     finish: Callable[[Tensor], tuple[Tensor, ...]]
     device: torch.device
+    distribution: str = "gaussian"
+    source: str = "counter"
 
     def draw(self, seeds: Sequence[int]) -> tuple[Tensor, ...]:
         """This parameter's tensors for ``seeds`` alone (a cache miss outside a shared draw)."""
-        keys = derive_seed_grid(seeds, [self.counter], self.device)[0]
-        return self.finish(sample_directions(keys, (self.numbers,), self.device, source="counter"))
+        if self.source == "counter":
+            streams: Tensor | list[int] = derive_seed_grid(seeds, [self.counter], self.device)[0]
+        else:
+            streams = [derive_seed(seed, self.counter) for seed in seeds]
+        return self.finish(sample_directions(streams, (self.numbers,), self.device, self.distribution, self.source))
+
+    @property
+    def shareable(self) -> bool:
+        """Whether :func:`draw_requests` can draw it together with others (counter-based, Gaussian, short)."""
+        return self.source == "counter" and self.distribution == "gaussian" and self.numbers <= COUNTER_DRAW_MAX_NUMEL
 
 
 def _shared_draws(requests: list[NoiseRequest]) -> list[list[NoiseRequest]]:
@@ -72,15 +86,16 @@ def _shared_draws(requests: list[NoiseRequest]) -> list[list[NoiseRequest]]:
 def draw_requests(seeds: Sequence[int], requests: Sequence[NoiseRequest], cache: NoiseCache) -> None:
     """Draw and cache every request's noise for ``seeds``, sharing the counter-based computations.
 
-    Requests whose entries are all cached already are skipped; those longer than ``COUNTER_DRAW_MAX_NUMEL`` (drawn
-    from a generator, see ``sample_directions``) are left to the caller's own path.
+    Requests whose entries are all cached already are skipped; those that are not :attr:`NoiseRequest.shareable`
+    (longer than ``COUNTER_DRAW_MAX_NUMEL``, drawn from a generator, see ``sample_directions``) are left to the
+    caller's own path.
 
     Args:
         seeds: the members' noise seeds.
         requests: one per parameter, each with one key per seed.
         cache: where the results are kept (under each request's keys).
     """
-    pending = [r for r in requests if r.numbers <= COUNTER_DRAW_MAX_NUMEL and not cache.holds(r.keys)]
+    pending = [r for r in requests if r.shareable and not cache.holds(r.keys)]
     for device in dict.fromkeys(r.device for r in pending):
         on_device = [r for r in pending if r.device == device]
         keys = derive_seed_grid(seeds, [r.counter for r in on_device], device)  # (requests, S)
