@@ -98,7 +98,7 @@ class ForwardOnlyEngine:
     Args:
         algorithm: the forward-only estimator.
         update: ``"grad"`` writes the estimate into ``p.grad`` for the user's optimizer; ``"direct"`` applies it
-            in place (plain SGD with the optimizer's lr and weight decay, stochastic rounding below fp32) and
+            in place (the optimizer's SGD step: lr, weight decay, momentum; stochastic rounding below fp32) and
             keeps no gradient buffers, so training memory equals inference memory.
         direct_step: the direct path's step: ``"sgd"`` (``w -= lr * estimate``) or ``"normalized"`` (each
             tensor's estimate divided by its root-mean-square first, so ``lr`` is the typical change of a weight,

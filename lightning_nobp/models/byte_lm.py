@@ -66,7 +66,7 @@ class GPTLanguageModel(ByteLanguageModel):
         optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"``.
         lr: peak learning rate.
         weight_decay: weight decay of the optimizer.
-        momentum: SGD momentum (0 for ``NoBackpropStrategy(update="direct")``, which applies plain SGD).
+        momentum: SGD momentum (``NoBackpropStrategy(update="direct")`` keeps its buffer in the optimizer state).
         betas: Adam's moment decay rates.
         warmup_steps: linear warm-up steps (0: none).
         decay_steps: steps of a cosine decay to ``min_lr_ratio * lr`` after warm-up (0: constant).
