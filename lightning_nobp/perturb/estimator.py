@@ -835,14 +835,13 @@ class PopulationEstimator:
                     if dense is not None:
                         update_terms = UpdateTerms(decay=update_terms.decay, dense=dense.view(param.shape[0], -1))
                 squared_norm += squared
-                if settings.momentum:
+                if settings.momentum:  # the momentum direction, formed densely, replaces the terms
                     layout = layout_of(param)
                     estimate = added_terms(update_terms, torch.zeros(layout.rows, layout.cols, device=layout.device))
                     direction = self._momentum(index, estimate, settings, normalize, states, torch.bfloat16)
-                    update_terms = UpdateTerms(decay=update_terms.decay, dense=direction.mul_(-lr))
-                    apply_low_bit_update(param, update_terms, seed)
-                    continue
-                step = -lr / rms(squared, param.numel()) if normalize else -lr
+                    update_terms, step = UpdateTerms(decay=update_terms.decay, dense=direction), -lr
+                else:
+                    step = -lr / rms(squared, param.numel()) if normalize else -lr
                 apply_low_bit_update(param, update_terms.scaled(step), seed)
                 continue
             estimate = self.algorithm.combine(merged, index, param)
