@@ -105,3 +105,22 @@ def test_populations_draw_counter_noise_and_single_direction_methods_a_generator
         assert torch.equal(algorithm.noise(seed, 0, bias), counter)
     for algorithm in (MeZO(), ForwardGradient()):
         assert torch.equal(algorithm.noise(seed, 0, bias), generator)
+
+
+def test_numpy_integers_on_cpu_equal_the_torch_path(monkeypatch) -> None:
+    """The CPU computes the integer bits in numpy, other devices in torch's int64: the same streams either way."""
+    from lightning_nobp.algorithms import counter_noise
+
+    seeds = [*range(1000, 1040), 2**63 - 1, 12345678901234567]
+    counters = [0, 1, 7, 2**40, 2**63 - 1]
+
+    def draws() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        grid = counter_noise.derive_seed_grid(seeds, counters)
+        keys = grid.view(-1)
+        return grid, counter_directions(keys, (3, 65)), counter_directions(keys, (130,), "rademacher")
+
+    with_numpy = draws()
+    monkeypatch.setattr(counter_noise, "NUMPY_INTEGERS_ON_CPU", False)
+    with_torch = draws()
+    for numpy_side, torch_side in zip(with_numpy, with_torch):
+        assert numpy_side.dtype == torch_side.dtype and torch.equal(numpy_side, torch_side)

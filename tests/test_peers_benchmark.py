@@ -61,6 +61,41 @@ def test_clock_excludes_evaluation_time() -> None:
     assert 0.2 <= clock.elapsed() < 0.2 + 0.05  # the clock stopped within one step of the budget
 
 
+def _touch_anonymous_memory(mib: int, hold_s: float = 0.0) -> None:
+    """Map ``mib`` MiB of fresh pages (outside malloc's heap), write every page, optionally hold them, unmap."""
+    import mmap
+    import time
+
+    size = mib * 1024 * 1024
+    block = mmap.mmap(-1, size)
+    page = mmap.PAGESIZE
+    for offset in range(0, size, page):
+        block[offset] = 1
+    time.sleep(hold_s)
+    block.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
+def test_resident_memory_catches_a_brief_peak_without_a_thread() -> None:
+    memory = peers.ResidentMemory()
+    memory.start()
+    assert not memory.sampled and memory._thread is None  # the kernel keeps the peak: nothing runs beside training
+    _touch_anonymous_memory(96)  # mapped, written and returned within the same call
+    peak = memory.stop()["peak_rss_above_start_mib"]
+    assert 90 <= peak < 200, peak
+
+
+def test_resident_memory_samples_where_the_kernel_peak_cannot_be_reset(monkeypatch) -> None:
+    monkeypatch.setattr(peers.ResidentMemory, "_reset_kernel_peak", staticmethod(lambda: False))
+    memory = peers.ResidentMemory()
+    memory.start()
+    assert memory.sampled and memory._thread is not None
+    _touch_anonymous_memory(64, hold_s=0.1)  # held for 20 sampling periods
+    peak = memory.stop()["peak_rss_above_start_mib"]
+    assert 60 <= peak < 200, peak
+    assert not memory._thread.is_alive()
+
+
 def test_summary_reads_the_curve() -> None:
     clock = peers.TrainingClock(180.0, lambda: 0.0)
     clock.curve = [(0.0, 0.1), (9.0, 0.7), (10.5, 0.81), (31.0, 0.86), (125.0, 0.84), (179.0, 0.86), (180.2, 0.85)]

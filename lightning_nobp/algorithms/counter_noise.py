@@ -8,7 +8,9 @@ turned into a standard normal by the Box-Muller transform, or into a random sign
 the bits, so a stream is the same on every device and process and does not depend on which other streams are drawn
 with it.
 
-Counter-based drawing costs a fixed ~0.3 ms per call (some forty tensor operations) however few streams it draws,
+On the CPU the integer part runs in numpy (``uint64`` wraps and shifts logically, at a fraction of torch's cost per
+operation on small arrays), elsewhere in torch's ``int64``; the bits are the same, and the floating-point part is
+torch's on every device. Counter-based drawing costs a fixed ~0.3 ms per call however few streams it draws,
 so it pays for populations, not for one or a few directions a step: evolution strategies (``EggRoll``,
 ``OpenES``) draw their noise here, ``MeZO`` and ``ForwardGradient`` from a re-seeded ``torch.Generator``
 (``source="generator"``). Each algorithm keeps to one source, so a seed always gives the same noise.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -38,6 +41,31 @@ _GOLDEN_GAMMA = _signed(0x9E3779B97F4A7C15)
 _MIX1 = _signed(0xBF58476D1CE4E5B9)
 _MIX2 = _signed(0x94D049BB133111EB)
 _START = 0x243F6A8885A308D3  # derive_seed's starting state
+
+
+# the same constants as numpy unsigned integers: on the CPU the integer arithmetic runs in numpy, whose uint64 wraps
+# and shifts logically, at a fraction of the per-operation cost of torch's int64 (the bits are identical)
+_NP_GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_NP_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_NP_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def _np_mix_(z: np.ndarray) -> np.ndarray:
+    """:func:`_mix_` on a numpy ``uint64`` array, in place."""
+    z ^= z >> np.uint64(30)
+    z *= _NP_MIX1
+    z ^= z >> np.uint64(27)
+    z *= _NP_MIX2
+    z ^= z >> np.uint64(31)
+    return z
+
+
+#: compute the integer bits in numpy for CPU tensors (tests switch it off to check the torch path, CUDA's, on CPU)
+NUMPY_INTEGERS_ON_CPU = True
+
+
+def _numpy_integers(device: torch.device | str) -> bool:
+    return NUMPY_INTEGERS_ON_CPU and torch.device(device).type == "cpu"
 
 
 def _shifted(z: Tensor, bits: int) -> Tensor:
@@ -73,6 +101,15 @@ def derive_seed_grid(seeds: Sequence[int], counters: Sequence[int], device: torc
     """
     if len(seeds) and min(seeds) < 0:
         raise ValueError(f"seed counters must be non-negative integers, got {min(seeds)}")
+    if _numpy_integers(device):
+        state_np = np.array([seed ^ _START for seed in seeds], dtype=np.uint64)
+        state_np += _NP_GOLDEN_GAMMA
+        mixed_np = _np_mix_(state_np)
+        appended_np = np.array([counter & _MASK64 for counter in counters], dtype=np.uint64)
+        grid_np = mixed_np.reshape(1, -1) ^ appended_np.reshape(-1, 1)
+        grid_np += _NP_GOLDEN_GAMMA
+        grid_np = _np_mix_(grid_np) >> np.uint64(1)
+        return torch.from_numpy(grid_np.view(np.int64)).to(device)
     state = torch.tensor([_signed(seed ^ _START) for seed in seeds], dtype=torch.int64, device=device)
     state.add_(_GOLDEN_GAMMA)
     mixed = _mix_(state)
@@ -84,8 +121,24 @@ def derive_seed_grid(seeds: Sequence[int], counters: Sequence[int], device: torc
 
 def _hashes(keys: Tensor, count: int) -> Tensor:
     """``(S, count)`` int64: the first ``count`` SplitMix64 outputs of every key."""
+    if _numpy_integers(keys.device):
+        return torch.from_numpy(_np_hashes(keys, count).view(np.int64))
     steps = torch.arange(1, count + 1, dtype=torch.int64, device=keys.device).mul_(_GOLDEN_GAMMA)
     return _mix_(keys.view(-1, 1) + steps)
+
+
+def _np_hashes(keys: Tensor, count: int) -> np.ndarray:
+    """:func:`_hashes` computed in numpy: ``(S, count)`` ``uint64``."""
+    steps = np.arange(1, count + 1, dtype=np.uint64)
+    steps *= _NP_GOLDEN_GAMMA
+    z = keys.contiguous().numpy().view(np.uint64).reshape(-1, 1) + steps
+    return _np_mix_(z)
+
+
+def _np_unit_interval(bits: np.ndarray, shift: int) -> Tensor:
+    """:func:`_unit_interval` of numpy ``uint64`` bits (exact: 24-bit integers and a power-of-two scale)."""
+    window = (bits >> np.uint64(shift)) & np.uint64((1 << 24) - 1)
+    return torch.from_numpy(window.astype(np.float32)).mul_(2.0**-24)
 
 
 def _unit_interval(bits: Tensor, shift: int) -> Tensor:
@@ -108,9 +161,14 @@ def counter_directions(keys: Tensor, shape: torch.Size | Sequence[int], distribu
         return signs.view(len(keys), *shape)
     if distribution != "gaussian":
         raise ValueError(f"unknown distribution {distribution!r}: use 'gaussian' or 'rademacher'")
-    bits = _hashes(keys, (numel + 1) // 2)
-    radius = _unit_interval(bits, 40).add_(2.0**-25).log_().mul_(-2.0).sqrt_()  # u + 2^-25 in (0, 1): a finite log
-    angle = _unit_interval(bits, 16).mul_(2.0 * math.pi)
+    if _numpy_integers(keys.device):
+        np_bits = _np_hashes(keys, (numel + 1) // 2)
+        radius_u, angle_u = _np_unit_interval(np_bits, 40), _np_unit_interval(np_bits, 16)
+    else:
+        bits = _hashes(keys, (numel + 1) // 2)
+        radius_u, angle_u = _unit_interval(bits, 40), _unit_interval(bits, 16)
+    radius = radius_u.add_(2.0**-25).log_().mul_(-2.0).sqrt_()  # u + 2^-25 in (0, 1): a finite log
+    angle = angle_u.mul_(2.0 * math.pi)
     normals = torch.stack((radius * angle.cos(), radius.mul_(angle.sin_())), dim=-1)
     return normals.view(len(keys), -1)[:, :numel].reshape(len(keys), *shape)
 
