@@ -132,7 +132,6 @@ class ResidentMemory:
     def __init__(self) -> None:
         self.baseline = 0
         self.peak = 0
-        self.sampled = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -143,6 +142,11 @@ class ResidentMemory:
                 return int(statm.read().split()[1]) * PAGE_SIZE
         except OSError:
             return 0
+
+    @property
+    def sampled(self) -> bool:
+        """Whether a thread samples the resident size (the kernel's peak could not be reset)."""
+        return self._thread is not None
 
     @staticmethod
     def kernel_peak() -> int | None:
@@ -169,7 +173,6 @@ class ResidentMemory:
         self.baseline = self.peak = self.current()
         if self._reset_kernel_peak() and self.kernel_peak() is not None:
             return
-        self.sampled = True
 
         def sample() -> None:
             while not self._stop.wait(0.005):

@@ -108,7 +108,8 @@ def test_populations_draw_counter_noise_and_single_direction_methods_a_generator
 
 
 def test_numpy_integers_on_cpu_equal_the_torch_path(monkeypatch) -> None:
-    """The CPU computes the integer bits in numpy, other devices in torch's int64: the same streams either way."""
+    """The CPU computes the streams' integer bits in numpy, other devices in torch's int64: the same streams either
+    way (the keys come from numpy on every device)."""
     from lightning_nobp.algorithms import counter_noise
 
     seeds = [*range(1000, 1040), 2**63 - 1, 12345678901234567]

@@ -60,7 +60,8 @@ def _np_mix_(z: np.ndarray) -> np.ndarray:
     return z
 
 
-#: compute the integer bits in numpy for CPU tensors (tests switch it off to check the torch path, CUDA's, on CPU)
+#: compute the streams' integer bits in numpy for CPU keys (tests switch it off to check the torch path, CUDA's, on
+#: the CPU); the keys themselves (:func:`derive_seed_grid`) always come from numpy
 NUMPY_INTEGERS_ON_CPU = True
 
 
@@ -97,26 +98,19 @@ def derive_seed_grid(seeds: Sequence[int], counters: Sequence[int], device: torc
     Args:
         seeds: non-negative integers below ``2**63`` (member noise seeds).
         counters: the counters appended to each seed (parameter indices).
-        device: where to compute.
+        device: where the grid goes. It is computed on the host in numpy either way: the seeds are host
+            integers, and the grid is small (a copy, where torch would launch some twenty kernels).
     """
     if len(seeds) and min(seeds) < 0:
         raise ValueError(f"seed counters must be non-negative integers, got {min(seeds)}")
-    if _numpy_integers(device):
-        state_np = np.array([seed ^ _START for seed in seeds], dtype=np.uint64)
-        state_np += _NP_GOLDEN_GAMMA
-        mixed_np = _np_mix_(state_np)
-        appended_np = np.array([counter & _MASK64 for counter in counters], dtype=np.uint64)
-        grid_np = mixed_np.reshape(1, -1) ^ appended_np.reshape(-1, 1)
-        grid_np += _NP_GOLDEN_GAMMA
-        grid_np = _np_mix_(grid_np) >> np.uint64(1)
-        return torch.from_numpy(grid_np.view(np.int64)).to(device)
-    state = torch.tensor([_signed(seed ^ _START) for seed in seeds], dtype=torch.int64, device=device)
-    state.add_(_GOLDEN_GAMMA)
-    mixed = _mix_(state)
-    appended = torch.tensor([_signed(counter) for counter in counters], dtype=torch.int64, device=device)
-    grid = torch.bitwise_xor(mixed.view(1, -1), appended.view(-1, 1))
-    grid.add_(_GOLDEN_GAMMA)
-    return _shifted(_mix_(grid), 1)
+    state = np.array([seed ^ _START for seed in seeds], dtype=np.uint64)
+    state += _NP_GOLDEN_GAMMA
+    mixed = _np_mix_(state)
+    appended = np.array([counter & _MASK64 for counter in counters], dtype=np.uint64)
+    grid = mixed.reshape(1, -1) ^ appended.reshape(-1, 1)
+    grid += _NP_GOLDEN_GAMMA
+    grid = _np_mix_(grid) >> np.uint64(1)
+    return torch.from_numpy(grid.view(np.int64)).to(device)
 
 
 def _hashes(keys: Tensor, count: int) -> Tensor:
