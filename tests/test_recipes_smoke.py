@@ -136,6 +136,28 @@ def test_smollm2_backprop_twin_matches_the_mezo_recipe() -> None:
         assert mezo["model"]["init_args"][argument] == backprop["model"]["init_args"][argument]
 
 
+def test_fashion_recipes_are_twins_of_the_same_job() -> None:
+    """The three Fashion-MNIST recipes train the same MLP on the same data for the same budget (what compare.py and
+    the README's rows put side by side); only the strategy, the precision and the optimizer differ."""
+    recipes = {name: yaml.safe_load((RECIPES / f"{name}.yaml").read_text()) for name in FASHION}
+    backprop = recipes["fashion-backprop"]
+    assert "strategy" not in backprop["trainer"] and "plugins" not in backprop["trainer"]
+    shape = ("in_features", "hidden", "num_classes")
+    for name, recipe in recipes.items():
+        assert recipe["data"] == backprop["data"], name
+        assert recipe["seed_everything"] == backprop["seed_everything"], name
+        assert recipe["trainer"]["max_time"] == backprop["trainer"]["max_time"] == "00:00:03:00", name
+        assert recipe["model"]["class_path"] == "MLPClassifier", name
+        assert [recipe["model"]["init_args"][k] for k in shape] == [784, 256, 10], name
+    # the float32 recipe is the peers benchmark's configuration: EggRoll() at its defaults, the user's Adam 1e-3
+    eggroll = recipes["fashion-eggroll"]
+    assert eggroll["trainer"]["strategy"]["init_args"]["algorithm"] == {"class_path": "EggRoll"}
+    assert eggroll["model"]["init_args"]["optimizer"] == backprop["model"]["init_args"]["optimizer"] == "adam"
+    assert eggroll["model"]["init_args"]["lr"] == backprop["model"]["init_args"]["lr"]
+    low_bit = recipes["fashion-eggroll-fp8"]["trainer"]["plugins"][0]
+    assert low_bit == {"class_path": "LowBitPrecision", "init_args": {"weights": "fp8_e4m3"}}
+
+
 def test_compare_smoke_mode_writes_json_and_png(tmp_path: Path) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
