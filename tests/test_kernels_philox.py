@@ -44,3 +44,24 @@ def test_philox_noise_has_the_requested_shape_and_rejects_unknown_distributions(
     assert philox_noise(1, (3, 5), "gaussian", torch.device("cpu")).shape == (3, 5)
     with pytest.raises(ValueError, match="gaussian"):
         philox_noise(1, (3,), "uniformish", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_numpy_reference_equals_the_torch_reference_bit_for_bit(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU computes the reference's words in numpy; other devices take the torch path: the same bits."""
+    import numpy as np
+
+    from lightning_nobp.kernels import philox
+
+    numel = 1027  # not a multiple of the 4 or 128 values one Philox call yields
+    on_numpy = {kind: reference_noise(seed, numel, kind) for kind in ("gaussian", "rademacher")}
+    on_numpy["uniform"] = reference_uniform(seed, numel)
+    monkeypatch.setattr(philox, "NUMPY_ON_CPU", False)
+    assert torch.equal(on_numpy["uniform"], reference_uniform(seed, numel))
+    for kind in ("gaussian", "rademacher"):
+        assert torch.equal(on_numpy[kind], reference_noise(seed, numel, kind)), kind
+    # counters whose high word is set (a stream longer than 2**34 elements): the high word enters Philox too
+    counters = np.array([0, 1, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 3], dtype=np.uint64)
+    words = torch.stack(philox.philox_words(seed, torch.from_numpy(counters.view(np.int64))), dim=-1)
+    assert torch.equal(torch.from_numpy(philox.numpy_philox_words(seed, counters).view(np.int64)), words)
+    assert not torch.equal(words[3], words[0])  # counter 2**32 is not counter 0
