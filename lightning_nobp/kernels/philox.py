@@ -109,11 +109,15 @@ def _to_uniform(word: Tensor) -> Tensor:
     return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
 
 
+def _numpy_words_for(seed: int, numel: int, per_call: int) -> np.ndarray:
+    """:func:`_words_for` in numpy: a ``uint64`` array ``[counters, 4]``."""
+    return numpy_philox_words(seed, np.arange(-(-numel // per_call), dtype=np.uint64))
+
+
 def _words_for(seed: int, numel: int, per_call: int, device: torch.device | str) -> Tensor:
     """The Philox words of counters ``0 .. ceil(numel / per_call) - 1``, as an int64 tensor ``[counters, 4]``."""
-    if _on_numpy(device):
-        words = numpy_philox_words(seed, np.arange(-(-numel // per_call), dtype=np.uint64))
-        return torch.from_numpy(words.view(np.int64))  # every word is below 2**32: the same values as int64
+    if _on_numpy(device):  # every word is below 2**32: the same values as int64
+        return torch.from_numpy(_numpy_words_for(seed, numel, per_call).view(np.int64))
     counters = torch.arange(-(-numel // per_call), dtype=torch.int64, device=device)
     return torch.stack(philox_words(seed, counters), dim=-1)
 
@@ -121,7 +125,7 @@ def _words_for(seed: int, numel: int, per_call: int, device: torch.device | str)
 def reference_uniform(seed: int, numel: int, device: torch.device | str = "cpu") -> Tensor:
     """Uniform float32 in [0, 1): element ``i`` is word ``i % 4`` of Philox at counter ``i // 4``."""
     if _on_numpy(device):
-        return _numpy_uniform(numpy_philox_words(seed, np.arange(-(-numel // 4), dtype=np.uint64)).reshape(-1)[:numel])
+        return _numpy_uniform(_numpy_words_for(seed, numel, 4).reshape(-1)[:numel])
     return _to_uniform(_words_for(seed, numel, 4, device).view(-1)[:numel])
 
 
