@@ -57,6 +57,8 @@ class EvolutionStrategy(InputBases, Algorithm):
             the per-row losses (``lightning_nobp.perturb.row_estimate``; biased).
         per_row_max_outputs: widest layer output (or embedding dimension) estimated from per-row losses;
             ``None``: ``population / 2``, the number of antithetic pairs.
+        exact_head_gradient: with ``per_row_estimates``, the row-local layer whose output is the logits of the
+            step's cross-entropy takes its exact gradient instead (``lightning_nobp.perturb.logit_layers``).
     """
 
     #: a population's noise is drawn for all its seeds at once (``lightning_nobp.algorithms.counter_noise``)
@@ -73,6 +75,7 @@ class EvolutionStrategy(InputBases, Algorithm):
         input_subspace: float | None = None,
         per_row_embeddings: bool = False,
         per_row_max_outputs: int | None = None,
+        exact_head_gradient: bool = False,
     ) -> None:
         owner = type(self).__name__
         if not (isinstance(population, int) and population >= 2):
@@ -112,6 +115,12 @@ class EvolutionStrategy(InputBases, Algorithm):
                 " estimated from per-row losses), or None for population / 2"
             )
         self.per_row_max_outputs = per_row_max_outputs
+        if exact_head_gradient and not per_row_estimates:
+            raise ValueError(
+                f"{owner}(per_row_estimates=False, exact_head_gradient=True): the output layer's exact gradient"
+                " replaces its per-row estimate; set per_row_estimates=True or exact_head_gradient=False"
+            )
+        self.exact_head_gradient = bool(exact_head_gradient)
         self.input_subspace = check_input_subspace(owner, input_subspace)
         self.antithetic = antithetic
         self.fitness_shaping = fitness_shaping
@@ -209,6 +218,14 @@ class OpenES(EvolutionStrategy):
             ``None``: ``population / 2``, the number of antithetic pairs, where each row's output gradient is fully
             determined; wider layers still get an unbiased per-row estimate, noisier per row but usually far less
             noisy than evolution strategies' estimate of the whole weight.
+        exact_head_gradient: with ``per_row_estimates``, the output layer whose output is the logits of the
+            training step's ``F.cross_entropy`` (class-index targets, no label smoothing; tested once on the first
+            batch: a row of its output must reach the loss unchanged, a cast or reshape aside) learns from its
+            exact gradient, ``sum_n c_n (softmax(z_n) - onehot(y_n)) h_n^T`` from its inputs, the targets and its
+            stored weight (the delta rule of the output layer: no backward pass through the network), at the
+            scale of the estimate it replaces. Worth most when the head has more outputs than the population has
+            antithetic pairs (a byte or token vocabulary): a per-row estimate then sees only a projection of each
+            row's gradient. Off by default.
     """
 
     def __init__(
@@ -222,6 +239,7 @@ class OpenES(EvolutionStrategy):
         input_subspace: float | None = 0.97,
         per_row_embeddings: bool = False,
         per_row_max_outputs: int | None = None,
+        exact_head_gradient: bool = False,
     ) -> None:
         super().__init__(
             population,
@@ -233,6 +251,7 @@ class OpenES(EvolutionStrategy):
             input_subspace,
             per_row_embeddings,
             per_row_max_outputs,
+            exact_head_gradient,
         )
 
     def __repr__(self) -> str:
@@ -240,7 +259,7 @@ class OpenES(EvolutionStrategy):
             f"OpenES(population={self.population}, sigma={self.sigma}, antithetic={self.antithetic},"
             f" fitness_shaping={self.fitness_shaping!r}, per_row_estimates={self.per_row_estimates},"
             f" input_subspace={self.input_subspace}, per_row_embeddings={self.per_row_embeddings},"
-            f" per_row_max_outputs={self.per_row_max_outputs})"
+            f" per_row_max_outputs={self.per_row_max_outputs}, exact_head_gradient={self.exact_head_gradient})"
         )
 
     def noise(self, noise_seed: int, param_index: int, param: Tensor) -> Tensor:
@@ -299,6 +318,14 @@ class EggRoll(EvolutionStrategy):
             ``None``: ``population / 2``, the number of antithetic pairs, where each row's output gradient is fully
             determined; wider layers still get an unbiased per-row estimate, noisier per row but usually far less
             noisy than evolution strategies' estimate of the whole weight.
+        exact_head_gradient: with ``per_row_estimates``, the output layer whose output is the logits of the
+            training step's ``F.cross_entropy`` (class-index targets, no label smoothing; tested once on the first
+            batch: a row of its output must reach the loss unchanged, a cast or reshape aside) learns from its
+            exact gradient, ``sum_n c_n (softmax(z_n) - onehot(y_n)) h_n^T`` from its inputs, the targets and its
+            stored weight (the delta rule of the output layer: no backward pass through the network), at the
+            scale of the estimate it replaces. Worth most when the head has more outputs than the population has
+            antithetic pairs (a byte or token vocabulary): a per-row estimate then sees only a projection of each
+            row's gradient. Off by default.
     """
 
     def __init__(
@@ -313,6 +340,7 @@ class EggRoll(EvolutionStrategy):
         input_subspace: float | None = 0.97,
         per_row_embeddings: bool = False,
         per_row_max_outputs: int | None = None,
+        exact_head_gradient: bool = False,
     ) -> None:
         super().__init__(
             population,
@@ -324,6 +352,7 @@ class EggRoll(EvolutionStrategy):
             input_subspace,
             per_row_embeddings,
             per_row_max_outputs,
+            exact_head_gradient,
         )
         if not (isinstance(rank, int) and rank >= 1):
             raise ValueError(f"EggRoll(rank={rank!r}): the rank must be an integer >= 1")
@@ -334,7 +363,8 @@ class EggRoll(EvolutionStrategy):
             f"EggRoll(population={self.population}, rank={self.rank}, sigma={self.sigma},"
             f" antithetic={self.antithetic}, fitness_shaping={self.fitness_shaping!r},"
             f" per_row_estimates={self.per_row_estimates}, input_subspace={self.input_subspace},"
-            f" per_row_embeddings={self.per_row_embeddings}, per_row_max_outputs={self.per_row_max_outputs})"
+            f" per_row_embeddings={self.per_row_embeddings}, per_row_max_outputs={self.per_row_max_outputs},"
+            f" exact_head_gradient={self.exact_head_gradient})"
         )
 
     def factors(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[Tensor, Tensor]:

@@ -193,6 +193,7 @@ class ForwardOnlyEngine:
             )
             estimator.row_embeddings = bool(getattr(self.algorithm, "per_row_embeddings", False))
             estimator.row_max_outputs = getattr(self.algorithm, "per_row_max_outputs", None)
+            estimator.exact_logit_layers = bool(getattr(self.algorithm, "exact_head_gradient", False))
             energy = getattr(self.algorithm, "input_subspace", None)
             if energy is not None and self._world()[1] == 1:
                 estimator.input_subspaces = InputSubspaces(energy)

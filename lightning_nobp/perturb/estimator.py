@@ -28,7 +28,13 @@ from lightning_nobp.perturb.forward import ParameterOwners, ParameterReadProbe, 
 from lightning_nobp.perturb.input_subspace import InputSubspaces, tap_inputs
 from lightning_nobp.perturb.narrow_softmax import NarrowSoftmaxMode
 from lightning_nobp.perturb.row_estimate import embedding_row_gradient, row_local_gradient
-from lightning_nobp.perturb.row_losses import RowLocalLayer, RowLossRecorder, find_row_local_layers
+from lightning_nobp.perturb.logit_layers import cross_entropy_layer_gradient, find_logit_layers
+from lightning_nobp.perturb.row_losses import (
+    CrossEntropyTargets,
+    RowLocalLayer,
+    RowLossRecorder,
+    find_row_local_layers,
+)
 
 LossFn = Callable[..., Tensor]
 """Evaluates the loss at the current (possibly perturbed) weights; takes the member's inputs when there are any."""
@@ -50,6 +56,11 @@ def _rescaled(better: Tensor, norm: float, fallback: Any) -> Any:
     if length > 0 and math.isfinite(length) and math.isfinite(norm):
         return better.mul_(norm / length)
     return fallback
+
+
+def _float_value(param: Tensor) -> Tensor:
+    """A parameter's value in float32 (a low-bit weight dequantized)."""
+    return (param.dequantize() if is_low_bit(param) else param).float()
 
 
 def _inputs_fit(layer: RowLocalLayer, inputs: Tensor | None, loss_rows: int) -> bool:
@@ -153,8 +164,14 @@ class PopulationEstimator:
         self.row_max_outputs: int | None = None
         #: the row-local layers found on the first batch (``None``: not searched yet)
         self.row_local: list[RowLocalLayer] | None = None
-        #: the last evaluation's per-row record: (population, rows ``(P, N)``, each row-local layer's input rows)
-        self._row_record: tuple[Population, Tensor, dict[int, Tensor]] | None = None
+        #: give the row-local layers that compute the cross-entropy's logits their exact gradient (set by the engine
+        #: from the algorithm's ``exact_head_gradient``; ``lightning_nobp.perturb.logit_layers``)
+        self.exact_logit_layers = False
+        #: weight indices of the row-local layers whose output is the cross-entropy's logits (``None``: not searched)
+        self.logit_layers: set[int] | None = None
+        #: the last evaluation's per-row record: (population, rows ``(P, N)``, each row-local layer's input rows,
+        #: the cross-entropy's targets or ``None``)
+        self._row_record: tuple[Population, Tensor, dict[int, Tensor], CrossEntropyTargets | None] | None = None
         #: the row-local layers' noise stacked per seed by the batched evaluation: (param index, seeds, noise)
         self._seed_noise: list[tuple[int, list[int], Any]] = []
         #: the row-local layers' input rows seen by the official training pass (``row_input_tap``), by weight index
@@ -263,7 +280,7 @@ class PopulationEstimator:
                         rows.append(([index], recorder.rows.float().cpu()[None], recorder.mismatch(loss).cpu()[None]))
             fitness[index] = loss.float().cpu()
         if recorder is not None:
-            self._keep_rows(population, fitness, rows, loss_fn, rng)
+            self._keep_rows(population, fitness, rows, loss_fn, rng, recorder.targets)
         return fitness
 
     def _stacked_perturbations(
@@ -438,7 +455,7 @@ class PopulationEstimator:
             if recorded and recorded[-1]:
                 rows.append((part, part_rows.float().cpu(), mismatches.float().cpu()))
         if recorder is not None:
-            self._keep_rows(population, fitness, rows, loss_fn, rng)
+            self._keep_rows(population, fitness, rows, loss_fn, rng, recorder.targets)
         return fitness
 
     def evaluate_members(
@@ -590,10 +607,19 @@ class PopulationEstimator:
             return None
         if members is not None and sorted(members) != list(range(len(population))):
             return None
+        restore = rng.restore if rng else lambda: None
         if self.row_local is None:
-            self.row_local = find_row_local_layers(
-                self._row_local_candidates(len(population) // 2), loss_fn, rng.restore if rng else lambda: None
-            )
+            self.row_local = find_row_local_layers(self._row_local_candidates(len(population) // 2), loss_fn, restore)
+        if self.exact_logit_layers and self.logit_layers is None:
+            self.logit_layers = {layer.weight_index for layer in find_logit_layers(self.row_local, loss_fn, restore)}
+            if not self.logit_layers:
+                warnings.warn(
+                    "exact_head_gradient=True, but no layer's output is the logits of the training step's"
+                    " cross-entropy (an nn.Linear whose output reaches F.cross_entropy unchanged, class-index targets,"
+                    " no label smoothing, one output row per loss row): the output layers keep their per-row"
+                    " estimates.",
+                    stacklevel=4,
+                )
         return RowLossRecorder() if self.row_local else None
 
     def _row_local_candidates(self, pairs: int) -> list[RowLocalLayer]:
@@ -617,11 +643,13 @@ class PopulationEstimator:
         rows: list[tuple[list[int], Tensor, Tensor]],
         loss_fn: LossFn,
         rng: RngSnapshot | None,
+        targets: CrossEntropyTargets | None = None,
     ) -> None:
         """Keep the step's per-row losses and the row-local layers' unperturbed inputs for the update.
 
         ``rows`` holds, per evaluated chunk, the member indices, their per-row losses ``(k, ...)`` and how far each
-        returned loss is from the recorded one ``(k,)``. A training step that returns something else than the
+        returned loss is from the recorded one ``(k,)``; ``targets`` the cross-entropy's targets (for the exact
+        gradient of the layers computing its logits). A training step that returns something else than the
         recorded loss (a regularizer added to it) turns the per-row estimates off for good, with a warning.
         """
         if not rows or self.row_local is None:
@@ -651,7 +679,7 @@ class PopulationEstimator:
                     rng.restore()
                 with torch.no_grad(), self._loss_context():
                     loss_fn()
-        self._row_record = (population, table, inputs)
+        self._row_record = (population, table, inputs, targets)
 
     @contextlib.contextmanager
     def row_input_tap(self, into: dict[int, Tensor] | None = None) -> Iterator[None]:
@@ -692,7 +720,7 @@ class PopulationEstimator:
         seed_noise, self._seed_noise = self._seed_noise, []
         if record is None or record[0] is not population:
             return {}
-        _, table, inputs = record
+        _, table, inputs, targets = record
         plus: dict[int, int] = {}
         minus: dict[int, int] = {}
         for index, member in enumerate(population.members):
@@ -711,18 +739,26 @@ class PopulationEstimator:
                 continue
             assert rows is not None
             weight = self.params[layer.weight_index]
-            noise = self._pair_noise(layer.weight_index, seeds, seed_noise)
             if layer.is_embedding:
+                noise = self._pair_noise(layer.weight_index, seeds, seed_noise)
                 estimates[layer.weight_index] = self._embedding_gradient(layer, differences, rows, noise)
                 continue
-            bias_noise = None
-            if layer.bias_index is not None:
-                bias_noise = self._pair_noise(layer.bias_index, seeds, seed_noise)
-                assert isinstance(bias_noise, Tensor)
             device = weight.device
-            weight_gradient, bias_gradient = row_local_gradient(
-                differences.to(device), rows.to(device), noise, bias_noise
-            )
+            exact = layer.weight_index in (self.logit_layers or ())
+            if exact and targets is not None and len(targets.target) == len(rows):
+                bias = layer.module.bias  # trained or not, it is part of the logits
+                weight_gradient, bias_gradient = cross_entropy_layer_gradient(
+                    rows.to(device), _float_value(weight), None if bias is None else _float_value(bias), targets
+                )
+            else:
+                noise = self._pair_noise(layer.weight_index, seeds, seed_noise)
+                bias_noise = None
+                if layer.bias_index is not None:
+                    bias_noise = self._pair_noise(layer.bias_index, seeds, seed_noise)
+                    assert isinstance(bias_noise, Tensor)
+                weight_gradient, bias_gradient = row_local_gradient(
+                    differences.to(device), rows.to(device), noise, bias_noise
+                )
             estimates[layer.weight_index] = weight_gradient.view(weight.shape)
             if bias_gradient is not None and layer.bias_index is not None:
                 estimates[layer.bias_index] = bias_gradient

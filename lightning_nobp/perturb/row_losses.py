@@ -21,7 +21,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-_CROSS_ENTROPY_ARGS = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction")
+#: ``F.cross_entropy``'s arguments, in order
+CROSS_ENTROPY_ARGS = (
+    "input",
+    "target",
+    "weight",
+    "size_average",
+    "ignore_index",
+    "reduce",
+    "reduction",
+    "label_smoothing",
+)
 _NLL_ARGS = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction")
 _ELEMENTWISE_ARGS = {
     F.mse_loss: ("input", "target", "size_average", "reduce", "reduction"),
@@ -53,6 +63,45 @@ def _class_index_rows(func: Callable, names: tuple[str, ...], args: tuple, kwarg
     return rows / denominator
 
 
+@dataclass(frozen=True)
+class CrossEntropyTargets:
+    """What a ``F.cross_entropy`` call with class-index targets needs besides its logits to give their gradient.
+
+    Args:
+        target: the class indices, one per logits row (flattened).
+        class_weight: the ``weight`` argument (per-class weights), or ``None``.
+        ignore_index: rows whose target equals it do not count.
+        reduction: ``"mean"`` or ``"sum"``.
+    """
+
+    target: Tensor
+    class_weight: Tensor | None
+    ignore_index: int
+    reduction: str
+
+
+def cross_entropy_targets(args: tuple, kwargs: dict[str, Any]) -> CrossEntropyTargets | None:
+    """The targets of a ``F.cross_entropy`` call whose logits' gradient ``lightning_nobp.perturb.logit_layers`` can
+    give: 2-D logits, class-index targets, no label smoothing, ``reduction`` ``"mean"`` or ``"sum"``; else ``None``."""
+    bound = dict(zip(CROSS_ENTROPY_ARGS, args)) | kwargs
+    logits, target = bound.get("input"), bound.get("target")
+    reduction = bound.get("reduction", "mean")
+    if bound.get("size_average") is not None or bound.get("reduce") is not None or reduction not in ("mean", "sum"):
+        return None
+    if bound.get("label_smoothing", 0.0) != 0.0:
+        return None
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or not isinstance(target, Tensor):
+        return None
+    if target.is_floating_point() or target.numel() != logits.shape[0]:
+        return None
+    if torch._C._functorch.is_functorch_wrapped_tensor(target):  # batched per member: not one set of targets
+        return None
+    class_weight = bound.get("weight")
+    return CrossEntropyTargets(
+        target.detach().reshape(-1), class_weight, int(bound.get("ignore_index", -100)), str(reduction)
+    )
+
+
 def _elementwise_rows(func: Callable, args: tuple, kwargs: dict[str, Any]) -> Tensor | None:
     """Row contributions (summed over the last dimension) of ``mse_loss`` and ``binary_cross_entropy_with_logits``."""
     bound = dict(zip(_ELEMENTWISE_ARGS[func], args)) | kwargs
@@ -73,7 +122,8 @@ class RowLossRecorder(TorchFunctionMode):
     ``weight`` included, no label smoothing), ``F.mse_loss`` and ``F.binary_cross_entropy_with_logits`` (rows: the
     last dimension summed), each with ``reduction`` ``"mean"`` or ``"sum"``. After a forward, :attr:`rows` holds
     the contributions (their sum is the recorded loss, :attr:`total`) when exactly one recognized loss ran, else
-    ``None``.
+    ``None``; :attr:`targets` the targets of that loss when it is a cross-entropy whose logits' gradient
+    ``lightning_nobp.perturb.logit_layers`` can give.
     """
 
     def __init__(self) -> None:
@@ -81,12 +131,14 @@ class RowLossRecorder(TorchFunctionMode):
         self.rows: Tensor | None = None
         #: the value the recorded loss returned (a training step that returns anything else added terms to it)
         self.total: Tensor | None = None
+        self.targets: CrossEntropyTargets | None = None
         self.calls = 0
 
     def reset(self) -> None:
         """Forget the last forward's record."""
         self.rows = None
         self.total = None
+        self.targets = None
         self.calls = 0
 
     def mismatch(self, loss: Tensor) -> Tensor:
@@ -101,7 +153,7 @@ class RowLossRecorder(TorchFunctionMode):
         kwargs = kwargs or {}
         rows: Tensor | None = None
         if func is F.cross_entropy:
-            rows = _class_index_rows(F.cross_entropy, _CROSS_ENTROPY_ARGS + ("label_smoothing",), args, kwargs)
+            rows = _class_index_rows(F.cross_entropy, CROSS_ENTROPY_ARGS, args, kwargs)
         elif func is F.nll_loss:
             rows = _class_index_rows(F.nll_loss, _NLL_ARGS, args, kwargs)
         elif func in _ELEMENTWISE_ARGS:
@@ -110,6 +162,8 @@ class RowLossRecorder(TorchFunctionMode):
             return func(*args, **kwargs)
         self.calls += 1
         self.rows = rows if self.calls == 1 else None  # two losses in one step: rows of which? none
+        one_cross_entropy = self.calls == 1 and func is F.cross_entropy
+        self.targets = cross_entropy_targets(args, kwargs) if one_cross_entropy else None
         self.total = rows.sum()
         return self.total
 
