@@ -125,6 +125,10 @@ def test_gpt_1b_recipe_shrunk_to_a_cpu_smoke_run(recipe: str, litdata_scratch: P
         from lightning_nobp.lowbit import is_low_bit
 
         assert is_low_bit(cli.model.model.blocks[0].mlp.fc.weight)
+        # the untied head computes the cross-entropy's logits: it takes its exact gradient
+        (estimator,) = cli.trainer.strategy.engine._estimators.values()
+        head = next(i for i, p in enumerate(estimator.params) if p is cli.model.model.lm_head.weight)
+        assert estimator.logit_layers == {head}
 
 
 def test_smollm2_backprop_twin_matches_the_mezo_recipe() -> None:
