@@ -32,6 +32,7 @@ from lightning_nobp.perturb.row_losses import (
     CrossEntropyTargets,
     RowLocalLayer,
     cross_entropy_targets,
+    shifted_row,
 )
 
 #: logits rows computed at once by :func:`cross_entropy_layer_gradient` times the classes (bounds its memory)
@@ -55,15 +56,6 @@ class CrossEntropyInputs(TorchFunctionMode):
             if isinstance(logits, Tensor):
                 self.calls.append((logits.detach().clone(), cross_entropy_targets(args, kwargs)))
         return func(*args, **kwargs)
-
-
-def _shift_row(row: int, shift: Tensor) -> Callable[[torch.nn.Module, Any, Tensor], Tensor]:
-    def hook(module: torch.nn.Module, args: Any, output: Tensor) -> Tensor:
-        shifted = output.clone()
-        shifted.view(-1, output.shape[-1])[row] += shift.to(device=output.device, dtype=output.dtype)
-        return shifted
-
-    return hook
 
 
 def _logits_of(evaluate: Callable[[], Any], restore_rng: Callable[[], None]) -> Tensor | None:
@@ -119,7 +111,7 @@ def find_logit_layers(
         qualifies = True
         for row in sorted({0, len(logits) - 1}):
             shift = torch.randn(logits.shape[-1], generator=generator)
-            handle = layer.module.register_forward_hook(_shift_row(row, shift))
+            handle = layer.module.register_forward_hook(shifted_row(row, shift))
             try:
                 shifted = _logits_of(evaluate, restore_rng)
             finally:

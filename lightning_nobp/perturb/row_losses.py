@@ -189,17 +189,20 @@ class RowLocalLayer:
         return isinstance(self.module, nn.Embedding)
 
 
-def _shifted_row(row: int, generator: torch.Generator) -> Callable[[nn.Module, Any, Tensor], Tensor]:
-    """A forward hook that adds a fixed random vector to one flattened row of the layer's output."""
+def shifted_row(row: int, shift: Tensor) -> Callable[[nn.Module, Any, Tensor], Tensor]:
+    """A forward hook that adds ``shift`` to one flattened row of the layer's output."""
 
     def hook(module: nn.Module, args: Any, output: Tensor) -> Tensor:
         shifted = output.clone()
-        flat = shifted.view(-1, output.shape[-1])
-        noise = torch.randn(output.shape[-1], generator=generator).to(device=output.device, dtype=output.dtype)
-        flat[row] += noise
+        shifted.view(-1, output.shape[-1])[row] += shift.to(device=output.device, dtype=output.dtype)
         return shifted
 
     return hook
+
+
+def _output_width(layer: RowLocalLayer) -> int:
+    module = layer.module
+    return module.embedding_dim if isinstance(module, nn.Embedding) else module.out_features
 
 
 def _rows_qualify(candidate: RowLocalLayer, output_rows: int, loss_rows: int, shifted: int, changed: Tensor) -> bool:
@@ -267,7 +270,8 @@ def find_row_local_layers(
         output_rows = seen[0]
         qualifies = True
         for row in sorted({0, output_rows - 1}):
-            shift = candidate.module.register_forward_hook(_shifted_row(row, torch.Generator().manual_seed(row)))
+            noise = torch.randn(_output_width(candidate), generator=torch.Generator().manual_seed(row))
+            shift = candidate.module.register_forward_hook(shifted_row(row, noise))
             recorder.reset()
             try:
                 with torch.no_grad(), recorder:
