@@ -39,12 +39,21 @@ _ELEMENTWISE_ARGS = {
 }
 
 
+def _mean_or_sum(bound: dict[str, Any]) -> str | None:
+    """A loss call's ``reduction`` when it is ``"mean"`` or ``"sum"`` (without the deprecated ``size_average`` and
+    ``reduce``), else ``None``."""
+    reduction = bound.get("reduction", "mean")
+    if bound.get("size_average") is not None or bound.get("reduce") is not None or reduction not in ("mean", "sum"):
+        return None
+    return reduction
+
+
 def _class_index_rows(func: Callable, names: tuple[str, ...], args: tuple, kwargs: dict[str, Any]) -> Tensor | None:
     """Row contributions of ``cross_entropy`` / ``nll_loss`` with class-index targets, or ``None`` if unsupported."""
     bound = dict(zip(names, args)) | kwargs
     target = bound.get("target")
-    reduction = bound.get("reduction", "mean")
-    if bound.get("size_average") is not None or bound.get("reduce") is not None or reduction not in ("mean", "sum"):
+    reduction = _mean_or_sum(bound)
+    if reduction is None:
         return None
     if bound.get("label_smoothing", 0.0) != 0.0 or not isinstance(target, Tensor) or target.is_floating_point():
         return None
@@ -85,8 +94,8 @@ def cross_entropy_targets(args: tuple, kwargs: dict[str, Any]) -> CrossEntropyTa
     give: 2-D logits, class-index targets, no label smoothing, ``reduction`` ``"mean"`` or ``"sum"``; else ``None``."""
     bound = dict(zip(CROSS_ENTROPY_ARGS, args)) | kwargs
     logits, target = bound.get("input"), bound.get("target")
-    reduction = bound.get("reduction", "mean")
-    if bound.get("size_average") is not None or bound.get("reduce") is not None or reduction not in ("mean", "sum"):
+    reduction = _mean_or_sum(bound)
+    if reduction is None:
         return None
     if bound.get("label_smoothing", 0.0) != 0.0:
         return None
@@ -105,8 +114,8 @@ def cross_entropy_targets(args: tuple, kwargs: dict[str, Any]) -> CrossEntropyTa
 def _elementwise_rows(func: Callable, args: tuple, kwargs: dict[str, Any]) -> Tensor | None:
     """Row contributions (summed over the last dimension) of ``mse_loss`` and ``binary_cross_entropy_with_logits``."""
     bound = dict(zip(_ELEMENTWISE_ARGS[func], args)) | kwargs
-    reduction = bound.get("reduction", "mean")
-    if bound.get("size_average") is not None or bound.get("reduce") is not None or reduction not in ("mean", "sum"):
+    reduction = _mean_or_sum(bound)
+    if reduction is None:
         return None
     unreduced = func(**(bound | {"reduction": "none"}))
     if unreduced.dim() == 0:
