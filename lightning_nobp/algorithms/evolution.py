@@ -223,9 +223,10 @@ class OpenES(EvolutionStrategy):
             batch: a row of its output must reach the loss unchanged, a cast or reshape aside) learns from its
             exact gradient, ``sum_n c_n (softmax(z_n) - onehot(y_n)) h_n^T`` from its inputs, the targets and its
             stored weight (the delta rule of the output layer: no backward pass through the network), at the
-            scale of the estimate it replaces. Worth most when the head has more outputs than the population has
-            antithetic pairs (a byte or token vocabulary): a per-row estimate then sees only a projection of each
-            row's gradient. Off by default.
+            scale of the estimate it replaces. The members then leave that layer unperturbed, so its share of
+            their loss changes no longer blurs the other layers' estimates. Worth most when the head has more
+            outputs than the population has antithetic pairs (a byte or token vocabulary): a per-row estimate then
+            sees only a projection of each row's gradient. Off by default.
     """
 
     def __init__(
@@ -323,9 +324,10 @@ class EggRoll(EvolutionStrategy):
             batch: a row of its output must reach the loss unchanged, a cast or reshape aside) learns from its
             exact gradient, ``sum_n c_n (softmax(z_n) - onehot(y_n)) h_n^T`` from its inputs, the targets and its
             stored weight (the delta rule of the output layer: no backward pass through the network), at the
-            scale of the estimate it replaces. Worth most when the head has more outputs than the population has
-            antithetic pairs (a byte or token vocabulary): a per-row estimate then sees only a projection of each
-            row's gradient. Off by default.
+            scale of the estimate it replaces. The members then leave that layer unperturbed, so its share of
+            their loss changes no longer blurs the other layers' estimates. Worth most when the head has more
+            outputs than the population has antithetic pairs (a byte or token vocabulary): a per-row estimate then
+            sees only a projection of each row's gradient. Off by default.
     """
 
     def __init__(

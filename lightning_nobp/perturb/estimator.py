@@ -201,7 +201,13 @@ class PopulationEstimator:
             seed, distribution = stream
             return perturbed_weight(layout_of(stored), [seed], [scale], distribution == "gaussian", stored.dtype)
 
-        return PerturbedForward(self.owners, delta, probe, value=low_bit_value if self.low_bit else None)
+        return PerturbedForward(
+            self.owners,
+            delta,
+            probe,
+            value=low_bit_value if self.low_bit else None,
+            unperturbed=self.unperturbed_indices(),
+        )
 
     def dense_noise(self, noise_seed: int, index: int) -> Tensor:
         """The float32 noise ``E`` of parameter ``index`` for one member seed.
@@ -301,7 +307,10 @@ class PopulationEstimator:
         low_rank: dict[int, tuple[Tensor, Tensor]] = {}
         low_rank_allowed = self.owners.low_rank_capable - self.owners.whole_evaluation
         kept = self._row_local_indices()
+        unperturbed = self.unperturbed_indices()
         for index, param in enumerate(self.params):
+            if index in unperturbed:
+                continue
             members_of = spread.to(param.device)
             scale = scales.to(param.device)
             shared = self._shared_basis_factors(index, seeds, low_rank_allowed, kept)
@@ -378,6 +387,17 @@ class PopulationEstimator:
             return torch.stack([self.dense_noise(seed, index) for seed in seeds])  # the kernels' Philox streams
         return self.algorithm.stacked_noise(seeds, index, param)
 
+    def unperturbed_indices(self) -> set[int]:
+        """Parameters the members evaluate at their stored value: the layers computing the cross-entropy's logits
+        once they take their exact gradient (``exact_logit_layers``). Their perturbation would tell nothing the
+        exact gradient does not, and its share of every member's loss change would be noise in the estimates of
+        all the other parameters."""
+        if not (self.exact_logit_layers and self.row_estimates and self.logit_layers and self.row_local):
+            return set()
+        layers = [layer for layer in self.row_local if layer.weight_index in self.logit_layers]
+        indices = {layer.weight_index for layer in layers}
+        return indices | {layer.bias_index for layer in layers if layer.bias_index is not None}
+
     def _row_local_indices(self) -> set[int]:
         """Parameters of the row-local layers while per-row estimates are on (their noise is kept for the update)."""
         if not self.row_estimates or not self.row_local:
@@ -425,7 +445,12 @@ class PopulationEstimator:
         def member_loss(
             dense: dict[int, Tensor], low_rank: dict[int, tuple[Tensor, Tensor]], inputs: Any
         ) -> tuple[Tensor, Tensor, Tensor]:
-            with PerturbedForward(self.owners, lambda index, stored: dense[index], low_rank=low_rank):
+            with PerturbedForward(
+                self.owners,
+                lambda index, stored: dense[index],
+                low_rank=low_rank,
+                unperturbed=self.unperturbed_indices(),
+            ):
                 if recorder is None:
                     loss = loss_fn() if member_inputs is None else loss_fn(inputs)
                     return loss.reshape(()), loss.new_zeros(()), loss.new_zeros(())
@@ -711,16 +736,25 @@ class PopulationEstimator:
             for handle in handles:
                 handle.remove()
 
-    def _row_local_gradients(self, population: Population | None) -> dict[int, Tensor]:
+    def _row_local_gradients(self, population: Population | None, exact_only: bool = False) -> dict[int, Tensor]:
         """Per-row estimates of the row-local layers' weights and biases, by parameter index (empty if none).
 
-        Consumes the step's record (rows, inputs, stacked noise): an update uses it once.
+        Consumes the step's record (rows, inputs, stacked noise): an update uses it once. An unperturbed logit
+        layer (``unperturbed_indices``) whose exact gradient this step cannot give (no cross-entropy targets
+        recorded) gets zeros: its members' losses hold nothing about it.
+
+        Args:
+            population: the population the record must belong to (``None``: no record applies).
+            exact_only: only the layers that take their exact gradient (an accumulation window's last micro-batch:
+                the per-row estimates of the others would see one micro-batch of several).
         """
         record, self._row_record = self._row_record, None
         seed_noise, self._seed_noise = self._seed_noise, []
         if record is None or record[0] is not population:
             return {}
         _, table, inputs, targets = record
+        if exact_only:
+            return self._exact_gradients(inputs, targets)
         plus: dict[int, int] = {}
         minus: dict[int, int] = {}
         for index, member in enumerate(population.members):
@@ -729,7 +763,7 @@ class PopulationEstimator:
         pairs = [(seed, plus[seed], minus[seed]) for seed in plus if seed in minus]
         pairs = [(seed, p, m) for seed, p, m in pairs if finite[p] and finite[m]]
         if len(pairs) < 2:
-            return {}
+            return self._exact_gradients(inputs, targets)
         seeds = [seed for seed, _, _ in pairs]
         differences = (table[[p for _, p, _ in pairs]] - table[[m for _, _, m in pairs]]) / (2 * population.sigma)
         estimates: dict[int, Tensor] = {}
@@ -744,25 +778,52 @@ class PopulationEstimator:
                 estimates[layer.weight_index] = self._embedding_gradient(layer, differences, rows, noise)
                 continue
             device = weight.device
-            exact = layer.weight_index in (self.logit_layers or ())
-            if exact and targets is not None and len(targets.target) == len(rows):
-                bias = layer.module.bias  # trained or not, it is part of the logits
-                weight_gradient, bias_gradient = cross_entropy_layer_gradient(
-                    rows.to(device), _float_value(weight), None if bias is None else _float_value(bias), targets
-                )
-            else:
-                noise = self._pair_noise(layer.weight_index, seeds, seed_noise)
-                bias_noise = None
-                if layer.bias_index is not None:
-                    bias_noise = self._pair_noise(layer.bias_index, seeds, seed_noise)
-                    assert isinstance(bias_noise, Tensor)
-                weight_gradient, bias_gradient = row_local_gradient(
-                    differences.to(device), rows.to(device), noise, bias_noise
-                )
+            if layer.weight_index in (self.logit_layers or ()) and (
+                (targets is not None and len(targets.target) == len(rows))
+                or layer.weight_index in self.unperturbed_indices()
+            ):
+                estimates.update(self._exact_layer_gradient(layer, rows, targets))
+                continue
+            noise = self._pair_noise(layer.weight_index, seeds, seed_noise)
+            bias_noise = None
+            if layer.bias_index is not None:
+                bias_noise = self._pair_noise(layer.bias_index, seeds, seed_noise)
+                assert isinstance(bias_noise, Tensor)
+            weight_gradient, bias_gradient = row_local_gradient(
+                differences.to(device), rows.to(device), noise, bias_noise
+            )
             estimates[layer.weight_index] = weight_gradient.view(weight.shape)
             if bias_gradient is not None and layer.bias_index is not None:
                 estimates[layer.bias_index] = bias_gradient
         return estimates
+
+    def _exact_gradients(self, inputs: dict[int, Tensor], targets: CrossEntropyTargets | None) -> dict[int, Tensor]:
+        """The exact gradients of the logit layers (``_exact_layer_gradient``) whose input rows were kept."""
+        estimates: dict[int, Tensor] = {}
+        for layer in self.row_local or []:
+            rows = inputs.get(layer.weight_index)
+            if layer.weight_index in (self.logit_layers or ()) and rows is not None:
+                estimates.update(self._exact_layer_gradient(layer, rows, targets))
+        return estimates
+
+    def _exact_layer_gradient(
+        self, layer: RowLocalLayer, rows: Tensor, targets: CrossEntropyTargets | None
+    ) -> dict[int, Tensor]:
+        """A logit layer's weight and bias gradients from its input ``rows`` (``cross_entropy_layer_gradient``),
+        by parameter index; zeros when the targets do not match the rows (nothing to learn from this step)."""
+        weight = self.params[layer.weight_index]
+        bias = layer.module.bias  # trained or not, it is part of the logits
+        if targets is None or len(targets.target) != len(rows):
+            weight_gradient = torch.zeros(weight.shape, device=weight.device)
+            bias_gradient = None if bias is None else torch.zeros(bias.shape, device=weight.device)
+        else:
+            weight_gradient, bias_gradient = cross_entropy_layer_gradient(
+                rows.to(weight.device), _float_value(weight), None if bias is None else _float_value(bias), targets
+            )
+        gradients = {layer.weight_index: weight_gradient.view(weight.shape)}
+        if bias_gradient is not None and layer.bias_index is not None:
+            gradients[layer.bias_index] = bias_gradient
+        return gradients
 
     def _embedding_gradient(
         self, layer: RowLocalLayer, differences: Tensor, looked_up: Tensor, noise: tuple[Tensor, Tensor] | Tensor
@@ -812,7 +873,10 @@ class PopulationEstimator:
         squared_norm = 0.0
         row_local = self._row_local_gradients(population)
         merged = self._merged_weights([(population, coefficients)])  # antithetic twins merged, once for all
+        unperturbed = self.unperturbed_indices()
         for index, param in enumerate(self.params):
+            if index in unperturbed and index not in row_local:
+                continue  # not perturbed, and no exact gradient from this micro-batch: nothing to add
             total = self.algorithm.combine(merged, index, param)
             if index in row_local:
                 total = _rescaled(row_local[index], float(total.norm()), total)
@@ -855,11 +919,14 @@ class PopulationEstimator:
             the update was not finite and nothing was written.
         """
         merged = self._merged_weights(terms)
-        row_local = self._row_local_gradients(terms[0][0] if len(terms) == 1 else None)
+        row_local = self._row_local_gradients(terms[-1][0], exact_only=len(terms) > 1)
         if not all(map(math.isfinite, merged.values())):
             return float("nan")  # never write a non-finite update: the weights stay untouched
         squared_norm = 0.0
+        unperturbed = self.unperturbed_indices()
         for index, (param, settings) in enumerate(zip(self.params, hyperparameters)):
+            if index in unperturbed and index not in row_local:
+                continue  # not perturbed and no exact gradient this step: left as it is
             lr, weight_decay = settings.lr, settings.weight_decay
             seed = derive_seed(rounding_seed, index)
             if index in self.low_bit:

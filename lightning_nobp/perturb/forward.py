@@ -14,7 +14,7 @@ it watches one evaluation for torch calls that receive a stored (unperturbed) pa
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -138,6 +138,7 @@ class PerturbedForward:
             shared weight is read once for a whole batched population; no perturbed matrix is formed).
         value: computes a parameter's whole perturbed tensor where it can do better than ``stored + delta`` (the
             fused low-bit kernel); returns ``None`` to fall back.
+        unperturbed: indices of parameters that compute with their stored value (no perturbation).
     """
 
     def __init__(
@@ -147,8 +148,10 @@ class PerturbedForward:
         probe: ParameterReadProbe | None = None,
         low_rank: Mapping[int, tuple[Tensor, Tensor]] | None = None,
         value: ValueFn | None = None,
+        unperturbed: Collection[int] = (),
     ) -> None:
         self.owners = owners
+        self.unperturbed = frozenset(unperturbed)
         self.delta = delta
         self.value = value
         self.probe = probe
@@ -181,7 +184,8 @@ class PerturbedForward:
     def __enter__(self) -> PerturbedForward:
         whole = self.owners.whole_evaluation
         values: dict[int, Tensor] = {}
-        for module, slots in self.owners.slots.items():
+        for module, owned_slots in self.owners.slots.items():
+            slots = [(name, index) for name, index in owned_slots if index not in self.unperturbed]
             layer_slots = [(name, index) for name, index in slots if index not in whole]
             if takes_low_rank_correction(module):
                 for name, index in list(layer_slots):
