@@ -179,7 +179,8 @@ def test_members_do_not_perturb_a_head_that_takes_its_exact_gradient(algorithm: 
     assert not torch.allclose(per_row, frozen_head, rtol=1e-3)  # an estimated head is perturbed
 
 
-def test_an_unperturbed_head_is_left_alone_when_the_step_has_no_exact_gradient() -> None:
+@pytest.mark.parametrize("lost", ["record", "targets"])
+def test_an_unperturbed_head_is_left_alone_when_the_step_has_no_exact_gradient(lost: str) -> None:
     torch.manual_seed(0)
     algorithm = EggRoll(population=8, sigma=0.1, exact_head_gradient=True)
     net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 12))
@@ -193,7 +194,11 @@ def test_an_unperturbed_head_is_left_alone_when_the_step_has_no_exact_gradient()
 
     estimator.probe_parameter_reads(population, loss)
     coefficients = algorithm.tell(population, estimator.evaluate_members(population, loss)).coefficients
-    estimator._row_record = None  # as if the step's per-row record were lost (another population's update)
+    if lost == "record":  # as if the step's per-row record were lost (another population's update)
+        estimator._row_record = None
+    else:  # the loss's cross-entropy targets were not recorded
+        assert estimator._row_record is not None
+        estimator._row_record = (*estimator._row_record[:3], None)
     estimator.accumulate_gradient(population, coefficients)
     assert net[2].weight.grad is None and net[2].bias.grad is None  # its evolution-strategies estimate is noise
     assert net[0].weight.grad is not None

@@ -739,9 +739,9 @@ class PopulationEstimator:
     def _row_local_gradients(self, population: Population | None, exact_only: bool = False) -> dict[int, Tensor]:
         """Per-row estimates of the row-local layers' weights and biases, by parameter index (empty if none).
 
-        Consumes the step's record (rows, inputs, stacked noise): an update uses it once. An unperturbed logit
-        layer (``unperturbed_indices``) whose exact gradient this step cannot give (no cross-entropy targets
-        recorded) gets zeros: its members' losses hold nothing about it.
+        Consumes the step's record (rows, inputs, stacked noise): an update uses it once. A logit layer, which the
+        members leave unperturbed (``unperturbed_indices``), gets its exact gradient, or nothing when this step
+        cannot give it (no cross-entropy targets recorded): its members' losses hold nothing about it.
 
         Args:
             population: the population the record must belong to (``None``: no record applies).
@@ -766,8 +766,10 @@ class PopulationEstimator:
             return self._exact_gradients(inputs, targets)
         seeds = [seed for seed, _, _ in pairs]
         differences = (table[[p for _, p, _ in pairs]] - table[[m for _, _, m in pairs]]) / (2 * population.sigma)
-        estimates: dict[int, Tensor] = {}
+        estimates = self._exact_gradients(inputs, targets)
         for layer in self.row_local or []:
+            if layer.weight_index in (self.logit_layers or ()):
+                continue  # its exact gradient, or nothing: the members did not perturb it
             rows = inputs.get(layer.weight_index)
             if not _inputs_fit(layer, rows, differences.shape[1]):
                 continue
@@ -778,12 +780,6 @@ class PopulationEstimator:
                 estimates[layer.weight_index] = self._embedding_gradient(layer, differences, rows, noise)
                 continue
             device = weight.device
-            if layer.weight_index in (self.logit_layers or ()) and (
-                (targets is not None and len(targets.target) == len(rows))
-                or layer.weight_index in self.unperturbed_indices()
-            ):
-                estimates.update(self._exact_layer_gradient(layer, rows, targets))
-                continue
             noise = self._pair_noise(layer.weight_index, seeds, seed_noise)
             bias_noise = None
             if layer.bias_index is not None:
@@ -810,16 +806,14 @@ class PopulationEstimator:
         self, layer: RowLocalLayer, rows: Tensor, targets: CrossEntropyTargets | None
     ) -> dict[int, Tensor]:
         """A logit layer's weight and bias gradients from its input ``rows`` (``cross_entropy_layer_gradient``),
-        by parameter index; zeros when the targets do not match the rows (nothing to learn from this step)."""
+        by parameter index; none when the targets do not match the rows (nothing to learn from this step)."""
+        if targets is None or len(targets.target) != len(rows):
+            return {}
         weight = self.params[layer.weight_index]
         bias = layer.module.bias  # trained or not, it is part of the logits
-        if targets is None or len(targets.target) != len(rows):
-            weight_gradient = torch.zeros(weight.shape, device=weight.device)
-            bias_gradient = None if bias is None else torch.zeros(bias.shape, device=weight.device)
-        else:
-            weight_gradient, bias_gradient = cross_entropy_layer_gradient(
-                rows.to(weight.device), _float_value(weight), None if bias is None else _float_value(bias), targets
-            )
+        weight_gradient, bias_gradient = cross_entropy_layer_gradient(
+            rows.to(weight.device), _float_value(weight), None if bias is None else _float_value(bias), targets
+        )
         gradients = {layer.weight_index: weight_gradient.view(weight.shape)}
         if bias_gradient is not None and layer.bias_index is not None:
             gradients[layer.bias_index] = bias_gradient
