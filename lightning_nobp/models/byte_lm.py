@@ -61,6 +61,9 @@ class GPTLanguageModel(ByteLanguageModel):
         n_embd: residual width (``None`` keeps the preset's).
         dropout: dropout probability.
         attention: ``"sdpa"`` (fused kernels) or ``"math"`` (batches a whole ES population under ``vmap`` on CPU).
+        alibi_slope: the first attention head's ALiBi slope (each next head's is ``2 ** (-8 / n_head)`` times
+            smaller): every head's scores fall linearly with the distance to the key, so attention prefers recent
+            bytes from the first step on. ``None``: no ALiBi (learned position embeddings only).
         tie_weights: share the output head's weight with the token embedding (``False``: a separate head, which
             ``NoBackpropStrategy`` can estimate from per-row losses).
         optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"``.
@@ -86,6 +89,7 @@ class GPTLanguageModel(ByteLanguageModel):
         n_embd: int | None = None,
         dropout: float = 0.0,
         attention: str = "sdpa",
+        alibi_slope: float | None = None,
         tie_weights: bool = True,
         optimizer: str = "adam",
         lr: float = 1e-3,
@@ -104,6 +108,7 @@ class GPTLanguageModel(ByteLanguageModel):
             preset,
             dropout=dropout,
             attention=attention,
+            alibi_slope=alibi_slope,
             tie_weights=tie_weights,
             **{k: v for k, v in overrides.items() if v is not None},
         )

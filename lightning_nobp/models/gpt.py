@@ -1,8 +1,9 @@
 """``GPT``: a small byte-level decoder-only transformer (nanoGPT/litgpt style) for recipes and benchmarks.
 
 A plain ``torch.nn.Module``: pre-LayerNorm blocks, causal self-attention through
-``scaled_dot_product_attention``, a 4x GELU MLP, learned position embeddings and an output head tied to the
-token embedding. Bytes are the tokens, so the vocabulary is 256.
+``scaled_dot_product_attention``, a 4x GELU MLP, learned position embeddings (optionally with ALiBi's linear
+distance penalty on the attention scores) and an output head tied to the token embedding. Bytes are the tokens, so
+the vocabulary is 256.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ class GPTConfig:
         attention: ``"sdpa"`` (``scaled_dot_product_attention``, fused kernels) or ``"math"`` (explicit matmul,
             mask and softmax: every op has a ``torch.func.vmap`` batching rule, so a whole ES population runs as one
             batched forward on CPU, where the fused CPU kernel falls back to one member at a time).
+        alibi_slope: adds ALiBi's recency bias (Press et al., 2022) to the attention scores: head ``h`` (from 0)
+            subtracts ``alibi_slope * 2 ** (-8 h / n_head) * (i - j)`` from query ``i``'s score of key ``j``, so
+            every head prefers recent positions, the first most sharply. ``2 ** (-8 / n_head)`` gives ALiBi's own
+            slopes; ``None`` adds no bias. A model whose attention learns slowly (trained by evolution strategies,
+            where the attention's projections get the noisiest estimates) still reads the last few tokens from
+            the first step on.
     """
 
     vocab_size: int = 256
@@ -54,10 +61,16 @@ class GPTConfig:
     bias: bool = False
     tie_weights: bool = True
     attention: str = "sdpa"
+    alibi_slope: float | None = None
 
     def __post_init__(self) -> None:
         if self.attention not in ("sdpa", "math"):
             raise ValueError(f"GPTConfig: attention={self.attention!r}: choose 'sdpa' or 'math'")
+        if self.alibi_slope is not None and not (math.isfinite(self.alibi_slope) and self.alibi_slope > 0):
+            raise ValueError(
+                f"GPTConfig: alibi_slope={self.alibi_slope!r} must be a positive number (the first head's slope,"
+                f" e.g. 2 ** (-8 / n_head) = {2 ** (-8 / self.n_head):g} for ALiBi's own), or None for no bias"
+            )
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"GPTConfig: n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
 
@@ -86,9 +99,23 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
         self.attention = config.attention
+        self.alibi_slope = config.alibi_slope
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+
+    def score_bias(self, time: int, device: torch.device, dtype: torch.dtype) -> Tensor | None:
+        """What the attention adds to its scores besides the causal mask: ALiBi's ``-slope_h * (i - j)`` as
+        ``(n_head, time, time)`` (future keys get 0: the causal mask removes them), or ``None`` without ALiBi.
+
+        Args:
+            time: the sequence length.
+            device: where the scores are.
+            dtype: the scores' dtype.
+        """
+        if self.alibi_slope is None:
+            return None
+        return alibi_bias(self.alibi_slope, self.n_head, time, device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, time, width = x.shape
@@ -96,15 +123,39 @@ class CausalSelfAttention(nn.Module):
         # (B, T, C) -> (B, heads, T, head_size)
         q, k, v = (t.view(batch, time, self.n_head, width // self.n_head).transpose(1, 2) for t in (q, k, v))
         dropout = self.dropout if self.training else 0.0
-        if self.attention == "sdpa":
+        bias = self.score_bias(time, x.device, q.dtype)
+        if self.attention == "sdpa" and bias is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(batch, time, width)))
+        future = torch.ones(time, time, dtype=torch.bool, device=x.device).triu(1)
+        if self.attention == "sdpa":
+            mask = bias.masked_fill(future, float("-inf"))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         else:
             scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-            future = torch.ones(time, time, dtype=torch.bool, device=x.device).triu(1)
+            if bias is not None:
+                scores = scores + bias
             weights = F.dropout(scores.masked_fill(future, float("-inf")).softmax(-1), dropout, self.training)
             y = weights @ v
         y = y.transpose(1, 2).reshape(batch, time, width)
         return self.resid_dropout(self.proj(y))
+
+
+def alibi_bias(slope: float, heads: int, time: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """ALiBi's score bias ``-slope * 2 ** (-8 h / heads) * (i - j)`` for head ``h``, query ``i``, key ``j <= i``
+    (future keys get 0: the causal mask removes them), shaped ``(heads, time, time)``.
+
+    Args:
+        slope: the first head's slope.
+        heads: attention heads (each next one's slope is ``2 ** (-8 / heads)`` times the previous).
+        time: the sequence length.
+        device: where to build it.
+        dtype: its dtype.
+    """
+    slopes = slope * torch.pow(2.0, -8.0 * torch.arange(heads, device=device, dtype=torch.float32) / heads)
+    positions = torch.arange(time, device=device)
+    distance = (positions.view(-1, 1) - positions.view(1, -1)).clamp_min(0).to(torch.float32)
+    return (slopes.view(heads, 1, 1) * distance).neg_().to(dtype)
 
 
 class MLP(nn.Module):
