@@ -124,21 +124,24 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(batch, time, self.n_head, width // self.n_head).transpose(1, 2) for t in (q, k, v))
         dropout = self.dropout if self.training else 0.0
         bias = self.score_bias(time, x.device, q.dtype)
-        if self.attention == "sdpa" and bias is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-            return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(batch, time, width)))
-        future = torch.ones(time, time, dtype=torch.bool, device=x.device).triu(1)
         if self.attention == "sdpa":
-            mask = bias.masked_fill(future, float("-inf"))
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            # with a bias, the causal mask goes into the float mask (sdpa takes one or the other)
+            mask = None if bias is None else bias.masked_fill(_future_keys(time, x.device), float("-inf"))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         else:
             scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
             if bias is not None:
                 scores = scores + bias
+            future = _future_keys(time, x.device)
             weights = F.dropout(scores.masked_fill(future, float("-inf")).softmax(-1), dropout, self.training)
             y = weights @ v
         y = y.transpose(1, 2).reshape(batch, time, width)
         return self.resid_dropout(self.proj(y))
+
+
+def _future_keys(time: int, device: torch.device) -> Tensor:
+    """``(time, time)`` booleans, true where key ``j`` comes after query ``i`` (what causal attention hides)."""
+    return torch.ones(time, time, dtype=torch.bool, device=device).triu(1)
 
 
 def alibi_bias(slope: float, heads: int, time: int, device: torch.device, dtype: torch.dtype) -> Tensor:
