@@ -161,3 +161,28 @@ def test_alibi_gpt_population_evaluates_the_same_batched_and_one_member_at_a_tim
     assert batching[0] is True and batching[1] is not True  # vmapped, then one member at a time
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
     assert losses[0].std() > 1e-4  # the members differ
+
+
+def test_alibi_bias_is_built_once_per_length_and_dtype() -> None:
+    attention = alibi_model("math").blocks[0].attn
+    first = attention.score_bias(8, torch.device("cpu"), torch.float32)
+    assert attention.score_bias(8, torch.device("cpu"), torch.float32) is first
+    other = attention.score_bias(5, torch.device("cpu"), torch.float32)
+    assert other.shape == (4, 5, 5)
+    torch.testing.assert_close(other, first[:, :5, :5])
+    assert attention.score_bias(5, torch.device("cpu"), torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_alibi_bias_built_in_inference_mode_is_not_reused_outside_it() -> None:
+    """Lightning validates under ``torch.inference_mode``; a tensor made there cannot be saved for a backward pass
+    (as a fused attention kernel's mask may be): training must get a bias of its own."""
+    attention = alibi_model("sdpa").blocks[0].attn
+    with torch.inference_mode():
+        assert attention.score_bias(8, torch.device("cpu"), torch.float32).is_inference()
+    assert not attention.score_bias(8, torch.device("cpu"), torch.float32).is_inference()
+    model = alibi_model("sdpa").train()
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.inference_mode():
+        model(idx)
+    model.loss(idx, idx).backward()
+    assert model.blocks[0].attn.qkv.weight.grad is not None

@@ -103,10 +103,14 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        #: the last ALiBi bias built, by (time, device, dtype, inference mode): every forward of a run reuses it
+        self._bias: tuple[tuple[int, torch.device, torch.dtype, bool], Tensor] | None = None
 
     def score_bias(self, time: int, device: torch.device, dtype: torch.dtype) -> Tensor | None:
         """What the attention adds to its scores besides the causal mask: ALiBi's ``-slope_h * (i - j)`` as
         ``(n_head, time, time)`` (future keys get 0: the causal mask removes them), or ``None`` without ALiBi.
+        Built once per sequence length, device and dtype (and again when inference mode changes: a tensor made
+        in inference mode cannot be saved for a backward pass).
 
         Args:
             time: the sequence length.
@@ -115,7 +119,10 @@ class CausalSelfAttention(nn.Module):
         """
         if self.alibi_slope is None:
             return None
-        return alibi_bias(self.alibi_slope, self.n_head, time, device, dtype)
+        key = (time, device, dtype, torch.is_inference_mode_enabled())
+        if self._bias is None or self._bias[0] != key:
+            self._bias = key, alibi_bias(self.alibi_slope, self.n_head, time, device, dtype)
+        return self._bias[1]
 
     def forward(self, x: Tensor) -> Tensor:
         batch, time, width = x.shape
