@@ -107,10 +107,11 @@ class CausalSelfAttention(nn.Module):
         self._bias: tuple[tuple[int, torch.device, torch.dtype, bool], Tensor] | None = None
 
     def score_bias(self, time: int, device: torch.device, dtype: torch.dtype) -> Tensor | None:
-        """What the attention adds to its scores besides the causal mask: ALiBi's ``-slope_h * (i - j)`` as
-        ``(n_head, time, time)`` (future keys get 0: the causal mask removes them), or ``None`` without ALiBi.
-        Built once per sequence length, device and dtype (and again when inference mode changes: a tensor made
-        in inference mode cannot be saved for a backward pass).
+        """What the attention adds to its scores: ALiBi's ``-slope_h * (i - j)`` as ``(n_head, time, time)``, or
+        ``None`` without ALiBi. Future keys get 0 on the ``math`` path (its causal mask removes them) and ``-inf``
+        on the ``sdpa`` path (the float mask is its causal mask too). Built once per sequence length, device and
+        dtype (and again when inference mode changes: a tensor made in inference mode cannot be saved for a
+        backward pass).
 
         Args:
             time: the sequence length.
@@ -121,7 +122,10 @@ class CausalSelfAttention(nn.Module):
             return None
         key = (time, device, dtype, torch.is_inference_mode_enabled())
         if self._bias is None or self._bias[0] != key:
-            self._bias = key, alibi_bias(self.alibi_slope, self.n_head, time, device, dtype)
+            bias = alibi_bias(self.alibi_slope, self.n_head, time, device, dtype)
+            if self.attention == "sdpa":  # sdpa takes a float mask or is_causal, not both
+                bias = bias.masked_fill(_future_keys(time, device), float("-inf"))
+            self._bias = key, bias
         return self._bias[1]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -132,9 +136,7 @@ class CausalSelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         bias = self.score_bias(time, x.device, q.dtype)
         if self.attention == "sdpa":
-            # with a bias, the causal mask goes into the float mask (sdpa takes one or the other)
-            mask = None if bias is None else bias.masked_fill(_future_keys(time, x.device), float("-inf"))
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=bias is None)
         else:
             scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
             if bias is not None:
