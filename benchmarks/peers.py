@@ -337,7 +337,7 @@ class LightningMethod:
         if getattr(strategy, "member_data", "shared") == "pair_slices":
             groups = population.groups()[-1] + 1
             return members / groups + 1.0
-        return members + (0.0 if strategy.reuse_official_pass else 1.0)
+        return members + (0.0 if strategy.official_pass_is_a_member(members) else 1.0)
 
 
 class _ClockCallback(Callback):

@@ -52,7 +52,7 @@ def test_eggroll_reaches_95_percent_on_digits_within_three_minutes(no_backprop: 
     for name in ("fitness_mean", "fitness_std", "fitness_best", "update_norm", "members_per_second"):
         assert f"nobp/{name}" in logged, name
     assert float(logged["nobp/fitness_best"]) <= float(logged["nobp/fitness_mean"])
-    assert float(logged["nobp/forwards_per_step"]) == 64
+    assert float(logged["nobp/forwards_per_step"]) == 65  # the members, batched, and the unperturbed official pass
 
 
 @pytest.mark.slow

@@ -225,3 +225,61 @@ def test_string_alias_resolves_to_the_strategy_with_mezo() -> None:
     train, _ = digits_loaders()
     trainer.fit(DigitsClassifier(), train)
     assert trainer.global_step == 3
+
+
+class FirstStepLoss(Callback):
+    """Records the training loss the user's step logged on the first batch and the batch itself."""
+
+    def __init__(self) -> None:
+        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.logged: float | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
+        if self.batch is None:
+            self.batch = batch
+            self.logged = float(trainer.callback_metrics["train_loss"])
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "batching", "reused"),
+    [
+        ("eggroll-8", True, False),  # batched: one more member is cheaper than a perturbed official pass
+        ("eggroll-8", False, True),  # one member at a time: the official pass spares a whole forward
+        ("mezo-1", True, True),  # a population of 2: reusing the official pass leaves nothing to batch
+    ],
+)
+def test_the_official_pass_is_a_member_only_where_it_spares_a_forward(
+    algorithm: str, batching: bool, reused: bool
+) -> None:
+    from lightning_nobp.algorithms import EggRoll
+
+    pl.seed_everything(0)
+    train, _ = digits_loaders()
+    chosen = EggRoll(population=8, input_subspace=None) if algorithm == "eggroll-8" else MeZO(directions=1)
+    strategy = NoBackpropStrategy(algorithm=chosen, population_batching=batching)
+    model = DigitsClassifier(lr=0.0)  # the weights stay where they started
+    initial = {name: value.clone() for name, value in model.state_dict().items()}
+    first = FirstStepLoss()
+    trainer = pl.Trainer(
+        strategy=strategy, max_steps=2, log_every_n_steps=1, callbacks=[first], **quiet_trainer_kwargs()
+    )
+    trainer.fit(model, train)
+    members = len(chosen.ask(0))
+    assert strategy.official_pass_is_a_member(members) is reused
+    assert float(trainer.logged_metrics["nobp/forwards_per_step"]) == members + (0 if reused else 1)
+    clean = DigitsClassifier()
+    clean.load_state_dict(initial)
+    with torch.no_grad():
+        unperturbed = float(torch.nn.functional.cross_entropy(clean(first.batch[0]), first.batch[1]))
+    # the logged loss is the model's own where the official pass is not a member, a perturbed member's elsewhere
+    assert (abs(first.logged - unperturbed) < 1e-6) is not reused
+
+
+def test_reuse_official_pass_set_by_the_user_is_obeyed() -> None:
+    from lightning_nobp.algorithms import EggRoll
+
+    assert NoBackpropStrategy(algorithm=EggRoll(population=64), reuse_official_pass=True).official_pass_is_a_member(64)
+    assert not NoBackpropStrategy(algorithm=MeZO(directions=1), reuse_official_pass=False).official_pass_is_a_member(2)
+    assert not NoBackpropStrategy(
+        algorithm=EggRoll(population=8), member_data="pair_slices", reuse_official_pass=True
+    ).official_pass_is_a_member(8)

@@ -41,7 +41,7 @@ from lightning_nobp.fabric.engine import (
     UpdatePath,
     register_aliases,
 )
-from lightning_nobp.perturb import RngSnapshot, scalar_loss
+from lightning_nobp.perturb import PopulationEstimator, RngSnapshot, scalar_loss
 from lightning_nobp.pytorch.logging import is_logging_step, log_step_metrics, loss_from_step_output, muted_logging
 
 MANUAL_BACKWARD_MESSAGE = (
@@ -92,8 +92,13 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             seed of ``lightning.seed_everything`` (``PL_GLOBAL_SEED``), else 0.
         reuse_official_pass: evaluate the official ``training_step`` at the first member's perturbed weights and
             reuse its loss as that member's fitness (one forward less per step: 2 instead of 3 for a one-direction
-            MeZO; the logged training loss is then measured at ``theta + eps*z``). ``False`` logs the loss at the
-            unperturbed weights.
+            MeZO; the logged training loss is then measured at ``theta + eps*z``). ``False`` runs the official pass
+            at the unperturbed weights (the logged loss is the model's own) and evaluates every member apart.
+            ``None`` (default): reuse only where it spares a whole forward, i.e. when the members are evaluated one
+            at a time (``population_batching=False``, or code ``vmap`` cannot batch) or when one member would be
+            left (a population of 2). In a batched evaluation one more member costs less than perturbing the
+            official pass (on 2 CPU cores, ``EggRoll()`` steps on digits 19.1 instead of 20.3 ms, ``MeZO()`` 12.0
+            instead of 12.8 ms).
         accelerator: see ``lightning.pytorch.strategies.DDPStrategy``.
         parallel_devices: see ``DDPStrategy``.
         cluster_environment: see ``DDPStrategy``.
@@ -116,7 +121,7 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         member_data: Literal["shared", "pair_slices"] = "shared",
         seed: int | None = None,
         reuse_cpu_memory: bool = True,
-        reuse_official_pass: bool = True,
+        reuse_official_pass: bool | None = None,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -144,7 +149,7 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         self.member_data = member_data
         self._seed = seed
         self.reuse_cpu_memory = reuse_cpu_memory
-        self.reuse_official_pass = reuse_official_pass and member_data == "shared"
+        self.reuse_official_pass = reuse_official_pass if member_data == "shared" else False
         self._window: list[tuple[Population, Tensor]] = []  # direct path: the accumulation window's estimates
         self._window_poisoned = False
         self._step: dict[str, Any] = {}
@@ -234,6 +239,22 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             if state is not None:
                 self.engine.estimator(optimizer, [self.lightning_module]).load_input_subspace_state(state)
 
+    def official_pass_is_a_member(self, members: int, estimator: PopulationEstimator | None = None) -> bool:
+        """Whether the official training pass is evaluated at the first member's perturbed weights and its loss
+        reused as that member's fitness (see ``reuse_official_pass``).
+
+        Args:
+            members: the population members this process evaluates in a step.
+            estimator: the optimizer's estimator, whose first batched evaluation tells whether the user's code can
+                be batched (``None``, or not tried yet: assumed batchable when ``population_batching`` is on).
+        """
+        if members < 1 or self.algorithm.uses_jvp or self.reuse_official_pass is False:
+            return False
+        if self.reuse_official_pass:
+            return True
+        batched = self.engine.population_batching and (estimator is None or estimator.batching is not False)
+        return not batched or members <= 2
+
     def _step_seed(self) -> int:
         trainer = self.lightning_module.trainer
         micro_batches = trainer.fit_loop.epoch_loop.batch_progress.total.ready
@@ -317,7 +338,7 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
                 estimator.probe_parameter_reads(population, self._muted_training_step)
                 rng.restore()
             # the official pass also keeps the input rows of per-row-estimated layers (saves the estimate a forward)
-            if self.reuse_official_pass and own and not self.algorithm.uses_jvp:
+            if self.official_pass_is_a_member(len(own), estimator):
                 with estimator.perturbation(population, population.members[own[0]]), estimator.row_input_tap():
                     output = super().training_step(*args, **kwargs)
                 loss = loss_from_step_output(output)

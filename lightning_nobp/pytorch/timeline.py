@@ -16,8 +16,9 @@ def forwards_per_micro_batch(trainer: pl.Trainer) -> int:
     engine = getattr(trainer.strategy, "engine", None)
     if engine is None:
         return 1
-    reused = getattr(trainer.strategy, "reuse_official_pass", False)
-    return int(engine.algorithm.forwards_per_step) + (0 if reused else 1)
+    members = int(engine.algorithm.forwards_per_step)
+    reused = trainer.strategy.official_pass_is_a_member(members)
+    return members + (0 if reused else 1)
 
 
 class MetricTimeline(Callback):
