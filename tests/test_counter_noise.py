@@ -22,6 +22,16 @@ def test_derive_seeds_matches_derive_seed(counter: int) -> None:
     assert derive_seeds(SEEDS, counter).tolist() == [derive_seed(seed, counter) for seed in SEEDS]
 
 
+@pytest.mark.parametrize("prefix", [(0,), (7, 2**63 - 1), (2**62 + 5, 3, 11)])
+def test_derive_seed_range_matches_derive_seed(prefix: tuple[int, ...]) -> None:
+    from lightning_nobp.algorithms.seeds import derive_seed_range
+
+    assert derive_seed_range(*prefix, count=40) == [derive_seed(*prefix, i) for i in range(40)]
+    assert derive_seed_range(*prefix, count=0) == []
+    with pytest.raises(ValueError, match="non-negative"):
+        derive_seed_range(*prefix, -1, count=3)
+
+
 def test_negative_seeds_are_refused() -> None:
     with pytest.raises(ValueError, match="non-negative"):
         derive_seeds([1, -2], 0)

@@ -128,3 +128,58 @@ def test_the_cache_returns_a_repeated_population_as_new_copies() -> None:
     (subset,) = cache.get_stacked(["c", "a"], lambda missing: pytest.fail("drawn again"))
     assert torch.equal(subset, drawn[[2, 0]])
     assert cache.hits == 5 and cache.misses == 3
+
+
+def _window_of(step_seeds: list[list[int]]) -> Callable[[int], list[int]]:
+    """A strategy's ``window``: the seeds of the aligned window's steps, in step order."""
+
+    def window(steps: int) -> list[int]:
+        assert steps == len(step_seeds)
+        return [seed for seeds in step_seeds for seed in seeds]
+
+    return window
+
+
+@pytest.mark.parametrize("name", ["eggroll", "openes"])
+def test_a_window_draws_the_later_steps_noise_with_this_ones_and_in_the_same_company(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_nobp.algorithms import evolution
+
+    monkeypatch.setattr(evolution, "NOISE_WINDOW_STEPS", 4)
+    step_seeds = [[100 * step + k for k in range(3)] for step in range(4)]
+    params = _mlp_params()
+    wanted = [(i, p, True, True) for i, p in enumerate(params)]
+    first, later, alone = MAKERS[name](), MAKERS[name](), MAKERS[name]()
+    for algorithm in (first, later, alone):
+        _with_basis(algorithm, params[0])  # a projection: not bit-identical across companies
+    first.prefetch_noise(step_seeds[0], wanted, _window_of(step_seeds))  # an uninterrupted run, at step 0
+    misses = first.noise_cache.misses  # type: ignore[attr-defined]
+    assert misses == 4 * 3 * len(params)  # all four steps drawn at once
+    for seeds in step_seeds[1:]:
+        first.prefetch_noise(seeds, wanted, _window_of(step_seeds))
+    assert first.noise_cache.misses == misses  # type: ignore[attr-defined]  # the later steps found theirs
+    later.prefetch_noise(step_seeds[2], wanted, _window_of(step_seeds))  # a run resumed at step 2
+    alone.prefetch_noise(step_seeds[2], wanted)  # no window: this step's own company
+    for index, param in enumerate(params):
+        kept = first.stacked_noise(step_seeds[2], index, param)
+        assert torch.equal(kept, later.stacked_noise(step_seeds[2], index, param))
+        torch.testing.assert_close(kept, alone.stacked_noise(step_seeds[2], index, param))
+
+
+def test_a_window_too_large_for_its_byte_budget_draws_one_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_nobp.algorithms import evolution
+
+    monkeypatch.setattr(evolution, "NOISE_WINDOW_BYTES", 4 * 3 * 40)  # 3 seeds x 40 numbers: one step, not two
+    algorithm = EggRoll(population=6)
+    params = _mlp_params()  # 15 + 6 + 9 + 3 = 33 numbers per seed
+
+    def window(steps: int) -> list[int]:
+        raise AssertionError(f"a window of {steps} steps asked for")
+
+    algorithm.prefetch_noise([1, 2, 3], [(i, p, True, True) for i, p in enumerate(params)], window)
+    assert algorithm.noise_cache.misses == 3 * len(params)
+    monkeypatch.setattr(evolution, "NOISE_WINDOW_BYTES", 4 * 3 * 70)  # two steps fit
+    seeds = [[1, 2, 3], [4, 5, 6]]
+    algorithm.prefetch_noise([4, 5, 6], [(i, p, True, True) for i, p in enumerate(params)], _window_of(seeds))
+    assert algorithm.noise_cache.misses == 9 * len(params)

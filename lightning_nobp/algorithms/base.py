@@ -9,7 +9,7 @@ regenerated from the seed whenever it is needed.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -169,7 +169,12 @@ class Algorithm(ABC):
             return None
         return torch.stack([f[0] for f in factors]), torch.stack([f[1] for f in factors])  # type: ignore[index]
 
-    def prefetch_noise(self, noise_seeds: Sequence[int], params: Sequence[tuple[int, Tensor, bool, bool]]) -> None:
+    def prefetch_noise(
+        self,
+        noise_seeds: Sequence[int],
+        params: Sequence[tuple[int, Tensor, bool, bool]],
+        window: Callable[[int], Sequence[int]] | None = None,
+    ) -> None:
         """Draw (and keep, where the algorithm caches noise) the noise of several parameters for ``noise_seeds``
         ahead of the step's evaluations. The default draws one parameter at a time; algorithms that can draw
         several together override it.
@@ -179,6 +184,8 @@ class Algorithm(ABC):
             params: ``(index, param, low_rank, dense_allowed)``: the parameter's position and the parameter,
                 whether its low-rank factors are wanted (where it has them), and whether its dense noise may be
                 drawn (small enough) otherwise.
+            window: given a number of steps, the noise seeds of the steps around this one that are drawn together
+                with it (see ``EvolutionStrategy.prefetch_noise``); the default ignores it.
         """
         for index, param, low_rank, dense_allowed in params:
             if low_rank and self.stacked_low_rank_factors(noise_seeds, index, param) is not None:

@@ -11,7 +11,7 @@ full-rank Gaussian noise. OpenES uses full-rank Gaussian noise everywhere.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -26,8 +26,13 @@ from lightning_nobp.algorithms.base import (
 from lightning_nobp.algorithms.input_bases import InputBases, check_input_subspace
 from lightning_nobp.algorithms.noise_cache import NoiseCache
 from lightning_nobp.algorithms.noise_requests import NoiseRequest, draw_requests
-from lightning_nobp.algorithms.seeds import derive_seed
+from lightning_nobp.algorithms.seeds import derive_seed, derive_seed_range
 from lightning_nobp.algorithms.shaping import FITNESS_SHAPINGS, shape_fitness
+
+#: most optimizer steps whose noise one prefetch draws together (``EvolutionStrategy.prefetch_noise``)
+NOISE_WINDOW_STEPS = 8
+#: most bytes of noise drawn for later steps in one prefetch (a large model's noise is drawn one step at a time)
+NOISE_WINDOW_BYTES = 4 * 1024 * 1024
 
 
 def _largest_divisor(number: int, at_most: int) -> int:
@@ -136,11 +141,10 @@ class EvolutionStrategy(InputBases, Algorithm):
     def ask(self, step_seed: int) -> Population:
         members: list[Member] = []
         if self.antithetic:
-            for pair in range(self.population // 2):
-                seed = derive_seed(step_seed, pair)
+            for seed in derive_seed_range(step_seed, count=self.population // 2):
                 members += [Member(seed, +1.0), Member(seed, -1.0)]
         else:
-            members = [Member(derive_seed(step_seed, index), +1.0) for index in range(self.population)]
+            members = [Member(seed, +1.0) for seed in derive_seed_range(step_seed, count=self.population)]
         return Population(tuple(members), sigma=self.sigma)
 
     def _usable(self, fitness: Tensor) -> Tensor:
@@ -169,15 +173,40 @@ class EvolutionStrategy(InputBases, Algorithm):
         }
         return Estimate(coefficients.to(torch.float32), dropped_members=dropped, stats=stats)
 
-    def prefetch_noise(self, noise_seeds: Sequence[int], params: Sequence[tuple[int, Tensor, bool, bool]]) -> None:
+    def prefetch_noise(
+        self,
+        noise_seeds: Sequence[int],
+        params: Sequence[tuple[int, Tensor, bool, bool]],
+        window: Callable[[int], Sequence[int]] | None = None,
+    ) -> None:
         """Draw the noise of every listed parameter with shared counter-based computations
-        (``lightning_nobp.algorithms.noise_requests``): the same numbers as drawing them one by one."""
+        (``lightning_nobp.algorithms.noise_requests``): the same numbers as drawing them one by one.
+
+        With ``window``, a draw that is needed covers the noise of ``window(k)``'s steps at once, ``k`` as many steps
+        as hold ``NOISE_WINDOW_BYTES`` (at most ``NOISE_WINDOW_STEPS``): the next steps of the window then find
+        theirs cached. A small model's draw costs about the same for 8 steps as for one (digits' MLP: 4.7 against
+        1.4 ms on 2 CPU cores). ``window(k)`` must return the same seeds, in the same order, on every step of a
+        window, so that each noise is always drawn in the same company (an input-subspace projection is not
+        bit-identical across companies): a resumed run then draws exactly what an uninterrupted one does.
+        """
+        requests = self._noise_requests(noise_seeds, params)
+        if window is not None and any(r.shareable and not self.noise_cache.holds(r.keys) for r in requests):
+            per_step = 4 * len(noise_seeds) * sum(r.numbers for r in requests if r.shareable)
+            steps = min(NOISE_WINDOW_STEPS, NOISE_WINDOW_BYTES // max(per_step, 1))
+            if steps > 1:
+                noise_seeds = list(dict.fromkeys([*window(steps), *noise_seeds]))
+                requests = self._noise_requests(noise_seeds, params)
+        draw_requests(noise_seeds, requests, self.noise_cache)
+
+    def _noise_requests(
+        self, noise_seeds: Sequence[int], params: Sequence[tuple[int, Tensor, bool, bool]]
+    ) -> list[NoiseRequest]:
         requests = []
         for index, param, low_rank, dense_allowed in params:
             request = self._noise_request(noise_seeds, index, param, low_rank, dense_allowed)
             if request is not None:
                 requests.append(request)
-        draw_requests(noise_seeds, requests, self.noise_cache)
+        return requests
 
     def _noise_request(
         self, noise_seeds: Sequence[int], index: int, param: Tensor, low_rank: bool, dense_allowed: bool
@@ -401,7 +430,7 @@ class EggRoll(EvolutionStrategy):
             b = self._in_input_subspace(param, both[:, split:].view(len(both), in_features, -1))
             return a, b
 
-        keys: list[Hashable] = [("factors", seed, param_index, shape, device) for seed in noise_seeds]
+        keys = self.noise_cache.keys(("factors", param_index, shape, device), noise_seeds)
         return NoiseRequest(keys, param_index, (out_features + in_features) * self.rank, finish, device)
 
     def low_rank_factors(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[Tensor, Tensor] | None:

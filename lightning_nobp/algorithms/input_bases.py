@@ -7,7 +7,7 @@ input side of those weights' noise on them.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -122,7 +122,7 @@ class InputBases:
         shape, device = param.shape, param.device  # read once: slow on tensor subclasses (low-bit weights)
         directions, scales = self.input_bases[id(param)]
         rank = directions.shape[1]
-        keys: list[Hashable] = [("coordinates", seed, param_index, shape, device, distribution) for seed in seeds]
+        keys = self.noise_cache.keys(("coordinates", param_index, shape, device, distribution), seeds)
         return NoiseRequest(
             keys,
             param_index,
@@ -153,7 +153,7 @@ class InputBases:
         if id(param) in self.input_bases:
             return self._coordinate_request(seeds, param_index, param)
         shape, device = param.shape, param.device  # read once: slow on tensor subclasses (low-bit weights)
-        keys: list[Hashable] = [("dense", seed, param_index, shape, device, "gaussian") for seed in seeds]
+        keys = self.noise_cache.keys(("dense", param_index, shape, device, "gaussian"), seeds)
         return NoiseRequest(keys, param_index, shape.numel(), lambda drawn: (drawn.view(-1, *shape),), device)
 
     def _dense_stack(
@@ -165,7 +165,7 @@ class InputBases:
         cache are drawn and projected together.
         """
         shape, device = param.shape, param.device  # read once: slow on tensor subclasses (low-bit weights)
-        keys = [("dense", seed, param_index, shape, device, distribution) for seed in seeds]
+        keys = self.noise_cache.keys(("dense", param_index, shape, device, distribution), seeds)
 
         def draw_many(missing: list[int]) -> tuple[Tensor]:
             chosen = [seeds[i] for i in missing]

@@ -16,7 +16,7 @@ from torch import Tensor
 from lightning_nobp.algorithms.base import Algorithm, Estimate, Member, Population
 from lightning_nobp.algorithms.input_bases import InputBases, check_input_subspace
 from lightning_nobp.algorithms.noise_cache import NoiseCache
-from lightning_nobp.algorithms.seeds import derive_seed
+from lightning_nobp.algorithms.seeds import derive_seed, derive_seed_range
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
 
@@ -68,8 +68,7 @@ class MeZO(InputBases, Algorithm):
 
     def ask(self, step_seed: int) -> Population:
         members: list[Member] = []
-        for direction in range(self.directions):
-            seed = derive_seed(step_seed, direction)
+        for seed in derive_seed_range(step_seed, count=self.directions):
             members += [Member(seed, +1.0), Member(seed, -1.0)]
         return Population(tuple(members), sigma=self.eps)
 

@@ -38,8 +38,21 @@ class NoiseCache:
         self._whole: dict[tuple[Hashable, ...], int] = {}  # all keys of a stack, in order -> stack id
         self._bytes = 0
         self._next_id = 0
+        #: a small integer per kind of entry (what, parameter, shape, device, ...), see :meth:`keys`
+        self._kinds: dict[Hashable, int] = {}
         self.hits = 0
         self.misses = 0
+
+    def keys(self, kind: Hashable, seeds: Sequence[int]) -> list[Hashable]:
+        """The keys of ``seeds``' entries of one kind (e.g. ``("factors", param_index, shape, device)``).
+
+        The kind is interned once as a small integer: a key is then a pair of integers, which hashes in a fraction
+        of the time of a tuple holding a ``torch.Size`` and a ``torch.device`` (a step hashes hundreds of keys).
+        """
+        tag = self._kinds.get(kind)
+        if tag is None:
+            tag = self._kinds[kind] = len(self._kinds)
+        return [(tag, seed) for seed in seeds]
 
     @property
     def bytes(self) -> int:
@@ -141,5 +154,8 @@ class NoiseCache:
     def __getstate__(self) -> dict:
         # pickled with an algorithm (spawned processes, checkpoints): the tensors are not worth shipping
         state = dict(self.__dict__)
-        state.update(hits=0, misses=0, _stacks=OrderedDict(), _rows={}, _whole={}, _bytes=0)
+        state.update(hits=0, misses=0, _stacks=OrderedDict(), _rows={}, _whole={}, _bytes=0, _kinds={})
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({"_kinds": {}, **state})  # pickled before entry kinds were interned: none yet

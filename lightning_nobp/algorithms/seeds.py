@@ -7,6 +7,8 @@ uninterrupted one, and a whole run can be replayed from its seeds and fitness sc
 
 from __future__ import annotations
 
+import numpy as np
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -35,3 +37,26 @@ def derive_seed(*counters: int) -> int:
             raise ValueError(f"seed counters must be non-negative integers, got {counters}")
         state = _splitmix64(state ^ (counter & _MASK64))
     return state >> 1
+
+
+def derive_seed_range(*prefix: int, count: int) -> list[int]:
+    """``[derive_seed(*prefix, i) for i in range(count)]`` with the last round computed for all ``i`` at once
+    (numpy's wrapping ``uint64``: the same bits), e.g. the noise seeds of a population's members.
+
+    Args:
+        *prefix: the leading counters (base seed, step, ...).
+        count: how many consecutive final counters, from 0.
+    """
+    state = 0x243F6A8885A308D3
+    for counter in prefix:
+        if counter < 0:
+            raise ValueError(f"seed counters must be non-negative integers, got {prefix}")
+        state = _splitmix64(state ^ (counter & _MASK64))
+    z = np.arange(count, dtype=np.uint64) ^ np.uint64(state)
+    z += np.uint64(0x9E3779B97F4A7C15)
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return (z >> np.uint64(1)).tolist()

@@ -337,7 +337,12 @@ class PopulationEstimator:
             return None
         return self.algorithm.shared_basis_factors(seeds, index, self.params[index])
 
-    def prefetch_noise(self, population: Population, members: Sequence[int]) -> None:
+    def prefetch_noise(
+        self,
+        population: Population,
+        members: Sequence[int],
+        window: Callable[[int], Sequence[Population]] | None = None,
+    ) -> None:
         """Draw the noise of ``members`` now, one stack per parameter (the algorithm caches it), so that a single
         member's perturbation (the official training pass, the first step's probe) reads its noise from the stacks
         the batched evaluation uses instead of drawing it on its own first. The strategies call it at the start of
@@ -350,6 +355,9 @@ class PopulationEstimator:
         Args:
             population: what ``algorithm.ask`` returned.
             members: the member indices this process evaluates.
+            window: given a number of steps, the populations of that many consecutive steps around this one (the
+                same populations in the same order on each of them, this step's among them; empty where the
+                later steps cannot be foreseen): an algorithm may draw their noise together with this step's.
         """
         seeds = list(dict.fromkeys(population.members[i].noise_seed for i in members))
         if not seeds:
@@ -360,7 +368,13 @@ class PopulationEstimator:
             for index, param in enumerate(self.params)
             if index not in self.low_bit
         ]
-        self.algorithm.prefetch_noise(seeds, wanted)
+
+        def window_seeds(steps: int) -> list[int]:
+            assert window is not None
+            chosen = (step.members[i].noise_seed for step in window(steps) for i in members)
+            return list(dict.fromkeys(chosen))
+
+        self.algorithm.prefetch_noise(seeds, wanted, window_seeds if window is not None else None)
 
     def _members_within_noise_budget(self) -> int:
         """How many members' dense noise fits in ``STACKED_NOISE_BYTES`` (at least 1): a batched evaluation

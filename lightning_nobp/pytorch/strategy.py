@@ -260,6 +260,20 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         micro_batches = trainer.fit_loop.epoch_loop.batch_progress.total.ready
         return derive_seed(self.seed, trainer.global_step, micro_batches)
 
+    def _noise_window(self, steps: int) -> list[Population]:
+        """The populations of the ``steps`` optimizer steps of the window (aligned on multiples of ``steps``) that
+        holds this one, as their step seeds will be if no step is skipped; empty with gradient accumulation."""
+        trainer = self.lightning_module.trainer
+        if trainer.accumulate_grad_batches != 1:
+            return []
+        step = trainer.global_step
+        micro_batches = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        first = step - step % steps
+        return [
+            self.algorithm.ask(derive_seed(self.seed, later, micro_batches + later - step))
+            for later in range(first, first + steps)
+        ]
+
     # ------------------------------------------------------------------ automatic optimization
     def _muted_training_step(self, batch: Any = None) -> Any:
         """The user's ``training_step`` on this step's arguments (or on ``batch`` instead), with logging muted."""
@@ -333,7 +347,7 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             if own and not self.algorithm.uses_jvp:
                 # the whole population's noise in one draw per parameter, before any single member reads its own
                 # (the official pass, the probe): a resumed run then draws exactly what an uninterrupted one does
-                estimator.prefetch_noise(population, own)
+                estimator.prefetch_noise(population, own, self._noise_window)
             if not estimator.probed:
                 estimator.probe_parameter_reads(population, self._muted_training_step)
                 rng.restore()
