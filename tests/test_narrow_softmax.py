@@ -110,3 +110,19 @@ def test_population_estimator_uses_the_mode_on_cpu_with_the_same_fitness(counted
     native = estimator.evaluate_members(population, loss)
     assert counted == []
     torch.testing.assert_close(fast, native, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_picked_negative_log_probs_equal_nll_loss_bit_for_bit(weighted: bool) -> None:
+    torch.manual_seed(0)
+    log_probs = torch.log_softmax(torch.randn(64, 10), -1)
+    target = torch.randint(0, 10, (64,))
+    target[[3, 17]] = -100  # ignored rows
+    weight = torch.rand(10) + 0.5 if weighted else None
+    expected = F.nll_loss(log_probs, target, weight=weight, reduction="none")
+    assert torch.equal(narrow_softmax.picked_negative_log_probs(log_probs, target, weight), expected)
+    assert float(expected[3]) == 0.0
+    stacked = torch.log_softmax(torch.randn(4, 64, 10), -1)  # under vmap, as the population's evaluation runs it
+    batched = torch.func.vmap(lambda lp: narrow_softmax.picked_negative_log_probs(lp, target, weight))(stacked)
+    for member in range(4):
+        assert torch.equal(batched[member], F.nll_loss(stacked[member], target, weight=weight, reduction="none"))

@@ -80,10 +80,16 @@ class NoiseCache:
         if whole is not None:  # the same keys as one earlier draw (a population asked again): no per-key lookups
             self.hits += len(keys)
             return tuple(t.clone() for t in self._touch(whole))
+        places = [self._rows.get(key) for key in keys]
+        if places and None not in places and len({stack_id for stack_id, _ in places}) == 1:
+            # all rows of one stack (a window drawn for several steps): one gather
+            self.hits += len(keys)
+            stack = self._touch(places[0][0])
+            index = torch.tensor([row for _, row in places], device=stack[0].device)
+            return tuple(t.index_select(0, index) for t in stack)
         found: list[tuple[tuple[Tensor, ...], int] | None] = []
         missing: list[int] = []
-        for position, key in enumerate(keys):
-            where = self._rows.get(key)
+        for position, where in enumerate(places):
             if where is None:
                 missing.append(position)
                 found.append(None)
