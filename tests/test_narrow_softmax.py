@@ -126,3 +126,26 @@ def test_picked_negative_log_probs_equal_nll_loss_bit_for_bit(weighted: bool) ->
     batched = torch.func.vmap(lambda lp: narrow_softmax.picked_negative_log_probs(lp, target, weight))(stacked)
     for member in range(4):
         assert torch.equal(batched[member], F.nll_loss(stacked[member], target, weight=weight, reduction="none"))
+
+
+def test_a_row_recorder_doing_the_modes_work_records_the_same_rows(counted) -> None:
+    """With per-row estimates the population's forward runs under one mode, the recorder, which takes the fast
+    forms itself: the same rows and loss, and the transposed path taken (for the loss and a bare log_softmax)."""
+    from lightning_nobp.perturb.row_losses import RowLossRecorder
+
+    members, target = torch.randn(4, 32, 10) * 3, torch.randint(0, 10, (32,))
+    recorded = {}
+    for narrow in (False, True):
+        recorder = RowLossRecorder(narrow_softmax=narrow)
+
+        def member_loss(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            recorder.reset()
+            with recorder:
+                loss = F.cross_entropy(logits, target)
+                probabilities = torch.log_softmax(logits, -1).exp()
+            return loss, recorder.rows, probabilities
+
+        recorded[narrow] = torch.func.vmap(member_loss)(members)
+    for slow, fast in zip(recorded[False], recorded[True]):
+        torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
+    assert counted == [(32, 10), (32, 10)]  # the recorder's own fast forms, only when asked

@@ -453,6 +453,9 @@ class PopulationEstimator:
         size = min(chunk or max(len(todo), 1), self._members_within_noise_budget())
 
         recorder = self._row_recorder(population, loss_fn, rng, members, member_inputs)
+        if recorder is not None:  # the recorder wraps every member's loss: it also takes NarrowSoftmaxMode's role
+            recorder.narrow_softmax = self.narrow_softmax
+        loss_context = self._loss_context if recorder is None else contextlib.nullcontext
         rows: list[tuple[list[int], Tensor, Tensor]] = []
         recorded: list[bool] = []
 
@@ -483,7 +486,7 @@ class PopulationEstimator:
             inputs = None if member_inputs is None else member_inputs(part)
             if rng is not None:
                 rng.restore()
-            with torch.no_grad(), self._loss_context():
+            with torch.no_grad(), loss_context():
                 # a shared basis (``_shared_basis_factors``) is one tensor for every member: not vmapped
                 factor_dims = {i: (0, None if b.dim() == 2 else 0) for i, (_, b) in low_rank.items()}
                 in_dims = (0, factor_dims, None if inputs is None else 0)

@@ -42,7 +42,7 @@ def transposed_log_softmax(logits: Tensor) -> Tensor:
     return torch.log_softmax(logits.movedim(-1, 0).contiguous(), 0).movedim(0, -1)
 
 
-def _cross_entropy(args: tuple, kwargs: dict[str, Any]) -> Tensor | None:
+def narrow_cross_entropy(args: tuple, kwargs: dict[str, Any]) -> Tensor | None:
     """The fast form of ``F.cross_entropy(*args, **kwargs)``, or ``None`` when the call is not the narrow case."""
     names = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing")
     bound = dict(zip(names, args)) | kwargs
@@ -94,6 +94,16 @@ def _log_softmax(args: tuple, kwargs: dict[str, Any]) -> Tensor | None:
     return transposed_log_softmax(logits)
 
 
+def narrow_softmax_call(func: Callable, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """``func(*args, **kwargs)``, in the fast form where it is a narrow ``F.cross_entropy`` or ``log_softmax``."""
+    fast: Tensor | None = None
+    if func is F.cross_entropy:
+        fast = narrow_cross_entropy(args, kwargs)
+    elif func in _LOG_SOFTMAX:
+        fast = _log_softmax(args, kwargs)
+    return fast if fast is not None else func(*args, **kwargs)
+
+
 class NarrowSoftmaxMode(TorchFunctionMode):
     """Routes ``F.cross_entropy`` and ``log_softmax`` over a last dimension of 2 to 15 entries (CPU, float) to
     :func:`transposed_log_softmax`; every other call runs unchanged."""
@@ -101,10 +111,4 @@ class NarrowSoftmaxMode(TorchFunctionMode):
     def __torch_function__(
         self, func: Callable, types: tuple, args: tuple = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
-        kwargs = kwargs or {}
-        fast: Tensor | None = None
-        if func is F.cross_entropy:
-            fast = _cross_entropy(args, kwargs)
-        elif func in _LOG_SOFTMAX:
-            fast = _log_softmax(args, kwargs)
-        return fast if fast is not None else func(*args, **kwargs)
+        return narrow_softmax_call(func, args, kwargs or {})

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_nobp.perturb.narrow_softmax import narrow_cross_entropy, narrow_softmax_call
+
 #: ``F.cross_entropy``'s arguments, in order
 CROSS_ENTROPY_ARGS = (
     "input",
@@ -48,8 +50,11 @@ def _mean_or_sum(bound: dict[str, Any]) -> str | None:
     return reduction
 
 
-def _class_index_rows(func: Callable, names: tuple[str, ...], args: tuple, kwargs: dict[str, Any]) -> Tensor | None:
-    """Row contributions of ``cross_entropy`` / ``nll_loss`` with class-index targets, or ``None`` if unsupported."""
+def _class_index_rows(
+    func: Callable, names: tuple[str, ...], args: tuple, kwargs: dict[str, Any], narrow: bool = False
+) -> Tensor | None:
+    """Row contributions of ``cross_entropy`` / ``nll_loss`` with class-index targets, or ``None`` if unsupported.
+    ``narrow``: a cross-entropy over a narrow class dimension takes ``NarrowSoftmaxMode``'s fast form."""
     bound = dict(zip(names, args)) | kwargs
     target = bound.get("target")
     reduction = _mean_or_sum(bound)
@@ -57,7 +62,9 @@ def _class_index_rows(func: Callable, names: tuple[str, ...], args: tuple, kwarg
         return None
     if bound.get("label_smoothing", 0.0) != 0.0 or not isinstance(target, Tensor) or target.is_floating_point():
         return None
-    unreduced = func(**(bound | {"reduction": "none"}))
+    unreduced = narrow_cross_entropy((), bound | {"reduction": "none"}) if narrow and func is F.cross_entropy else None
+    if unreduced is None:
+        unreduced = func(**(bound | {"reduction": "none"}))
     rows = unreduced.reshape(-1)
     if reduction == "sum":
         return rows
@@ -135,8 +142,10 @@ class RowLossRecorder(TorchFunctionMode):
     ``lightning_nobp.perturb.logit_layers`` can give.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, narrow_softmax: bool = False) -> None:
         super().__init__()
+        #: also do ``NarrowSoftmaxMode``'s work (one mode instead of two on every call of a population's forward)
+        self.narrow_softmax = narrow_softmax
         self.rows: Tensor | None = None
         #: the value the recorded loss returned (a training step that returns anything else added terms to it)
         self.total: Tensor | None = None
@@ -162,12 +171,14 @@ class RowLossRecorder(TorchFunctionMode):
         kwargs = kwargs or {}
         rows: Tensor | None = None
         if func is F.cross_entropy:
-            rows = _class_index_rows(F.cross_entropy, CROSS_ENTROPY_ARGS, args, kwargs)
+            rows = _class_index_rows(F.cross_entropy, CROSS_ENTROPY_ARGS, args, kwargs, self.narrow_softmax)
         elif func is F.nll_loss:
             rows = _class_index_rows(F.nll_loss, _NLL_ARGS, args, kwargs)
         elif func in _ELEMENTWISE_ARGS:
             rows = _elementwise_rows(func, args, kwargs)
         if rows is None:
+            if self.narrow_softmax:
+                return narrow_softmax_call(func, args, kwargs)
             return func(*args, **kwargs)
         self.calls += 1
         self.rows = rows if self.calls == 1 else None  # two losses in one step: rows of which? none
