@@ -331,3 +331,26 @@ def test_a_head_tied_to_an_embedding_is_not_estimated_from_rows() -> None:
     tokens, targets = torch.randint(0, 6, (16,)), torch.randint(0, 6, (16,))
     estimator, _, _ = _evaluated(EggRoll(population=16), model, lambda: F.cross_entropy(model(tokens), targets), 0)
     assert estimator.row_local == []
+
+
+def test_pair_differences_leave_out_pairs_with_a_non_finite_row() -> None:
+    from lightning_nobp.algorithms.base import Member, Population
+    from lightning_nobp.perturb.estimator import _pair_differences
+
+    population = EggRoll(population=8).ask(3)
+    table = torch.randn(8, 5)
+    seeds, differences = _pair_differences(population, table)
+    assert seeds == [m.noise_seed for m in population.members[0::2]]
+    torch.testing.assert_close(differences, (table[0::2] - table[1::2]) / (2 * population.sigma))
+    table[3, 2] = float("nan")  # the second pair's minus member
+    seeds, differences = _pair_differences(population, table)
+    assert seeds == [population.members[i].noise_seed for i in (0, 4, 6)]
+    torch.testing.assert_close(differences, (table[[0, 4, 6]] - table[[1, 5, 7]]) / (2 * population.sigma))
+    shuffled = Population(tuple(reversed(population.members)), population.sigma)  # (-, +) order
+    seeds, differences = _pair_differences(shuffled, table.flip(0))
+    assert seeds == [population.members[i].noise_seed for i in (6, 4, 0)]
+    torch.testing.assert_close(differences, (table[[6, 4, 0]] - table[[7, 5, 1]]) / (2 * population.sigma))
+    table[[0, 4]] = float("inf")
+    assert _pair_differences(population, table) is None  # one finite pair left
+    lone = Population((Member(1, 1.0), Member(1, -1.0)), 0.1)
+    assert _pair_differences(lone, torch.zeros(2, 3)) is None

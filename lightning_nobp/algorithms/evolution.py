@@ -157,20 +157,19 @@ class EvolutionStrategy(InputBases, Algorithm):
 
     def tell(self, population: Population, fitness: Tensor) -> Estimate:
         fitness = fitness.detach().to(torch.float64)
-        usable = self._usable(fitness)
-        dropped = int((~usable).sum())
-        if int(usable.sum()) < 2:
+        if bool(torch.isfinite(fitness).all()):  # the usual case: no member to drop, no masks
+            valid, usable, dropped = fitness, None, 0
+        else:
+            usable = self._usable(fitness)
+            valid, dropped = fitness[usable], int((~usable).sum())
+        if len(valid) < 2:
             return Estimate(None, dropped_members=dropped)
-        shaped = torch.zeros_like(fitness)
-        shaped[usable] = shape_fitness(fitness[usable], self.fitness_shaping)
-        coefficients = shaped / (self.sigma * int(usable.sum()))
-        valid = fitness[usable]
-        stats = {
-            "fitness_mean": float(valid.mean()),
-            "fitness_std": float(valid.std(unbiased=False)),
-            "fitness_best": float(valid.min()),
-            "dropped_members": float(dropped),
-        }
+        shaped = shape_fitness(valid, self.fitness_shaping)
+        if usable is not None:
+            shaped = torch.zeros_like(fitness).masked_scatter_(usable, shaped)
+        coefficients = shaped / (self.sigma * len(valid))
+        mean, std, best = torch.stack([valid.mean(), valid.std(unbiased=False), valid.min()]).tolist()
+        stats = {"fitness_mean": mean, "fitness_std": std, "fitness_best": best, "dropped_members": float(dropped)}
         return Estimate(coefficients.to(torch.float32), dropped_members=dropped, stats=stats)
 
     def prefetch_noise(

@@ -63,6 +63,37 @@ def _float_value(param: Tensor) -> Tensor:
     return (param.dequantize() if is_low_bit(param) else param).float()
 
 
+def _pair_differences(population: Population, table: Tensor) -> tuple[list[int], Tensor] | None:
+    """The antithetic pairs' per-row differences ``(c+ - c-) / (2 sigma)`` ``(K, N)`` and their noise seeds, over
+    the pairs whose rows are all finite; ``None`` with fewer than two such pairs.
+
+    Args:
+        population: the step's population.
+        table: every member's per-row losses ``(P, N)`` (NaN rows: not evaluated here).
+    """
+    members = population.members
+    finite = torch.isfinite(table).all(1)
+    plus_first = len(members) % 2 == 0 and all(
+        plus.sign > 0 > minus.sign and plus.noise_seed == minus.noise_seed
+        for plus, minus in zip(members[0::2], members[1::2])
+    )
+    if plus_first and bool(finite.all()):  # the usual layout, (+, -) twins side by side: no index lists
+        if len(members) < 4:
+            return None
+        return [member.noise_seed for member in members[0::2]], (table[0::2] - table[1::2]) / (2 * population.sigma)
+    plus: dict[int, int] = {}
+    minus: dict[int, int] = {}
+    for index, member in enumerate(members):
+        (plus if member.sign > 0 else minus)[member.noise_seed] = index
+    usable = finite.tolist()
+    pairs = [(seed, plus[seed], minus[seed]) for seed in plus if seed in minus]
+    pairs = [(seed, p, m) for seed, p, m in pairs if usable[p] and usable[m]]
+    if len(pairs) < 2:
+        return None
+    differences = (table[[p for _, p, _ in pairs]] - table[[m for _, _, m in pairs]]) / (2 * population.sigma)
+    return [seed for seed, _, _ in pairs], differences
+
+
 def _inputs_fit(layer: RowLocalLayer, inputs: Tensor | None, loss_rows: int) -> bool:
     """Whether a row-local layer's tapped inputs belong to a batch of ``loss_rows`` loss rows: one input row per
     loss row, or for an embedding a whole number of lookups per loss row's position (broadcast over the batch)."""
@@ -772,17 +803,10 @@ class PopulationEstimator:
         _, table, inputs, targets = record
         if exact_only:
             return self._exact_gradients(inputs, targets)
-        plus: dict[int, int] = {}
-        minus: dict[int, int] = {}
-        for index, member in enumerate(population.members):
-            (plus if member.sign > 0 else minus)[member.noise_seed] = index
-        finite = torch.isfinite(table).all(1).tolist()
-        pairs = [(seed, plus[seed], minus[seed]) for seed in plus if seed in minus]
-        pairs = [(seed, p, m) for seed, p, m in pairs if finite[p] and finite[m]]
-        if len(pairs) < 2:
+        paired = _pair_differences(population, table)
+        if paired is None:
             return self._exact_gradients(inputs, targets)
-        seeds = [seed for seed, _, _ in pairs]
-        differences = (table[[p for _, p, _ in pairs]] - table[[m for _, _, m in pairs]]) / (2 * population.sigma)
+        seeds, differences = paired
         estimates = self._exact_gradients(inputs, targets)
         for layer in self.row_local or []:
             if layer.weight_index in (self.logit_layers or ()):
