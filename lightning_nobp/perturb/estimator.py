@@ -879,10 +879,12 @@ class PopulationEstimator:
     ) -> tuple[Tensor, Tensor] | Tensor:
         """The noise of parameter ``index`` for ``seeds``, stacked: low-rank factors ``(A, B)`` or dense ``E``.
 
-        Taken from the stacks the batched evaluation built (``seed_noise``) when it has them, else drawn from the
-        algorithm.
+        Taken from the stacks the batched evaluation built (``seed_noise``) when it has them (the stack itself when
+        it holds exactly these seeds: read it, do not modify it), else drawn from the algorithm.
         """
         parts = [(part_seeds, stacked) for i, part_seeds, stacked in seed_noise if i == index]
+        if len(parts) == 1 and parts[0][0] == seeds:  # one chunk, its seeds in this order: the stack itself
+            return parts[0][1]
         row_of = {seed: row for row, seed in enumerate(seed for part_seeds, _ in parts for seed in part_seeds)}
         if parts and all(seed in row_of for seed in seeds):
             rows = torch.tensor([row_of[seed] for seed in seeds])
