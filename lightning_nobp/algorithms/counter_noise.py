@@ -25,6 +25,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+# on the CPU the integer arithmetic runs in numpy, at a fraction of the per-operation cost of torch's int64 (the bits
+# are identical)
+from lightning_nobp.algorithms.seeds import _NP_GOLDEN_GAMMA, _np_mix_
+
 _MASK64 = (1 << 64) - 1
 
 #: the largest draw (numbers per seed) made counter-based; larger draws use a re-seeded ``torch.Generator``
@@ -41,23 +45,6 @@ _GOLDEN_GAMMA = _signed(0x9E3779B97F4A7C15)
 _MIX1 = _signed(0xBF58476D1CE4E5B9)
 _MIX2 = _signed(0x94D049BB133111EB)
 _START = 0x243F6A8885A308D3  # derive_seed's starting state
-
-
-# the same constants as numpy unsigned integers: on the CPU the integer arithmetic runs in numpy, whose uint64 wraps
-# and shifts logically, at a fraction of the per-operation cost of torch's int64 (the bits are identical)
-_NP_GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
-_NP_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_NP_MIX2 = np.uint64(0x94D049BB133111EB)
-
-
-def _np_mix_(z: np.ndarray) -> np.ndarray:
-    """:func:`_mix_` on a numpy ``uint64`` array, in place."""
-    z ^= z >> np.uint64(30)
-    z *= _NP_MIX1
-    z ^= z >> np.uint64(27)
-    z *= _NP_MIX2
-    z ^= z >> np.uint64(31)
-    return z
 
 
 #: compute the streams' integer bits in numpy for CPU keys (tests switch it off to check the torch path, CUDA's, on

@@ -21,6 +21,16 @@ def _splitmix64(state: int) -> int:
     return z ^ (z >> 31)
 
 
+def _mixed_state(counters: tuple[int, ...]) -> int:
+    """The SplitMix64 state after absorbing ``counters`` (``derive_seed`` before its final shift)."""
+    state = 0x243F6A8885A308D3  # arbitrary non-zero start (digits of pi)
+    for counter in counters:
+        if counter < 0:
+            raise ValueError(f"seed counters must be non-negative integers, got {counters}")
+        state = _splitmix64(state ^ (counter & _MASK64))
+    return state
+
+
 def derive_seed(*counters: int) -> int:
     """Hash a tuple of non-negative integer counters into a 63-bit seed.
 
@@ -31,12 +41,24 @@ def derive_seed(*counters: int) -> int:
         A seed in ``[0, 2**63)``, suitable for ``torch.Generator.manual_seed``. Different counter tuples give
         unrelated seeds; the same tuple always gives the same seed, on every machine and process.
     """
-    state = 0x243F6A8885A308D3  # arbitrary non-zero start (digits of pi)
-    for counter in counters:
-        if counter < 0:
-            raise ValueError(f"seed counters must be non-negative integers, got {counters}")
-        state = _splitmix64(state ^ (counter & _MASK64))
-    return state >> 1
+    return _mixed_state(counters) >> 1
+
+
+# SplitMix64's constants as numpy unsigned integers: numpy's uint64 wraps and shifts logically, so a whole array of
+# states mixes in a few operations with the same bits as ``_splitmix64``
+_NP_GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_NP_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_NP_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def _np_mix_(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function on a numpy ``uint64`` array, in place."""
+    z ^= z >> np.uint64(30)
+    z *= _NP_MIX1
+    z ^= z >> np.uint64(27)
+    z *= _NP_MIX2
+    z ^= z >> np.uint64(31)
+    return z
 
 
 def derive_seed_range(*prefix: int, count: int) -> list[int]:
@@ -47,16 +69,6 @@ def derive_seed_range(*prefix: int, count: int) -> list[int]:
         *prefix: the leading counters (base seed, step, ...).
         count: how many consecutive final counters, from 0.
     """
-    state = 0x243F6A8885A308D3
-    for counter in prefix:
-        if counter < 0:
-            raise ValueError(f"seed counters must be non-negative integers, got {prefix}")
-        state = _splitmix64(state ^ (counter & _MASK64))
-    z = np.arange(count, dtype=np.uint64) ^ np.uint64(state)
-    z += np.uint64(0x9E3779B97F4A7C15)
-    z ^= z >> np.uint64(30)
-    z *= np.uint64(0xBF58476D1CE4E5B9)
-    z ^= z >> np.uint64(27)
-    z *= np.uint64(0x94D049BB133111EB)
-    z ^= z >> np.uint64(31)
-    return (z >> np.uint64(1)).tolist()
+    z = np.arange(count, dtype=np.uint64) ^ np.uint64(_mixed_state(prefix))
+    z += _NP_GOLDEN_GAMMA
+    return (_np_mix_(z) >> np.uint64(1)).tolist()
