@@ -180,7 +180,7 @@ def test_compare_smoke_mode_writes_json_and_png(tmp_path: Path) -> None:
     for run_report in (eggroll, backprop):
         assert run_report["steps"] == 6 and 0 <= run_report["held_out"]["test_acc"] <= 1
         assert [r["step"] for r in run_report["timeline"]] == [3, 6]
-    # 64 EggRoll members per step against one forward per backprop step
-    assert eggroll["timeline"][-1]["forwards"] == 64 * backprop["timeline"][-1]["forwards"]
+    # 64 EggRoll members per step, batched, and the unperturbed official pass, against one forward per backprop step
+    assert eggroll["timeline"][-1]["forwards"] == 65 * backprop["timeline"][-1]["forwards"]
     if importlib.util.find_spec("matplotlib") is not None:
         assert report["png"] and (tmp_path / "compare.png").stat().st_size > 1000
