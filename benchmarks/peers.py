@@ -403,6 +403,7 @@ class EvoTorchMethod:
             minibatch_size=spec.batch_size,
             common_minibatch=True,
         )
+        minibatch_rows = _count_minibatch_rows(problem)
         options = {"stdev_init": spec.evotorch_stdev, **self.options}
         if self.searcher == "SNES":
             searcher = SNES(problem, popsize=self.popsize, center_init=center, **options)
@@ -418,10 +419,28 @@ class EvoTorchMethod:
         clock = TrainingClock(budget, evaluate, CLOCKS[clock_name], memory)
         clock.start()
         while not clock.tick(0):
+            minibatch_rows.clear()
             searcher.step()
-            clock.samples += self.popsize * spec.batch_size
+            # every member is evaluated on each minibatch fetched for the step; the epoch's last one is short
+            clock.samples += self.popsize * sum(minibatch_rows)
         describe = f"evotorch {evotorch.__version__} {self.searcher}(popsize={self.popsize}, {options})"
         return {"clock": clock, "initial_checksum": initial_checksum, "describe": describe}
+
+
+def _count_minibatch_rows(problem: Any) -> list[int]:
+    """Record the rows of every minibatch ``problem`` (an EvoTorch ``SupervisedNE``) fetches: the returned list
+    grows by one entry per fetch (the caller clears it). Its loader does not drop the epoch's short last batch, so
+    counting ``minibatch_size`` rows per fetch would overstate its sample-forwards."""
+    fetched: list[int] = []
+    fetch = problem.get_minibatch
+
+    def counted_minibatch() -> Any:
+        batch = fetch()
+        fetched.append(len(batch[0]))
+        return batch
+
+    problem.get_minibatch = counted_minibatch
+    return fetched
 
 
 def _copy_structure(net: nn.Module) -> nn.Module:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -125,6 +126,19 @@ def test_same_initial_weights_for_every_method() -> None:
     first, second = peers.build_model(spec, 0), peers.build_model(spec, 0)
     for a, b in zip(first.parameters(), second.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not HAVE_EVOTORCH, reason="needs EvoTorch: pip install -e '.[bench]'")
+def test_evotorch_sample_forwards_count_the_short_last_minibatch() -> None:
+    spec = peers.DATASETS["digits"]
+    train, test = spec.load()
+    short = TensorDataset(*(tensor[:300] for tensor in train.tensors))  # minibatches of 256 and 44 rows in turn
+    method = peers.EvoTorchMethod("EvoTorch SNES", "SNES", popsize=8)
+    clock = method.run(spec, (short, test), budget=0.3, seed=0, clock_name="wall")["clock"]
+    steps = clock.steps - 1  # the first tick comes before any step
+    assert steps >= 2
+    rows = 256 * ((steps + 1) // 2) + 44 * (steps // 2)
+    assert clock.samples == 8 * rows
 
 
 def test_custom_algorithm_and_lr(tmp_path: Path) -> None:
