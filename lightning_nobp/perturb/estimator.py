@@ -26,6 +26,7 @@ from lightning_nobp.lowbit import apply_low_bit_update, is_low_bit, layout_of
 from lightning_nobp.perturb.direct_step import DirectHyperparameters, momentum_direction, rms
 from lightning_nobp.perturb.forward import ParameterOwners, ParameterReadProbe, PerturbedForward
 from lightning_nobp.perturb.input_subspace import InputSubspaces, tap_inputs
+from lightning_nobp.perturb.inplace_activations import activations_after_linear, activations_in_place
 from lightning_nobp.perturb.narrow_softmax import NarrowSoftmaxMode
 from lightning_nobp.perturb.row_estimate import embedding_row_gradient, row_local_gradient
 from lightning_nobp.perturb.logit_layers import cross_entropy_layer_gradient, find_logit_layers
@@ -178,7 +179,10 @@ class PopulationEstimator:
         self.algorithm = algorithm
         self.params = list(params)
         self.names = list(names) if names is not None else [f"param[{i}]" for i in range(len(self.params))]
+        roots = list(roots)
         self.owners = ParameterOwners(roots, self.params)
+        #: activations a batched evaluation computes in place (``lightning_nobp.perturb.inplace_activations``)
+        self.in_place_activations = activations_after_linear(roots)
         #: indices of the parameters stored in low bit (torchao subclasses): noise from Philox streams, fused updates
         self.low_bit = {index for index, param in enumerate(self.params) if is_low_bit(param)}
         self.probed = False
@@ -517,7 +521,7 @@ class PopulationEstimator:
             inputs = None if member_inputs is None else member_inputs(part)
             if rng is not None:
                 rng.restore()
-            with torch.no_grad(), loss_context():
+            with torch.no_grad(), loss_context(), activations_in_place(self.in_place_activations):
                 # a shared basis (``_shared_basis_factors``) is one tensor for every member: not vmapped
                 factor_dims = {i: (0, None if b.dim() == 2 else 0) for i, (_, b) in low_rank.items()}
                 in_dims = (0, factor_dims, None if inputs is None else 0)
