@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
+import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 
@@ -25,8 +29,25 @@ def load_digits_split(test_fraction: float = 0.2, seed: int = 0) -> tuple[Tensor
     return TensorDataset(features[train], labels[train]), TensorDataset(features[test], labels[test])
 
 
+class RowBatches(TensorDataset):
+    """A ``TensorDataset`` that also takes a whole batch of row numbers as one index (a list, as a ``BatchSampler``
+    yields), and gathers those rows with one ``index_select`` per tensor.
+
+    Indexing a tensor with a Python list converts the list element by element: for 256 rows of the digits'
+    features and labels that took 234 us, against 28 us through a numpy array (``/tmp`` micro-benchmark on the
+    2-core CPU), a fifth of a millisecond of every training step. The rows and their order are the same.
+    """
+
+    def __getitem__(self, index: Any) -> tuple[Tensor, ...]:
+        if isinstance(index, list):
+            rows = torch.from_numpy(np.asarray(index, dtype=np.int64))
+            return tuple(tensor.index_select(0, rows.to(tensor.device)) for tensor in self.tensors)
+        return super().__getitem__(index)
+
+
 def batched_loader(dataset: TensorDataset, batch_size: int, shuffle: bool, num_workers: int = 0) -> DataLoader:
-    """A DataLoader that indexes an in-memory ``TensorDataset`` once per batch instead of once per sample.
+    """A DataLoader that indexes an in-memory ``TensorDataset`` once per batch instead of once per sample
+    (through :class:`RowBatches`, which shares the dataset's tensors).
 
     For small in-memory datasets per-sample indexing and collation cost more than a forward pass.
 
@@ -36,9 +57,10 @@ def batched_loader(dataset: TensorDataset, batch_size: int, shuffle: bool, num_w
         shuffle: draw a new random order every epoch.
         num_workers: DataLoader worker processes.
     """
-    order = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+    rows = RowBatches(*dataset.tensors)
+    order = RandomSampler(rows) if shuffle else SequentialSampler(rows)
     return DataLoader(
-        dataset, sampler=BatchSampler(order, batch_size, drop_last=False), batch_size=None, num_workers=num_workers
+        rows, sampler=BatchSampler(order, batch_size, drop_last=False), batch_size=None, num_workers=num_workers
     )
 
 
