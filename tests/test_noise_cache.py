@@ -58,6 +58,23 @@ def test_the_cache_stays_within_its_bytes_and_evicts_the_oldest() -> None:
     assert cache.bytes <= 120
 
 
+def test_rows_of_one_stack_are_read_as_copies_in_the_keys_order() -> None:
+    cache = NoiseCache()
+    stack = torch.arange(24.0).view(6, 4)
+    cache.put(["a", "b", "c", "d", "e", "f"], (stack,))
+    never = lambda missing: pytest.fail(f"drew {missing}")  # noqa: E731
+    (middle,) = cache.get_stacked(["b", "c", "d"], never)  # consecutive rows: one slice
+    torch.testing.assert_close(middle, stack[1:4], rtol=0, atol=0)
+    (scattered,) = cache.get_stacked(["e", "a", "c"], never)  # any other order: a gather
+    torch.testing.assert_close(scattered, stack[[4, 0, 2]], rtol=0, atol=0)
+    (tail,) = cache.get_stacked(["e", "f"], never)
+    middle.zero_(), scattered.zero_(), tail.zero_()  # copies: the stack is untouched
+    torch.testing.assert_close(stack, torch.arange(24.0).view(6, 4), rtol=0, atol=0)
+    (past_the_end,) = cache.get_stacked(["f", "g"], lambda missing: (torch.full((len(missing), 4), -1.0),))
+    torch.testing.assert_close(past_the_end, torch.stack([stack[5], torch.full((4,), -1.0)]), rtol=0, atol=0)
+    assert cache.hits == 9 and cache.misses == 7
+
+
 def test_pickling_drops_the_tensors() -> None:
     algorithm = EggRoll(population=4)
     algorithm.noise(1, 0, torch.zeros(3, 3))

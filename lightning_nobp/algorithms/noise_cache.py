@@ -80,6 +80,15 @@ class NoiseCache:
         if whole is not None:  # the same keys as one earlier draw (a population asked again): no per-key lookups
             self.hits += len(keys)
             return tuple(t.clone() for t in self._touch(whole))
+        first = self._rows.get(keys[0]) if keys else None
+        if first is not None:
+            stack_id, start = first
+            stack, stack_keys, _ = self._stacks[stack_id]
+            if stack_keys[start : start + len(keys)] == list(keys):
+                # consecutive rows of one stack (a step's seeds in a window drawn for several steps): one slice
+                self.hits += len(keys)
+                self._stacks.move_to_end(stack_id)
+                return tuple(t[start : start + len(keys)].clone() for t in stack)
         places = [self._rows.get(key) for key in keys]
         if places and None not in places and len({stack_id for stack_id, _ in places}) == 1:
             # all rows of one stack (a window drawn for several steps): one gather
