@@ -127,3 +127,20 @@ def test_openes_defaults_follow_qiu_et_al() -> None:
     assert len(algorithm.ask(0)) == 30
     noise = algorithm.noise(1, 0, torch.zeros(20, 20))
     assert torch.linalg.matrix_rank(noise) == 20  # full rank
+
+
+def test_asking_again_returns_the_same_population_until_a_setting_changes() -> None:
+    import pickle
+
+    algorithm = EggRoll(population=8, sigma=0.05)
+    first = algorithm.ask(11)
+    assert algorithm.ask(11) is first and algorithm.ask(12) is not first
+    assert algorithm.ask(12).members != first.members
+    algorithm.sigma = 0.1  # a schedule changed sigma: a new population at the new scale, the same seeds
+    rescaled = algorithm.ask(11)
+    assert rescaled.sigma == 0.1 and rescaled.members == first.members
+    for step in range(100):  # the kept populations stay few
+        algorithm.ask(step)
+    assert len(algorithm.__dict__["_asked"]) <= 16
+    restored = pickle.loads(pickle.dumps(algorithm))
+    assert "_asked" not in restored.__dict__ and restored.ask(11).members == first.members

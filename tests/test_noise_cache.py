@@ -63,6 +63,7 @@ def test_rows_of_one_stack_are_read_as_copies_in_the_keys_order() -> None:
     stack = torch.arange(24.0).view(6, 4)
     cache.put(["a", "b", "c", "d", "e", "f"], (stack,))
     never = lambda missing: pytest.fail(f"drew {missing}")  # noqa: E731
+    assert cache.holds(["b", "c", "d"]) and cache.holds(["e", "a"]) and not cache.holds(["f", "g"])
     (middle,) = cache.get_stacked(["b", "c", "d"], never)  # consecutive rows: one slice
     torch.testing.assert_close(middle, stack[1:4], rtol=0, atol=0)
     (scattered,) = cache.get_stacked(["e", "a", "c"], never)  # any other order: a gather

@@ -11,6 +11,7 @@ full-rank Gaussian noise. OpenES uses full-rank Gaussian noise everywhere.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -33,6 +34,8 @@ from lightning_nobp.algorithms.shaping import FITNESS_SHAPINGS, shape_fitness
 NOISE_WINDOW_STEPS = 8
 #: most bytes of noise drawn for later steps in one prefetch (a large model's noise is drawn one step at a time)
 NOISE_WINDOW_BYTES = 4 * 1024 * 1024
+#: populations ``EvolutionStrategy.ask`` keeps (a noise window's steps are asked when it is drawn and on each step)
+ASKED_KEPT = 2 * NOISE_WINDOW_STEPS
 
 
 def _largest_divisor(number: int, at_most: int) -> int:
@@ -139,6 +142,23 @@ class EvolutionStrategy(InputBases, Algorithm):
         return self._population_chunk
 
     def ask(self, step_seed: int) -> Population:
+        """The step's population; the last ``ASKED_KEPT`` are kept (populations are immutable), since a step's
+        population is asked again when a noise window drew it earlier (``prefetch_noise``)."""
+        key = (step_seed, self.population, self.antithetic, self.sigma)
+        asked: OrderedDict = self.__dict__.setdefault("_asked", OrderedDict())
+        population = asked.get(key)
+        if population is None:
+            population = asked[key] = self._new_population(step_seed)
+            if len(asked) > ASKED_KEPT:
+                asked.popitem(last=False)
+        return population
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_asked", None)  # a cache
+        return state
+
+    def _new_population(self, step_seed: int) -> Population:
         members: list[Member] = []
         if self.antithetic:
             for seed in derive_seed_range(step_seed, count=self.population // 2):

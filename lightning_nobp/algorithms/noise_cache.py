@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
+from itertools import count, repeat
 
 import torch
 from torch import Tensor
@@ -80,15 +81,11 @@ class NoiseCache:
         if whole is not None:  # the same keys as one earlier draw (a population asked again): no per-key lookups
             self.hits += len(keys)
             return tuple(t.clone() for t in self._touch(whole))
-        first = self._rows.get(keys[0]) if keys else None
-        if first is not None:
-            stack_id, start = first
-            stack, stack_keys, _ = self._stacks[stack_id]
-            if stack_keys[start : start + len(keys)] == list(keys):
-                # consecutive rows of one stack (a step's seeds in a window drawn for several steps): one slice
-                self.hits += len(keys)
-                self._stacks.move_to_end(stack_id)
-                return tuple(t[start : start + len(keys)].clone() for t in stack)
+        consecutive = self._consecutive_rows(keys)
+        if consecutive is not None:  # a step's seeds in a window drawn for several steps: one slice
+            stack_id, start = consecutive
+            self.hits += len(keys)
+            return tuple(t[start : start + len(keys)].clone() for t in self._touch(stack_id))
         places = [self._rows.get(key) for key in keys]
         if places and None not in places and len({stack_id for stack_id, _ in places}) == 1:
             # all rows of one stack (a window drawn for several steps): one gather
@@ -122,7 +119,18 @@ class NoiseCache:
 
     def holds(self, keys: Sequence[Hashable]) -> bool:
         """Whether every one of ``keys`` is cached."""
-        return tuple(keys) in self._whole or all(key in self._rows for key in keys)
+        if tuple(keys) in self._whole or self._consecutive_rows(keys) is not None:
+            return True
+        return all(key in self._rows for key in keys)
+
+    def _consecutive_rows(self, keys: Sequence[Hashable]) -> tuple[int, int] | None:
+        """``(stack id, first row)`` when ``keys`` are consecutive rows of one cached stack, else ``None``."""
+        first = self._rows.get(keys[0]) if keys else None
+        if first is None:
+            return None
+        stack_id, start = first
+        stack_keys = self._stacks[stack_id][1]
+        return first if stack_keys[start : start + len(keys)] == list(keys) else None
 
     def put(self, keys: Sequence[Hashable], tensors: tuple[Tensor, ...]) -> None:
         """Keep ``tensors`` (row ``i`` of each is the entry of ``keys[i]``), drawn ahead of the requests for them.
@@ -147,8 +155,7 @@ class NoiseCache:
         self._next_id += 1
         self._stacks[stack_id] = (tensors, keys, size)
         self._bytes += size
-        for row, key in enumerate(keys):
-            self._rows[key] = (stack_id, row)
+        self._rows.update(zip(keys, zip(repeat(stack_id), count())))
         self._whole[tuple(keys)] = stack_id
         while self._bytes > self.max_bytes:
             evicted_id, (_, evicted_keys, evicted_size) = self._stacks.popitem(last=False)
