@@ -154,6 +154,29 @@ def scalar_loss(value: object, where: str) -> Tensor:
     return value.reshape(())
 
 
+def _flat_perturbations(
+    dense: dict[int, Tensor], low_rank: dict[int, tuple[Tensor, Tensor]]
+) -> tuple[list[Tensor], list[int | None], Callable[[Sequence[Tensor]], tuple[dict, dict]]]:
+    """Stacked perturbations as a flat list of tensors, their ``vmap`` dimensions, and the function that turns
+    the (per-member) list back into ``(dense, low_rank)``. A shared basis ``B`` (two dimensions,
+    ``_shared_basis_factors``) is one tensor for every member: not vmapped."""
+    dense_indices, low_rank_indices = list(dense), list(low_rank)
+    tensors: list[Tensor] = [dense[i] for i in dense_indices]
+    dims: list[int | None] = [0] * len(tensors)
+    for index in low_rank_indices:
+        a, b = low_rank[index]
+        tensors += [a, b]
+        dims += [0, None if b.dim() == 2 else 0]
+    split = len(dense_indices)
+
+    def unflatten(values: Sequence[Tensor]) -> tuple[dict, dict]:
+        factors = values[split:]
+        pairs = {index: (factors[2 * k], factors[2 * k + 1]) for k, index in enumerate(low_rank_indices)}
+        return dict(zip(dense_indices, values[:split])), pairs
+
+    return tensors, dims, unflatten
+
+
 class PopulationEstimator:
     """Runs one step of an algorithm's ask/evaluate/tell loop over given parameters.
 
@@ -494,9 +517,8 @@ class PopulationEstimator:
         rows: list[tuple[list[int], Tensor, Tensor]] = []
         recorded: list[bool] = []
 
-        def member_loss(
-            dense: dict[int, Tensor], low_rank: dict[int, tuple[Tensor, Tensor]], inputs: Any
-        ) -> tuple[Tensor, Tensor, Tensor]:
+        def member_loss(inputs: Any, *tensors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            dense, low_rank = unflatten(tensors)
             with PerturbedForward(
                 self.owners,
                 lambda index, stored: dense[index],
@@ -521,12 +543,12 @@ class PopulationEstimator:
             inputs = None if member_inputs is None else member_inputs(part)
             if rng is not None:
                 rng.restore()
+            tensors, tensor_dims, unflatten = _flat_perturbations(dense, low_rank)
             with torch.no_grad(), loss_context(), activations_in_place(self.in_place_activations):
-                # a shared basis (``_shared_basis_factors``) is one tensor for every member: not vmapped
-                factor_dims = {i: (0, None if b.dim() == 2 else 0) for i, (_, b) in low_rank.items()}
-                in_dims = (0, factor_dims, None if inputs is None else 0)
+                # flat arguments: vmap's argument handling is pytree work per leaf and per level of nesting
+                in_dims = (None if inputs is None else 0, *tensor_dims)
                 losses, part_rows, mismatches = torch.func.vmap(member_loss, in_dims=in_dims, randomness="same")(
-                    dense, low_rank, inputs
+                    inputs, *tensors
                 )
             fitness[part] = losses.float().cpu()
             if recorded and recorded[-1]:
