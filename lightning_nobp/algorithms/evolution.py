@@ -145,7 +145,9 @@ class EvolutionStrategy(InputBases, Algorithm):
         """The step's population; the last ``ASKED_KEPT`` are kept (populations are immutable), since a step's
         population is asked again when a noise window drew it earlier (``prefetch_noise``)."""
         key = (step_seed, self.population, self.antithetic, self.sigma)
-        asked: OrderedDict = self.__dict__.setdefault("_asked", OrderedDict())
+        asked: OrderedDict | None = self.__dict__.get("_asked")  # absent after unpickling (``__getstate__``)
+        if asked is None:
+            asked = self.__dict__["_asked"] = OrderedDict()
         population = asked.get(key)
         if population is None:
             population = asked[key] = self._new_population(step_seed)
