@@ -186,7 +186,7 @@ def time_inference(model: GPT, setup: Setup) -> dict:
 def perturbation_bytes(estimator: PopulationEstimator, algorithm: EggRoll, chunk: int) -> int:
     """Bytes of the stacked perturbation tensors of one chunk, as ``evaluate_batched`` builds them.
 
-    Uses the estimator's private ``_stacked_perturbations`` (as the library's tests do), so the estimate follows
+    Uses the estimator's ``noise.chunk``, so the estimate follows
     whatever the library actually stacks: low-rank factors for ``nn.Linear`` and ``nn.Embedding`` weights,
     dense noise otherwise.
 
@@ -195,8 +195,7 @@ def perturbation_bytes(estimator: PopulationEstimator, algorithm: EggRoll, chunk
         algorithm: its EggRoll algorithm.
         chunk: members per batched forward.
     """
-    dense, low_rank = estimator._stacked_perturbations(algorithm.ask(0), list(range(chunk)))
-    tensors = list(dense.values()) + [t for pair in low_rank.values() for t in pair]
+    tensors, _ = estimator.noise.chunk(algorithm.ask(0), list(range(chunk))).flat()
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_nobp.algorithms import EggRoll
-from lightning_nobp.perturb import PopulationEstimator
+from lightning_nobp.perturb import EstimatorOptions, PopulationEstimator
 
 
 def _data(dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,10 +57,7 @@ def cosines(net: nn.Module, loss: Callable[[], torch.Tensor], algorithm: EggRoll
     for param in params:
         param.grad = None
     true = torch.autograd.grad(loss(), params)
-    estimator = PopulationEstimator(algorithm, [net], params)
-    estimator.row_estimates = algorithm.per_row_estimates
-    estimator.row_embeddings = algorithm.per_row_embeddings
-    estimator.exact_logit_layers = algorithm.exact_head_gradient
+    estimator = PopulationEstimator(algorithm, [net], params, options=EstimatorOptions.of(algorithm))
     members = algorithm.ask(seed)
     with torch.no_grad():
         estimator.probe_parameter_reads(members, loss)

@@ -153,7 +153,6 @@ def test_alibi_gpt_population_evaluates_the_same_batched_and_one_member_at_a_tim
     for batched in (True, False):
         algorithm = EggRoll(population=8, sigma=0.05)
         estimator = PopulationEstimator(algorithm, [model], list(model.parameters()))
-        estimator.row_estimates = False
         population = algorithm.ask(3)
         estimator.probe_parameter_reads(population, loss)
         losses.append(estimator.evaluate_members(population, loss, batched=batched))

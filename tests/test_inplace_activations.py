@@ -80,14 +80,14 @@ def test_batched_fitness_is_bit_identical_to_out_of_place_activations(activation
     model = nn.Sequential(nn.Linear(6, 16), activation(), nn.Linear(16, 12), activation(), nn.Linear(12, 3))
     x, targets = torch.randn(32, 6), torch.randint(0, 3, (32,))
     estimator = PopulationEstimator(algorithm, [model], list(model.parameters()))
-    assert len(estimator.in_place_activations) == 2
+    assert len(estimator.evaluation.in_place_activations) == 2
 
     def loss() -> torch.Tensor:
         return F.cross_entropy(model(x), targets)
 
     population = algorithm.ask(3)
     switched = estimator.evaluate_batched(population, loss)
-    estimator.in_place_activations = []
+    estimator.evaluation.in_place_activations = []
     reference = estimator.evaluate_batched(population, loss)
     assert torch.equal(switched, reference)
     assert len(set(reference.tolist())) == len(population)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_nobp.algorithms import EggRoll, MeZO, OpenES
-from lightning_nobp.perturb import PopulationEstimator
+from lightning_nobp.perturb import EstimatorOptions, PopulationEstimator
 from lightning_nobp.perturb.input_subspace import WHITENING, InputSubspaces, principal_basis
 from lightning_nobp.pytorch import NoBackpropStrategy
 from conftest import quiet_trainer_kwargs
@@ -67,10 +67,9 @@ class InputNormalized(nn.Module):
 
 
 def _estimator_with_subspaces(net: nn.Module, algorithm: EggRoll | OpenES) -> PopulationEstimator:
-    estimator = PopulationEstimator(algorithm, [net], list(net.parameters()))
     assert algorithm.input_subspace is not None
-    estimator.input_subspaces = InputSubspaces(algorithm.input_subspace)
-    return estimator
+    options = EstimatorOptions(input_subspace=algorithm.input_subspace)
+    return PopulationEstimator(algorithm, [net], list(net.parameters()), options=options)
 
 
 def _step(estimator: PopulationEstimator, algorithm: EggRoll | OpenES, loss, seed: int) -> None:
@@ -89,7 +88,7 @@ def test_only_layers_fed_by_the_data_get_a_basis() -> None:
     algorithm = EggRoll(population=8)
     estimator = _estimator_with_subspaces(mlp, algorithm)
     _step(estimator, algorithm, lambda: F.cross_entropy(mlp(x), y), seed=1)
-    assert estimator.input_subspaces is not None and list(estimator.input_subspaces.layers or {}) == [0]
+    assert estimator.input_subspaces is not None and list(estimator.input_subspaces.subspaces.layers or {}) == [0]
     assert set(algorithm.input_bases) == {id(mlp[0].weight)}
     assert algorithm.input_bases[id(mlp[0].weight)][0].shape[1] < 40
 
@@ -97,7 +96,7 @@ def test_only_layers_fed_by_the_data_get_a_basis() -> None:
     algorithm = EggRoll(population=8)
     estimator = _estimator_with_subspaces(normalized, algorithm)
     _step(estimator, algorithm, lambda: F.cross_entropy(normalized(x), y), seed=1)
-    assert estimator.input_subspaces is not None and estimator.input_subspaces.layers == {}
+    assert estimator.input_subspaces is not None and estimator.input_subspaces.subspaces.layers == {}
     assert algorithm.input_bases == {}
 
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_nobp.algorithms import EggRoll, OpenES
-from lightning_nobp.perturb import PopulationEstimator
+from lightning_nobp.perturb import EstimatorOptions, PopulationEstimator, RowEstimateOptions
+from lightning_nobp.perturb.update import merged_weights
 from lightning_nobp.perturb.logit_layers import cross_entropy_layer_gradient, find_logit_layers
 from lightning_nobp.perturb.row_losses import CrossEntropyTargets, RowLocalLayer, RowLossRecorder
 from lightning_nobp.pytorch import NoBackpropStrategy
@@ -114,10 +115,7 @@ def _head_gradient_cosine(algorithm: EggRoll | OpenES, exact: bool, batched: boo
     net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 12))  # 12 outputs, 4 antithetic pairs
     x, y = torch.randn(64, 20), torch.randint(0, 12, (64,))
     true_head = torch.autograd.grad(F.cross_entropy(net(x), y), net[2].weight)[0]
-    estimator = PopulationEstimator(algorithm, [net], list(net.parameters()))
-    estimator.row_estimates = True
-    estimator.row_max_outputs = 12
-    estimator.exact_logit_layers = exact
+    estimator = PopulationEstimator(algorithm, [net], list(net.parameters()), options=EstimatorOptions(rows=RowEstimateOptions(enabled=True, max_outputs=12, exact_head=exact)))
     population = algorithm.ask(seed)
 
     def loss() -> torch.Tensor:
@@ -127,9 +125,9 @@ def _head_gradient_cosine(algorithm: EggRoll | OpenES, exact: bool, batched: boo
     fitness = estimator.evaluate_members(population, loss, batched=batched)
     coefficients = algorithm.tell(population, fitness).coefficients
     estimator.accumulate_gradient(population, coefficients)
-    assert estimator.logit_layers == ({2} if exact else None)  # the head's weight
+    assert estimator.rows.logit_layers == ({2} if exact else None)  # the head's weight
     head = net[2].weight.grad
-    merged = estimator._merged_weights([(population, coefficients)])
+    merged = merged_weights([(population, coefficients)])
     replaced = algorithm.combine(merged, 2, net[2].weight)  # the evolution-strategies estimate the head's replaces
     assert float(head.norm()) == pytest.approx(float(replaced.norm()), rel=1e-4)
     return float(F.cosine_similarity(head.flatten(), true_head.flatten(), dim=0)), float(head.norm())
@@ -154,10 +152,7 @@ def _member_losses(algorithm: EggRoll | OpenES, train_head: bool, exact: bool, b
     net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 12))
     x, y = torch.randn(64, 20), torch.randint(0, 12, (64,))
     params = list(net.parameters()) if train_head else list(net[0].parameters())
-    estimator = PopulationEstimator(algorithm, [net], params)
-    estimator.row_estimates = True
-    estimator.row_max_outputs = 32
-    estimator.exact_logit_layers = exact
+    estimator = PopulationEstimator(algorithm, [net], params, options=EstimatorOptions(rows=RowEstimateOptions(enabled=True, max_outputs=32, exact_head=exact)))
     population = algorithm.ask(0)
 
     def loss() -> torch.Tensor:
@@ -185,8 +180,7 @@ def test_an_unperturbed_head_is_left_alone_when_the_step_has_no_exact_gradient(l
     algorithm = EggRoll(population=8, sigma=0.1, exact_head_gradient=True)
     net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 12))
     x, y = torch.randn(64, 20), torch.randint(0, 12, (64,))
-    estimator = PopulationEstimator(algorithm, [net], list(net.parameters()))
-    estimator.row_estimates, estimator.row_max_outputs, estimator.exact_logit_layers = True, 32, True
+    estimator = PopulationEstimator(algorithm, [net], list(net.parameters()), options=EstimatorOptions(rows=RowEstimateOptions(enabled=True, max_outputs=32, exact_head=True)))
     population = algorithm.ask(0)
 
     def loss() -> torch.Tensor:
@@ -195,10 +189,10 @@ def test_an_unperturbed_head_is_left_alone_when_the_step_has_no_exact_gradient(l
     estimator.probe_parameter_reads(population, loss)
     coefficients = algorithm.tell(population, estimator.evaluate_members(population, loss)).coefficients
     if lost == "record":  # as if the step's per-row record were lost (another population's update)
-        estimator._row_record = None
+        estimator.rows._record = None
     else:  # the loss's cross-entropy targets were not recorded
-        assert estimator._row_record is not None
-        estimator._row_record = (*estimator._row_record[:3], None)
+        assert estimator.rows._record is not None
+        estimator.rows._record = (*estimator.rows._record[:3], None)
     estimator.accumulate_gradient(population, coefficients)
     assert net[2].weight.grad is None and net[2].bias.grad is None  # its evolution-strategies estimate is noise
     assert net[0].weight.grad is not None
@@ -235,11 +229,11 @@ def test_the_trainer_gives_the_head_its_exact_gradient(no_backprop: None) -> Non
     strategy = _fit(model, EggRoll(population=32, exact_head_gradient=True))
     (estimator,) = strategy.engine._estimators.values()
     head_index = next(i for i, p in enumerate(estimator.params) if p is model.net[2].weight)
-    assert estimator.logit_layers == {head_index}
+    assert estimator.rows.logit_layers == {head_index}
     with pytest.warns(UserWarning, match="no layer's output is the logits"):
         strategy = _fit(TemperatureDigits(), EggRoll(population=32, exact_head_gradient=True))
     (estimator,) = strategy.engine._estimators.values()
-    assert estimator.logit_layers == set()  # searched once, none: the head keeps its per-row estimate
+    assert estimator.rows.logit_layers == set()  # searched once, none: the head keeps its per-row estimate
 
 
 def test_a_low_bit_head_takes_its_exact_gradient(no_backprop: None) -> None:
@@ -249,6 +243,6 @@ def test_a_low_bit_head_takes_its_exact_gradient(no_backprop: None) -> None:
     head_before = model.net[2].weight.detach().clone()
     strategy = _fit(model, EggRoll(population=32, exact_head_gradient=True), plugins=[LowBitPrecision("fp8_e4m3")])
     (estimator,) = strategy.engine._estimators.values()
-    assert len(estimator.logit_layers) == 1
+    assert len(estimator.rows.logit_layers) == 1
     head = model.net[2].weight.dequantize().float()
     assert bool(torch.isfinite(head).all()) and not torch.equal(head, head_before)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,10 +104,10 @@ def test_population_estimator_uses_the_mode_on_cpu_with_the_same_fitness(counted
     def loss() -> torch.Tensor:
         return F.cross_entropy(net(x), y)
 
-    assert estimator.narrow_softmax
+    assert estimator.evaluation.narrow_softmax
     fast = estimator.evaluate_members(population, loss)
     assert counted, "the population's cross-entropy did not take the transposed path"
-    estimator.narrow_softmax = False
+    estimator.evaluation.loss_context = contextlib.nullcontext
     counted.clear()
     native = estimator.evaluate_members(population, loss)
     assert counted == []

@@ -1,16 +1,18 @@
-"""The perturbation mechanism: every layer type computes with theta + delta, stored weights stay bit-identical."""
+"""The member layers: every layer type computes with theta + delta, stored weights stay bit-identical, and the
+installation changes nothing outside an evaluation."""
 
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
 from torch import nn
 
 from lightning_nobp.algorithms import MeZO
-from lightning_nobp.perturb import ParameterOwners, PopulationEstimator, PerturbedForward
-from lightning_nobp.perturb.forward import perturbed_value
+from lightning_nobp.perturb import MemberLayers, ParameterOwners, Perturbation, PopulationEstimator
+from lightning_nobp.perturb.member_layers import perturbed_value
 
 
 class EveryLayer(nn.Module):
@@ -140,9 +142,9 @@ def test_an_exception_inside_a_forward_restores_the_stored_weights() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), Failing(4, 4))
     params = trainable(model)
     before = snapshot(model)
-    owners = ParameterOwners([model], params)
+    layers = MemberLayers(ParameterOwners([model], params))
     with pytest.raises(RuntimeError, match="boom"):
-        with torch.no_grad(), PerturbedForward(owners, lambda i, p: torch.ones_like(p, dtype=torch.float32)):
+        with torch.no_grad(), layers.perturbed(Perturbation(delta_fn=lambda i, p: torch.ones_like(p, dtype=torch.float32))):
             model(torch.randn(2, 4))
     for name, p in model.named_parameters():
         assert p is dict(model.named_parameters())[name] and torch.equal(p, before[name])
@@ -160,11 +162,11 @@ def test_low_rank_correction_with_a_folded_bias_equals_the_perturbed_layer(rank:
     """The weight's correction also adds the bias's perturbation (the layer runs with its stored bias)."""
     torch.manual_seed(0)
     layer = nn.Linear(6, 4)
-    owners = ParameterOwners([layer], [layer.weight, layer.bias])
+    layers = MemberLayers(ParameterOwners([layer], [layer.weight, layer.bias]))
     a, b, bias_delta = torch.randn(4, rank), torch.randn(6, rank), torch.randn(4)
     x = torch.randn(input_shape)
     expected = nn.functional.linear(x, layer.weight + a @ b.t(), layer.bias + bias_delta)
-    with torch.no_grad(), PerturbedForward(owners, lambda index, stored: bias_delta, low_rank={0: (a, b)}):
+    with torch.no_grad(), layers.perturbed(Perturbation(low_rank={0: (a, b)}, dense={1: bias_delta})):
         got = layer(x)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -174,7 +176,7 @@ def test_low_rank_correction_with_a_folded_bias_equals_the_perturbed_layer(rank:
     stored = snapshot(layer)
 
     def member_output(a: torch.Tensor, b: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        with PerturbedForward(owners, lambda index, stored: delta, low_rank={0: (a, b)}):
+        with layers.perturbed(Perturbation(low_rank={0: (a, b)}, dense={1: delta})):
             return layer(x)
 
     with torch.no_grad():
@@ -185,3 +187,67 @@ def test_low_rank_correction_with_a_folded_bias_equals_the_perturbed_layer(rank:
             torch.testing.assert_close(batched[m], reference, rtol=1e-5, atol=1e-5)
     for name, p in layer.named_parameters():
         assert torch.equal(p, stored[name]), name
+
+
+def test_member_layers_are_installed_once_and_change_nothing_outside_an_evaluation() -> None:
+    """The installed forwards call the class's own forward when no perturbation is active: same outputs, same
+    parameters and state_dict; evaluations register no hooks; copies and pickles of the module carry no
+    installation; closing the estimator gives every module its own forward back."""
+    torch.manual_seed(0)
+    model = EveryLayer()
+    tokens, image = inputs()
+    with torch.no_grad():
+        clean = model(tokens, image)
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    algorithm = MeZO(eps=1e-2)
+    estimator = PopulationEstimator(algorithm, [model], trainable(model))
+    installed = [m for m in model.modules() if "forward" in m.__dict__]
+    assert {type(m).__name__ for m in installed} == {
+        "Embedding", "Conv2d", "MultiheadAttention", "NonDynamicallyQuantizableLinear", "LayerNorm", "Linear",
+        "EveryLayer",
+    }  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, image), clean, rtol=0, atol=0)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[name], value) for name, value in state.items())
+
+    hooks = [(m._forward_hooks.copy(), m._forward_pre_hooks.copy()) for m in model.modules()]
+    population = algorithm.ask(0)
+    estimator.probe_parameter_reads(population, lambda: model(tokens, image))
+    with torch.no_grad():
+        perturbed = estimator.evaluate(population, lambda: model(tokens, image).float().sum())
+    assert len(set(perturbed.tolist())) == len(population)
+    assert [(m._forward_hooks, m._forward_pre_hooks) for m in model.modules()] == hooks
+
+    copied = copy.deepcopy(model)
+    unpickled = pickle.loads(pickle.dumps(model))
+    for other in (copied, unpickled):
+        for module in other.modules():
+            forward = module.__dict__.get("forward")
+            assert forward is None or forward.__self__ is module  # the class's forward, bound to the copy
+        with torch.no_grad():
+            torch.testing.assert_close(other(tokens, image), clean, rtol=0, atol=0)
+    estimator.close()
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, image), clean, rtol=0, atol=0)
+
+
+def test_layer_norm_takes_its_gain_and_bias_noise_elementwise() -> None:
+    """A LayerNorm's perturbed gain and bias give the output of a LayerNorm holding them, also for a batch of
+    members under vmap (the normalization itself is shared)."""
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(6)
+    layers = MemberLayers(ParameterOwners([norm], [norm.weight, norm.bias]))
+    x = torch.randn(3, 6)
+    gains, shifts = torch.randn(4, 6), torch.randn(4, 6)
+
+    def member(gain: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        with layers.perturbed(Perturbation(dense={0: gain, 1: shift})):
+            return norm(x)
+
+    with torch.no_grad():
+        batched = torch.func.vmap(member)(gains, shifts)
+        for m in range(4):
+            expected = nn.functional.layer_norm(x, (6,), norm.weight + gains[m], norm.bias + shifts[m])
+            torch.testing.assert_close(batched[m], expected, rtol=1e-5, atol=1e-6)

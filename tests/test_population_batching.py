@@ -48,7 +48,8 @@ def test_linear_and_embedding_layers_take_the_low_rank_correction_not_a_perturbe
     model = nn.Sequential(nn.Embedding(9, 6), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
     algorithm = EggRoll(population=4)
     estimator = PopulationEstimator(algorithm, [model], list(model.parameters()))
-    dense, low_rank = estimator._stacked_perturbations(algorithm.ask(0), [0, 1, 2, 3])
+    noise = estimator.noise.chunk(algorithm.ask(0), [0, 1, 2, 3])
+    dense, low_rank = noise.dense, noise.low_rank
     assert set(low_rank) == {0, 1, 3}  # the embedding and the two Linear weights
     assert set(dense) == {2, 4}  # the biases
     a, b = low_rank[1]
@@ -56,7 +57,7 @@ def test_linear_and_embedding_layers_take_the_low_rank_correction_not_a_perturbe
     tied = EveryLayer()  # embed.weight is also head.weight; conv, attention and norms stay dense
     estimator = PopulationEstimator(algorithm, [tied], list(tied.parameters()))
     names = [name for name, _ in tied.named_parameters()]
-    _, low_rank = estimator._stacked_perturbations(algorithm.ask(0), [0, 1])
+    low_rank = estimator.noise.chunk(algorithm.ask(0), [0, 1]).low_rank
     # attention reads out_proj.weight without calling out_proj, so it stays dense
     assert {names[i] for i in low_rank} == {"embed.weight", "proj.weight"}
 
@@ -68,7 +69,7 @@ def test_batched_hidden_layers_compute_with_whole_member_weights_and_agree_with_
     """On CPU in float32, an ``nn.Linear`` fed a batched population's rows (here the second and third layers) takes
     each member's whole weight ``W + A B^T`` (and perturbed bias): the same fitness as the shared product plus the
     low-rank correction, and the stored weights come back untouched."""
-    from lightning_nobp.perturb import forward
+    from lightning_nobp.perturb import member_layers as forward
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16, bias=bias), nn.ReLU(), nn.Linear(16, 12, bias=bias), nn.Tanh(),
@@ -102,7 +103,7 @@ def test_batched_hidden_layers_compute_with_whole_member_weights_and_agree_with_
 
 
 def test_whole_member_weights_only_where_they_save_memory_traffic() -> None:
-    from lightning_nobp.perturb.forward import per_member_weight_is_cheaper
+    from lightning_nobp.perturb.member_layers import per_member_weight_is_cheaper
 
     hidden, wide = nn.Linear(128, 10), nn.Linear(784, 256)
     seen: list[bool] = []
@@ -241,7 +242,7 @@ def test_unknown_member_data_is_refused() -> None:
 
 def test_batched_evaluation_keeps_the_stacked_dense_noise_within_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     """MeZO's dense noise is stacked per member: past the byte budget the members go in chunks, same losses."""
-    import lightning_nobp.perturb.estimator as estimator_module
+    import lightning_nobp.perturb.member_noise as noise_module
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -256,17 +257,17 @@ def test_batched_evaluation_keeps_the_stacked_dense_noise_within_its_budget(monk
     whole.probe_parameter_reads(population, loss)
     expected = whole.evaluate_batched(population, loss)
 
-    monkeypatch.setattr(estimator_module, "STACKED_NOISE_BYTES", 3 * 4 * sum(p.numel() for p in net.parameters()))
+    monkeypatch.setattr(noise_module, "STACKED_NOISE_BYTES", 3 * 4 * sum(p.numel() for p in net.parameters()))
     chunked = PopulationEstimator(algorithm, [net], list(net.parameters()))
     chunked.probe_parameter_reads(population, loss)
     sizes: list[int] = []
-    stack = chunked._stacked_perturbations
+    stack = chunked.noise.chunk
 
-    def recording(population_, members):  # type: ignore[no-untyped-def]
+    def recording(population_, members, *args):  # type: ignore[no-untyped-def]
         sizes.append(len(members))
-        return stack(population_, members)
+        return stack(population_, members, *args)
 
-    monkeypatch.setattr(chunked, "_stacked_perturbations", recording)
+    monkeypatch.setattr(chunked.noise, "chunk", recording)
     torch.testing.assert_close(chunked.evaluate_batched(population, loss), expected)
     assert sizes == [3, 3, 2]
 
@@ -290,7 +291,8 @@ def test_dense_noise_in_an_input_subspace_is_evaluated_through_the_shared_basis(
 
     estimator.probe_parameter_reads(algorithm.ask(0), loss)
     population = algorithm.ask(3)
-    dense, low_rank = estimator._stacked_perturbations(population, list(range(len(population))))
+    noise = estimator.noise.chunk(population, list(range(len(population))))
+    dense, low_rank = noise.dense, noise.low_rank
     assert set(low_rank) == {0} and set(dense) == {1, 2, 3}  # the data-fed weight, through its basis
     factors, shared = low_rank[0]
     assert factors.shape == (len(population), 16, 4) and shared.shape == (12, 4)  # one basis for every member

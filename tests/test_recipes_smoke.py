@@ -83,7 +83,7 @@ def test_shakespeare_recipes_smoke_mode_report_bits_per_byte(recipe: str, litdat
         gpt = cli.model.model
         (estimator,) = cli.trainer.strategy.engine._estimators.values()
         names = {
-            name for name, module in gpt.named_modules() for layer in estimator.row_local if layer.module is module
+            name for name, module in gpt.named_modules() for layer in estimator.rows.row_local if layer.module is module
         }
         assert names == {"lm_head", "blocks.0.attn.proj", "blocks.0.mlp.fc", "blocks.0.mlp.proj", "wte", "wpe"}
         # the two recipes differ in the weights' storage only: FP8 (torchao Float8Tensor) or BF16
@@ -128,7 +128,7 @@ def test_gpt_1b_recipe_shrunk_to_a_cpu_smoke_run(recipe: str, litdata_scratch: P
         # the untied head computes the cross-entropy's logits: it takes its exact gradient
         (estimator,) = cli.trainer.strategy.engine._estimators.values()
         head = next(i for i, p in enumerate(estimator.params) if p is cli.model.model.lm_head.weight)
-        assert estimator.logit_layers == {head}
+        assert estimator.rows.logit_layers == {head}
 
 
 def test_smollm2_backprop_twin_matches_the_mezo_recipe() -> None:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_nobp.algorithms import EggRoll, OpenES
-from lightning_nobp.perturb import PopulationEstimator
+from lightning_nobp.perturb import EstimatorOptions, PopulationEstimator
 from lightning_nobp.perturb.row_estimate import embedding_row_gradient
 from lightning_nobp.perturb.row_losses import RowLocalLayer, find_row_local_layers
 
@@ -156,9 +156,7 @@ def test_factor_and_dense_noise_give_the_same_estimate() -> None:
 
 def _estimated(algorithm: EggRoll | OpenES, model: TinySequenceModel, seed: int) -> PopulationEstimator:
     tokens, targets = _batch(seed)
-    estimator = PopulationEstimator(algorithm, [model], list(model.parameters()))
-    estimator.row_estimates = algorithm.per_row_estimates
-    estimator.row_embeddings = algorithm.per_row_embeddings
+    estimator = PopulationEstimator(algorithm, [model], list(model.parameters()), options=EstimatorOptions.of(algorithm))
     population = algorithm.ask(seed)
     loss = lambda: _loss(model, tokens, targets)  # noqa: E731
     estimator.probe_parameter_reads(population, loss)
@@ -182,7 +180,7 @@ def test_per_row_embeddings_estimate_a_model_without_cross_position_paths_far_be
                 algorithm(population=256, sigma=1e-3, per_row_embeddings=per_row, input_subspace=None), model, seed
             )
             names = {model.wte: "wte", model.wpe: "wpe", model.head: "head"}
-            assert {names[layer.module] for layer in estimator.row_local} == (
+            assert {names[layer.module] for layer in estimator.rows.row_local} == (
                 {"wte", "wpe", "head"} if per_row else {"head"}
             )
             cosine = F.cosine_similarity(model.wte.weight.grad.flatten(), true_token.flatten(), dim=0)
@@ -196,7 +194,7 @@ def test_the_padding_row_is_never_estimated() -> None:
     torch.manual_seed(0)
     model = TinySequenceModel("causal", padding_idx=0)
     estimator = _estimated(EggRoll(population=16, per_row_embeddings=True, input_subspace=None), model, 0)
-    assert model.wte in {layer.module for layer in estimator.row_local}
+    assert model.wte in {layer.module for layer in estimator.rows.row_local}
     assert bool((model.wte.weight.grad[0] == 0).all())
     assert float(model.wte.weight.grad[1:].abs().sum()) > 0
 

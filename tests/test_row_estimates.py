@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_nobp.algorithms import EggRoll, MeZO, OpenES, Population
-from lightning_nobp.perturb import PopulationEstimator
+from lightning_nobp.perturb import EstimatorOptions, PopulationEstimator, RowEstimateOptions
 from lightning_nobp.perturb.direct_step import DirectHyperparameters
 from lightning_nobp.perturb.row_estimate import row_local_gradient
 from lightning_nobp.perturb.row_losses import RowLocalLayer, RowLossRecorder, find_row_local_layers
@@ -124,8 +124,8 @@ def _evaluated(
     batched: bool = True,
 ) -> tuple[PopulationEstimator, Population, torch.Tensor]:
     """One step's population of ``algorithm`` evaluated on ``net`` by a fresh estimator."""
-    estimator = PopulationEstimator(algorithm, [net], list(net.parameters()))
-    estimator.row_estimates = row_estimates
+    options = EstimatorOptions(rows=RowEstimateOptions(enabled=row_estimates))
+    estimator = PopulationEstimator(algorithm, [net], list(net.parameters()), options=options)
     population = algorithm.ask(seed)
     estimator.probe_parameter_reads(population, loss)
     return estimator, population, estimator.evaluate_members(population, loss, batched=batched)
@@ -166,7 +166,7 @@ def test_a_regularized_loss_turns_per_row_estimates_off_with_a_warning() -> None
 
     with pytest.warns(UserWarning, match="per-row estimates are off"):
         estimator, _, _ = _evaluated(EggRoll(population=16), net, loss, 0)
-    assert estimator.row_estimates is False
+    assert estimator.rows.enabled is False
 
 
 class CountingDigits(DigitsClassifier):
@@ -189,7 +189,7 @@ def _fit(algorithm, **strategy_kwargs) -> NoBackpropStrategy:
 def test_the_trainer_uses_per_row_estimates_for_the_head_only_where_they_apply(no_backprop: None) -> None:
     strategy = _fit(EggRoll(population=32))
     (estimator,) = strategy.engine._estimators.values()
-    assert [layer.module for layer in estimator.row_local] == [strategy.lightning_module.net[2]]
+    assert [layer.module for layer in estimator.rows.row_local] == [strategy.lightning_module.net[2]]
     # off when asked, with MeZO (no population), and when every pair sees its own samples
     for algorithm, kwargs in (
         (EggRoll(population=32, per_row_estimates=False), {}),
@@ -198,7 +198,7 @@ def test_the_trainer_uses_per_row_estimates_for_the_head_only_where_they_apply(n
     ):
         strategy = _fit(algorithm, **kwargs)
         (estimator,) = strategy.engine._estimators.values()
-        assert not estimator.row_local, (algorithm, kwargs)
+        assert not estimator.rows.row_local, (algorithm, kwargs)
 
 
 def test_per_row_max_outputs_widens_which_layers_qualify(no_backprop: None) -> None:
@@ -207,10 +207,10 @@ def test_per_row_max_outputs_widens_which_layers_qualify(no_backprop: None) -> N
     strategy = _fit(EggRoll(population=32, per_row_max_outputs=128))
     (estimator,) = strategy.engine._estimators.values()
     net = strategy.lightning_module.net
-    assert [layer.module for layer in estimator.row_local] == [net[0], net[2]]
+    assert [layer.module for layer in estimator.rows.row_local] == [net[0], net[2]]
     strategy = _fit(EggRoll(population=32, per_row_max_outputs=127))
     (estimator,) = strategy.engine._estimators.values()
-    assert [layer.module for layer in estimator.row_local] == [strategy.lightning_module.net[2]]
+    assert [layer.module for layer in estimator.rows.row_local] == [strategy.lightning_module.net[2]]
     for bad in (0, 2.5):
         with pytest.raises(ValueError, match="per_row_max_outputs"):
             EggRoll(per_row_max_outputs=bad)
@@ -259,7 +259,7 @@ def test_bf16_losses_keep_per_row_estimates_on() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         estimator, population, fitness = _evaluated(algorithm, net, lambda: F.cross_entropy(net(x), y), 0)
-    assert estimator.row_estimates is True
+    assert estimator.rows.enabled is True
     estimator.accumulate_gradient(population, algorithm.tell(population, fitness).coefficients)
     assert net[2].weight.grad is not None and bool(torch.isfinite(net[2].weight.grad).all())
 
@@ -284,7 +284,7 @@ def test_the_direct_update_applies_the_same_per_row_estimate() -> None:
         algorithm = EggRoll(population=16)
         estimator, population, fitness = _evaluated(algorithm, net, lambda: F.cross_entropy(net(x), y), 3)
         coefficients = algorithm.tell(population, fitness).coefficients
-        assert estimator.row_local
+        assert estimator.rows.row_local
         if direct:
             settings = [DirectHyperparameters(0.5)] * len(estimator.params)
             estimator.apply_update([(population, coefficients)], settings, 7)
@@ -306,7 +306,7 @@ def test_low_bit_weights_train_with_per_row_estimates(no_backprop: None) -> None
     trainer.fit(model, train)
     (estimator,) = strategy.engine._estimators.values()
     assert strategy.engine.update == "direct"
-    assert [layer.module for layer in estimator.row_local] == [model.net[2]]
+    assert [layer.module for layer in estimator.rows.row_local] == [model.net[2]]
     assert all(
         bool(torch.isfinite(p.dequantize() if hasattr(p, "dequantize") else p).all()) for p in model.parameters()
     )
@@ -330,12 +330,12 @@ def test_a_head_tied_to_an_embedding_is_not_estimated_from_rows() -> None:
     model = TiedHead()
     tokens, targets = torch.randint(0, 6, (16,)), torch.randint(0, 6, (16,))
     estimator, _, _ = _evaluated(EggRoll(population=16), model, lambda: F.cross_entropy(model(tokens), targets), 0)
-    assert estimator.row_local == []
+    assert estimator.rows.row_local == []
 
 
 def test_pair_differences_leave_out_pairs_with_a_non_finite_row() -> None:
     from lightning_nobp.algorithms.base import Member, Population
-    from lightning_nobp.perturb.estimator import _pair_differences
+    from lightning_nobp.perturb.row_estimates import _pair_differences
 
     population = EggRoll(population=8).ask(3)
     table = torch.randn(8, 5)

@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 from lightning_nobp.algorithms import Algorithm, MeZO, derive_seed
 from lightning_nobp.fabric.precision import LowBitPrecision
 from lightning_nobp.lowbit.formats import inner_tensors, is_low_bit
-from lightning_nobp.fabric.engine import (
+from lightning_nobp.engine import (
     DirectStep,
     ForwardOnlyEngine,
     ForwardOnlyStrategyMixin,
@@ -147,6 +147,10 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         self.engine.resolve_update(self._modules)
         self.engine.reset()
         return module
+
+    def teardown(self) -> None:
+        self.engine.release()  # the user's modules get their own forwards back
+        super().teardown()
 
     def backward(self, tensor: Tensor, module: nn.Module | None, *args: Any, **kwargs: Any) -> None:
         if self.engine.evaluating:

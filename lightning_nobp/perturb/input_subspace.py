@@ -17,7 +17,7 @@ uncentered second moment of its inputs over the first batches.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -227,3 +227,60 @@ class InputSubspaces:
         self.moments = dict(state["moments"])
         self.pending = {index: tuple(basis) for index, basis in state["pending"].items()}  # type: ignore[misc]
         self.installed = {index: tuple(basis) for index, basis in state["installed"].items()}  # type: ignore[misc]
+
+
+class InputSubspaceTracker:
+    """Observes the data-fed layers' inputs on the evaluations that count and installs their bases in the algorithm.
+
+    Args:
+        energy: fraction of the inputs' energy the bases keep.
+        layers: the candidate ``nn.Linear`` layers (unshared, with a trained weight), by weight index, as they
+            are when asked (the parameters read outside their layers are known after the first step's probe).
+        params: the trained parameters, in ``param_index`` order.
+        algorithm: the estimator that draws noise in the bases (its ``set_input_basis``).
+    """
+
+    def __init__(
+        self, energy: float, layers: Callable[[], Mapping[int, nn.Module]], params: Sequence[Tensor], algorithm: Any
+    ) -> None:
+        self.subspaces = InputSubspaces(energy)
+        self.candidates = layers
+        self.params = list(params)
+        self.algorithm = algorithm
+
+    def observe(self, at_weights: Callable[[], None], perturbed: Callable[[], None]) -> None:
+        """On the evaluations that observe inputs, run the loss at the current weights and add the data-fed
+        layers' inputs to their moments (the first time, after finding those layers). The new bases are installed
+        when the optimizer step ends (:meth:`install`).
+
+        Args:
+            at_weights: runs the loss at the current weights.
+            perturbed: runs it at one member's perturbed weights (the search for data-fed layers).
+        """
+        subspaces = self.subspaces
+        if not subspaces.due():
+            return
+        if subspaces.layers is None:
+            seen = subspaces.search(self.candidates(), at_weights, perturbed)
+        else:
+            with tap_inputs(subspaces.layers) as seen:
+                at_weights()
+        subspaces.observe(seen)
+
+    def install(self) -> None:
+        """Give the algorithm the bases computed since the last call (between optimizer steps)."""
+        self._give(self.subspaces.commit())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.subspaces.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue with a checkpoint's input subspaces: the same layers, moments and installed bases."""
+        self.subspaces.load_state_dict(state, self.candidates())
+        self._give(self.subspaces.installed)
+
+    def _give(self, bases: Mapping[int, tuple[Tensor, Tensor] | None]) -> None:
+        """Install ``bases`` (by parameter index) in the algorithm (``None`` restores isotropic noise)."""
+        install = getattr(self.algorithm, "set_input_basis", None)
+        for index, basis in bases.items() if install is not None else ():
+            install(self.params[index], basis)

@@ -1,7 +1,7 @@
 """Directional derivatives of an unmodified loss by forward-mode AD (``torch.func.jvp``): no tape, no backward.
 
 For a member with direction ``v`` (regenerated from its seed, one layer at a time), the loss is evaluated as a
-function of one scalar ``alpha`` at weights ``theta + alpha * v`` (the same forward hooks that perturb the weights
+function of one scalar ``alpha`` at weights ``theta + alpha * v`` (the same member layers that perturb the weights
 for MeZO and ES, so nothing is written to the stored weights), and ``torch.func.jvp`` at ``alpha = 0`` with
 tangent 1 returns the directional derivative ``grad L . v`` together with the loss. Several directions are
 evaluated in one pass with ``torch.func.vmap`` where the user's code allows it.
@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from lightning_nobp.algorithms.base import Population
-from lightning_nobp.perturb.estimator import LossFn, MemberInputs, PopulationEstimator, RngSnapshot, _first
-from lightning_nobp.perturb.forward import PerturbedForward
+from lightning_nobp.perturb.estimator import LossFn, MemberInputs, PopulationEstimator, RngSnapshot
+from lightning_nobp.perturb.evaluation import first_member
+from lightning_nobp.perturb.member_layers import Perturbation
 
 JVP_FAILED_MESSAGE = (
     "ForwardGradient evaluates training_step with forward-mode AD (torch.func.jvp), which failed: {error}."
@@ -54,7 +55,7 @@ def _loop(
     for position, index in enumerate(indices):
         member = population.members[index]
         scale = population.sigma * member.sign
-        inputs = None if member_inputs is None else _first(member_inputs([index]))
+        inputs = None if member_inputs is None else first_member(member_inputs([index]))
 
         def loss_along(
             alpha: Tensor, seed: int = member.noise_seed, scale: float = scale, inputs: Any = inputs
@@ -62,7 +63,7 @@ def _loop(
             def delta(param_index: int, stored: Tensor) -> Tensor:
                 return estimator.dense_noise(seed, param_index).mul_(scale) * alpha
 
-            with PerturbedForward(estimator.owners, delta):
+            with estimator.layers.perturbed(Perturbation(delta_fn=delta)):
                 return _scalar(loss_fn() if inputs is None else loss_fn(inputs))
 
         if rng is not None:
@@ -89,7 +90,8 @@ def _batched(
 
     def member_jvp(directions: dict[int, Tensor], inputs: Any) -> tuple[Tensor, Tensor]:
         def loss_along(alpha: Tensor) -> Tensor:
-            with PerturbedForward(estimator.owners, lambda param_index, stored: directions[param_index] * alpha):
+            dense = {index: direction * alpha for index, direction in directions.items()}
+            with estimator.layers.perturbed(Perturbation(dense=dense)):
                 return _scalar(loss_fn() if inputs is None else loss_fn(inputs))
 
         return _jvp_at_zero(loss_along, device)

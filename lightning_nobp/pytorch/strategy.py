@@ -35,7 +35,7 @@ from lightning_nobp.algorithms import Algorithm, MeZO, Population, derive_seed
 from lightning_nobp.algorithms.local import LocalLearning
 from lightning_nobp.fabric.precision import LowBitPrecision
 from lightning_nobp.gc_freeze import StartupObjectsFreeze
-from lightning_nobp.fabric.engine import (
+from lightning_nobp.engine import (
     DirectStep,
     ForwardOnlyEngine,
     ForwardOnlyStrategyMixin,
@@ -256,6 +256,7 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
 
     def teardown(self) -> None:
         self._startup_objects.release()  # also after an exception, which skips on_train_end
+        self.engine.release()  # the user's modules get their own forwards back
         super().teardown()
 
     def official_pass_is_a_member(self, members: int, estimator: PopulationEstimator | None = None) -> bool:

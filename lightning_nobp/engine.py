@@ -29,12 +29,11 @@ from lightning_nobp.algorithms import (
     Population,
     derive_seed,
 )
-from lightning_nobp.perturb import PopulationEstimator, RngSnapshot, scalar_loss
+from lightning_nobp.perturb import EstimatorOptions, PopulationEstimator, RngSnapshot, scalar_loss
 from lightning_nobp.perturb.estimator import LossFn, MemberInputs
 from lightning_nobp.perturb.direct_step import DirectHyperparameters
 from lightning_nobp.algorithms.local import ForwardForward, LocalLearning
 from lightning_nobp.perturb.jvp import directional_derivatives
-from lightning_nobp.perturb.input_subspace import InputSubspaces
 from lightning_nobp.perturb.local import LocalLearner
 
 UpdatePath = Literal["grad", "direct"]
@@ -171,8 +170,15 @@ class ForwardOnlyEngine:
         self.update = "direct" if low_bit else (self.requested_update or "grad")
         return self.update
 
+    def release(self) -> None:
+        """Give the modules their own forwards back (training ended); the estimators stay for inspection and
+        reinstall their member layers if used again."""
+        for estimator in self._estimators.values():
+            estimator.close()
+
     def reset(self) -> None:
-        """Forget the estimators (the modules or optimizers changed)."""
+        """Forget the estimators (the modules or optimizers changed) and give the modules their own forwards back."""
+        self.release()
         self._estimators.clear()
         self._learners.clear()
 
@@ -185,18 +191,10 @@ class ForwardOnlyEngine:
                 check_direct_update_optimizer(optimizer)
             names = {id(p): n for m in roots for n, p in m.named_parameters(remove_duplicate=False)}
             params = trainable_parameters(optimizer)
-            estimator = PopulationEstimator(self.algorithm, roots, params, [names.get(id(p), "?") for p in params])
-            estimator.row_estimates = (
-                self._world()[1] == 1
-                and bool(getattr(self.algorithm, "per_row_estimates", False))
-                and bool(getattr(self.algorithm, "antithetic", False))
+            estimator = PopulationEstimator(
+                self.algorithm, roots, params, [names.get(id(p), "?") for p in params],
+                EstimatorOptions.of(self.algorithm, self._world()[1]),
             )
-            estimator.row_embeddings = bool(getattr(self.algorithm, "per_row_embeddings", False))
-            estimator.row_max_outputs = getattr(self.algorithm, "per_row_max_outputs", None)
-            estimator.exact_logit_layers = bool(getattr(self.algorithm, "exact_head_gradient", False))
-            energy = getattr(self.algorithm, "input_subspace", None)
-            if energy is not None and self._world()[1] == 1:
-                estimator.input_subspaces = InputSubspaces(energy)
             self._estimators[id(optimizer)] = estimator
         return estimator
 

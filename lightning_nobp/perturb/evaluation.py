@@ -1,0 +1,295 @@
+"""Evaluate the loss of a population's members through the user's unmodified code.
+
+Members are evaluated together where the code allows it: ``torch.func.vmap`` runs the loss once per chunk of
+members, the member layers (:mod:`lightning_nobp.perturb.member_layers`) batch every layer's computation over the
+chunk, and each shared weight is read once. Code ``vmap`` cannot batch (``.item()``, data-dependent Python control
+flow) falls back to one member at a time, with one warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_map
+
+from lightning_nobp.algorithms.base import Population
+from lightning_nobp.perturb.inplace_activations import activations_after_linear, activations_in_place
+from lightning_nobp.perturb.member_layers import MemberLayers, Perturbation
+from lightning_nobp.perturb.member_noise import MemberNoise
+from lightning_nobp.perturb.narrow_softmax import NarrowSoftmaxMode
+from lightning_nobp.perturb.owners import ParameterReadProbe
+from lightning_nobp.perturb.row_estimates import RowEstimates
+
+LossFn = Callable[..., Tensor]
+"""Evaluates the loss at the current (possibly perturbed) weights; takes the member's inputs when there are any."""
+
+MemberInputs = Callable[[Sequence[int]], Any]
+"""Given member indices, the inputs of those members stacked along a leading dimension (a pytree of tensors)."""
+
+
+class RngSnapshot:
+    """The global RNG state of the CPU and of one accelerator, so every evaluation sees the same dropout masks.
+
+    Args:
+        device: the device whose generator is captured besides the CPU's.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu_state)
+        if self.cuda_state is not None:
+            torch.cuda.set_rng_state(self.cuda_state, self.device)
+
+
+def loss_context(params: Sequence[Tensor]) -> Callable[[], contextlib.AbstractContextManager]:
+    """Where members' losses are evaluated: ``NarrowSoftmaxMode`` when every parameter is on the CPU (PyTorch's CPU
+    ``log_softmax`` over a few classes is slow), nothing elsewhere."""
+    if all(param.device.type == "cpu" for param in params):
+        return NarrowSoftmaxMode
+    return contextlib.nullcontext
+
+
+def first_member(stacked: Any) -> Any:
+    """Member 0's view of stacked per-member inputs."""
+    return tree_map(lambda tensor: tensor[0] if isinstance(tensor, Tensor) else tensor, stacked)
+
+
+class MemberEvaluation:
+    """Evaluates members' losses: batched with ``vmap`` where possible, else one at a time.
+
+    Args:
+        layers: the member layers installed on the user's modules.
+        noise: draws the members' perturbations.
+        rows: the per-row estimates (their recorder wraps the members' losses when a step can use them).
+        names: the parameters' names, for error messages.
+        roots: the user's modules (searched for activations that may run in place).
+    """
+
+    def __init__(
+        self,
+        layers: MemberLayers,
+        noise: MemberNoise,
+        rows: RowEstimates,
+        names: Sequence[str],
+        roots: Sequence[torch.nn.Module],
+    ) -> None:
+        self.layers = layers
+        self.noise = noise
+        self.rows = rows
+        self.names = list(names)
+        #: activations a batched evaluation computes in place (``lightning_nobp.perturb.inplace_activations``)
+        self.in_place_activations = activations_after_linear(roots)
+        #: where members' losses are evaluated (:func:`loss_context`)
+        self.loss_context = loss_context(layers.owners.params)
+        #: the recorder of per-row losses also does NarrowSoftmaxMode's work (CPU weights)
+        self.narrow_softmax = self.loss_context is NarrowSoftmaxMode
+        self.probed = False
+        #: whether the user's code evaluates under vmap: None until tried, then True or False
+        self.batching: bool | None = None
+
+    def probe(self, population: Population, evaluation: Callable[[], object]) -> None:
+        """Find parameters read outside their owner's forward, once, by watching perturbed evaluations.
+
+        Args:
+            population: the current population (its first member perturbs the weights during the probe).
+            evaluation: runs the user's computation once; its result is ignored.
+        """
+        owners = self.layers.owners
+        for _ in range(2):
+            probe = ParameterReadProbe(owners)
+            perturbation = self.noise.member(population, population.members[0], self.rows.unperturbed_indices())
+            with torch.no_grad(), probe, self.layers.perturbed(perturbation, probe):
+                evaluation()
+            missed = probe.read - owners.whole_evaluation
+            if not missed:
+                self.probed = True
+                return
+            owners.read_outside |= missed
+        names = ", ".join(self.names[i] for i in sorted(missed))
+        raise RuntimeError(
+            f"parameters {names} are read through a reference that cannot be perturbed (a cached copy of the"
+            " parameter). Read parameters through their module attribute at every call."
+        )
+
+    def member_perturbation(self, population: Population, index: int) -> Perturbation:
+        """Member ``index``'s perturbation, for an evaluation of its own."""
+        return self.noise.member(population, population.members[index], self.rows.unperturbed_indices())
+
+    def loop(
+        self,
+        population: Population,
+        loss_fn: LossFn,
+        rng: RngSnapshot | None = None,
+        known: dict[int, Tensor] | None = None,
+        members: Sequence[int] | None = None,
+        member_inputs: MemberInputs | None = None,
+    ) -> Tensor:
+        """The loss of the members, one perturbed evaluation each, as a float32 tensor ``[P]`` on the CPU.
+
+        Args:
+            population: what ``algorithm.ask`` returned.
+            loss_fn: evaluates the loss at the current (perturbed) weights.
+            rng: restored before each evaluation, so random layers behave identically for every member.
+            known: fitness of members already evaluated (e.g. the official training pass), by member index.
+            members: the indices to evaluate (this process's shard); the others are left at 0. All by default.
+            member_inputs: per-member inputs passed to ``loss_fn`` (e.g. each antithetic pair's slice of the batch);
+                ``loss_fn`` takes no argument when omitted.
+        """
+        known = known or {}
+        fitness = torch.zeros(len(population), dtype=torch.float32)
+        restore = rng.restore if rng is not None else lambda: None
+        recorder = self.rows.recorder(population, loss_fn, restore, members, member_inputs)
+        rows: list[tuple[list[int], Tensor, Tensor]] = []
+        for index in range(len(population)) if members is None else members:
+            if index in known:
+                fitness[index] = known[index].float().cpu()
+                continue
+            restore()
+            perturbation = self.member_perturbation(population, index)
+            with torch.no_grad(), self.layers.perturbed(perturbation), self.loss_context():
+                if recorder is None:
+                    loss = loss_fn() if member_inputs is None else loss_fn(first_member(member_inputs([index])))
+                else:
+                    recorder.reset()
+                    with recorder:
+                        loss = loss_fn()
+                    if recorder.rows is not None:
+                        rows.append(([index], recorder.rows.float().cpu()[None], recorder.mismatch(loss).cpu()[None]))
+            fitness[index] = loss.float().cpu()
+        if recorder is not None:
+            self.rows.keep(population, fitness, rows, loss_fn, restore, recorder.targets)
+        return fitness
+
+    def batched(
+        self,
+        population: Population,
+        loss_fn: LossFn,
+        rng: RngSnapshot | None = None,
+        known: dict[int, Tensor] | None = None,
+        members: Sequence[int] | None = None,
+        chunk: int | None = None,
+        member_inputs: MemberInputs | None = None,
+    ) -> Tensor:
+        """Like :meth:`loop`, but members are stacked along a leading dimension and evaluated together.
+
+        ``torch.func.vmap`` runs ``loss_fn`` once per chunk of members: each layer reads its shared weight once and
+        computes every member's output (``x W^T + (x B_m) A_m^T`` for ``nn.Linear`` with low-rank noise). Random
+        layers draw the same numbers for every member, as in :meth:`loop`. Raises whatever ``vmap`` raises for code
+        it cannot batch (``.item()``, data-dependent Python control flow).
+
+        Args:
+            population: what ``algorithm.ask`` returned.
+            loss_fn: evaluates the loss at the current (perturbed) weights; must return a one-element tensor.
+            rng: restored before each chunk.
+            known: fitness of members already evaluated, by member index.
+            members: the indices to evaluate (this process's shard); all by default.
+            chunk: members per batched forward (bounds activation memory); all at once by default.
+            member_inputs: per-member inputs, vmapped along with the perturbations (see :meth:`loop`).
+        """
+        known = known or {}
+        fitness = torch.zeros(len(population), dtype=torch.float32)
+        for index, value in known.items():
+            fitness[index] = value.float().cpu()
+        todo = [i for i in (range(len(population)) if members is None else members) if i not in known]
+        size = min(chunk or max(len(todo), 1), self.noise.members_within_budget())
+        restore = rng.restore if rng is not None else lambda: None
+        recorder = self.rows.recorder(population, loss_fn, restore, members, member_inputs)
+        if recorder is not None:  # the recorder wraps every member's loss: it also takes NarrowSoftmaxMode's role
+            recorder.narrow_softmax = self.narrow_softmax
+        loss_context = self.loss_context if recorder is None else contextlib.nullcontext
+        unperturbed = frozenset(self.rows.unperturbed_indices())
+        kept = self.rows.kept_indices()
+        rows: list[tuple[list[int], Tensor, Tensor]] = []
+        recorded: list[bool] = []
+
+        for start in range(0, len(todo), size):
+            part = todo[start : start + size]
+            chunk_noise = self.noise.chunk(population, part, unperturbed, kept, self.rows.seed_noise)
+
+            def member_loss(inputs: Any, *tensors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                dense, low_rank = chunk_noise.unflatten(tensors)
+                perturbation = Perturbation(low_rank=low_rank, dense=dense, unperturbed=unperturbed)
+                with self.layers.perturbed(perturbation):
+                    if recorder is None:
+                        loss = loss_fn() if member_inputs is None else loss_fn(inputs)
+                        return loss.reshape(()), loss.new_zeros(()), loss.new_zeros(())
+                    recorder.reset()
+                    with recorder:
+                        loss = loss_fn()
+                member_rows, recorder.rows = recorder.rows, None
+                recorded.append(member_rows is not None)
+                if member_rows is None:
+                    return loss.reshape(()), loss.new_zeros(()), loss.new_zeros(())
+                return loss.reshape(()), member_rows, recorder.mismatch(loss)
+
+            inputs = None if member_inputs is None else member_inputs(part)
+            restore()
+            tensors, tensor_dims = chunk_noise.flat()
+            with torch.no_grad(), loss_context(), activations_in_place(self.in_place_activations):
+                in_dims = (None if inputs is None else 0, *tensor_dims)
+                losses, part_rows, mismatches = torch.func.vmap(member_loss, in_dims=in_dims, randomness="same")(
+                    inputs, *tensors
+                )
+            fitness[part] = losses.float().cpu()
+            if recorded and recorded[-1]:
+                rows.append((part, part_rows.float().cpu(), mismatches.float().cpu()))
+        if recorder is not None:
+            self.rows.keep(population, fitness, rows, loss_fn, restore, recorder.targets)
+        return fitness
+
+    def evaluate(
+        self,
+        population: Population,
+        loss_fn: LossFn,
+        rng: RngSnapshot | None = None,
+        known: dict[int, Tensor] | None = None,
+        members: Sequence[int] | None = None,
+        batched: bool = True,
+        member_inputs: MemberInputs | None = None,
+        chunk: int | None = None,
+    ) -> Tensor:
+        """Evaluate members batched with ``vmap`` where the user's code allows it, else one at a time.
+
+        The first batched attempt that fails (``.item()``, data-dependent control flow, an op without a batching
+        rule) switches to the loop for good, with one warning; after a batched success, errors are raised as they
+        are.
+
+        Args:
+            population: what ``algorithm.ask`` returned.
+            loss_fn: evaluates the loss at the current (perturbed) weights.
+            rng: restored before each (batched) evaluation.
+            known: fitness of members already evaluated, by member index.
+            members: the indices to evaluate (this process's shard); all by default.
+            batched: try the batched path at all.
+            member_inputs: per-member inputs passed to ``loss_fn`` (see :meth:`loop`).
+            chunk: members per batched forward (``None``: all).
+        """
+        pending = len(population) if members is None else len(members)
+        pending -= len(known or {})
+        if batched and self.batching is not False and pending > 1:
+            try:
+                fitness = self.batched(population, loss_fn, rng, known, members, chunk, member_inputs)
+            except Exception as error:  # noqa: BLE001 - any failure of vmap means: fall back to the loop
+                if self.batching:
+                    raise
+                self.batching = False
+                warnings.warn(
+                    f"the loss cannot be evaluated for a whole population at once with torch.func.vmap"
+                    f" ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); evaluating"
+                    " the members one at a time instead (slower). Avoid `.item()` and data-dependent Python control"
+                    " flow in training_step to enable batched evaluation.",
+                    stacklevel=3,
+                )
+            else:
+                self.batching = True
+                return fitness
+        return self.loop(population, loss_fn, rng, known, members, member_inputs)

@@ -1,0 +1,216 @@
+"""Write a step's gradient estimate: into ``p.grad`` for the user's optimizer, or straight into the weights.
+
+The estimate of every parameter is ``sum_m c_m sign_m E_m``, regenerated from the members' seeds (antithetic twins
+merged), with the per-row estimates of row-local layers in place of their evolution-strategies estimates. Low-bit
+weights are written by the fused kernel, the others with stochastic rounding below float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_nobp.algorithms.base import Algorithm, Population, weighted_factor_columns
+from lightning_nobp.algorithms.seeds import derive_seed
+from lightning_nobp.kernels.lowbit_update import UpdateTerms, added_terms
+from lightning_nobp.kernels.stochastic_rounding import stochastic_round
+from lightning_nobp.lowbit import apply_low_bit_update, layout_of
+from lightning_nobp.perturb.direct_step import DirectHyperparameters, momentum_direction, rms
+from lightning_nobp.perturb.row_estimates import RowEstimates, rescaled
+
+
+def merged_weights(terms: Sequence[tuple[Population, Tensor]]) -> dict[int, float]:
+    """Coefficient of every noise seed over all terms (antithetic members merged)."""
+    merged: dict[int, float] = {}
+    for population, coefficients in terms:
+        for member, coefficient in zip(population.members, coefficients.tolist()):
+            merged[member.noise_seed] = merged.get(member.noise_seed, 0.0) + coefficient * member.sign
+    return merged
+
+
+class EstimateWriter:
+    """Writes the estimate of the tracked parameters.
+
+    Args:
+        algorithm: the estimator (regenerates each seed's noise and combines it).
+        params: the tracked parameters, in ``param_index`` order.
+        names: their names, for error messages.
+        low_bit: indices of the low-bit parameters.
+        rows: the per-row estimates that replace some parameters' estimates.
+    """
+
+    def __init__(
+        self,
+        algorithm: Algorithm,
+        params: Sequence[Tensor],
+        names: Sequence[str],
+        low_bit: set[int],
+        rows: RowEstimates,
+    ) -> None:
+        self.algorithm = algorithm
+        self.params = list(params)
+        self.names = list(names)
+        self.low_bit = low_bit
+        self.rows = rows
+
+    @torch.no_grad()
+    def accumulate_gradient(self, population: Population, coefficients: Tensor, scale: float = 1.0) -> float:
+        """``.grad`` path: ``p.grad += scale * sum_i coefficients[i] * sign_i * E_i(p)`` for every parameter.
+
+        Returns:
+            The norm of what was added, over all parameters.
+        """
+        if self.low_bit:
+            names = ", ".join(self.names[i] for i in sorted(self.low_bit))
+            raise ValueError(
+                f"low-bit weights ({names}) have no gradient buffer: they are updated in place. Use"
+                " NoBackpropStrategy(update='direct') (the default with LowBitPrecision)."
+            )
+        squared_norm = 0.0
+        row_local = self.rows.gradients(population)
+        merged = merged_weights([(population, coefficients)])  # antithetic twins merged, once for all
+        unperturbed = self.rows.unperturbed_indices()
+        for index, param in enumerate(self.params):
+            if index in unperturbed and index not in row_local:
+                continue  # not perturbed, and no exact gradient from this micro-batch: nothing to add
+            total = self.algorithm.combine(merged, index, param)
+            if index in row_local:
+                total = rescaled(row_local[index], float(total.norm()), total)
+            if scale != 1.0:
+                total.mul_(scale)
+            squared_norm += float(total.square().sum())
+            if param.grad is None:
+                param.grad = total.to(param.dtype)
+            else:
+                param.grad.add_(total.to(param.grad.dtype))
+        return squared_norm**0.5
+
+    @torch.no_grad()
+    def apply_update(
+        self,
+        terms: Sequence[tuple[Population, Tensor]],
+        hyperparameters: Sequence[DirectHyperparameters],
+        rounding_seed: int,
+        normalize: bool = False,
+        states: Sequence[dict[str, Any]] | None = None,
+    ) -> float:
+        """Direct path: ``p <- p - lr * (estimate + weight_decay * p)`` in place, with no ``.grad`` buffer (with
+        momentum, along the momentum direction: ``lightning_nobp.perturb.direct_step``).
+
+        The new value is computed in float32 and written back with stochastic rounding where the parameter is
+        stored in lower precision (low-bit weights through the fused kernel), so updates smaller than the grid
+        step are kept on average. Nothing is written when the coefficients are not finite.
+
+        Args:
+            terms: ``(population, coefficients)`` of every micro-batch of the step (gradient accumulation).
+            hyperparameters: the step settings of every parameter, in parameter order.
+            rounding_seed: counter-derived seed of the stochastic rounding (one stream per parameter).
+            normalize: divide each parameter's estimate by its root-mean-square, so ``lr`` is the typical step
+                of one weight (as with Adam) without any optimizer state.
+            states: every parameter's optimizer state (``optimizer.state[p]``), where momentum buffers live;
+                needed when a parameter has momentum.
+
+        Returns:
+            The norm of the estimate (before normalization, lr and weight decay), over all parameters; NaN when
+            the update was not finite and nothing was written.
+        """
+        merged = merged_weights(terms)
+        row_local = self.rows.gradients(terms[-1][0], exact_only=len(terms) > 1)
+        if not all(map(math.isfinite, merged.values())):
+            return float("nan")  # never write a non-finite update: the weights stay untouched
+        squared_norm = 0.0
+        unperturbed = self.rows.unperturbed_indices()
+        for index, (param, settings) in enumerate(zip(self.params, hyperparameters)):
+            if index in unperturbed and index not in row_local:
+                continue  # not perturbed and no exact gradient this step: left as it is
+            lr, weight_decay = settings.lr, settings.weight_decay
+            seed = derive_seed(rounding_seed, index)
+            if index in self.low_bit:
+                update_terms = self._low_bit_terms(index, merged, 1.0 - lr * weight_decay)
+                squared = self._squared_norm(index, update_terms)
+                if index in row_local:
+                    # the per-row estimate, at the norm of the terms it replaces, as one dense term
+                    dense = rescaled(row_local[index], squared**0.5, None)
+                    if dense is not None:
+                        update_terms = UpdateTerms(decay=update_terms.decay, dense=dense.view(param.shape[0], -1))
+                squared_norm += squared
+                if settings.momentum:  # the momentum direction, formed densely, replaces the terms
+                    layout = layout_of(param)
+                    estimate = added_terms(update_terms, torch.zeros(layout.rows, layout.cols, device=layout.device))
+                    direction = self._momentum(index, estimate, settings, normalize, states, torch.bfloat16)
+                    update_terms, step = UpdateTerms(decay=update_terms.decay, dense=direction), -lr
+                else:
+                    step = -lr / rms(squared, param.numel()) if normalize else -lr
+                apply_low_bit_update(param, update_terms.scaled(step), seed)
+                continue
+            estimate = self.algorithm.combine(merged, index, param)
+            if index in row_local:
+                estimate = rescaled(row_local[index], float(estimate.norm()), estimate)
+            squared = float(estimate.square().sum())
+            squared_norm += squared
+            if settings.momentum:
+                estimate = self._momentum(index, estimate, settings, normalize, states, param.dtype)
+            elif normalize:
+                estimate.div_(rms(squared, param.numel()))
+            if weight_decay:
+                estimate.add_(param.float(), alpha=weight_decay)
+            updated = param.float().sub_(estimate, alpha=lr)
+            param.copy_(stochastic_round(updated, param.dtype, seed))
+        return squared_norm**0.5
+
+    def _momentum(
+        self,
+        index: int,
+        estimate: Tensor,
+        settings: DirectHyperparameters,
+        normalize: bool,
+        states: Sequence[dict[str, Any]] | None,
+        buffer_dtype: torch.dtype,
+    ) -> Tensor:
+        """Parameter ``index``'s momentum direction (its buffer in ``states[index]`` updated)."""
+        if states is None:
+            raise ValueError(f"momentum {settings.momentum} needs the optimizer's state to keep its buffer in")
+        return momentum_direction(estimate, states[index], settings, normalize, buffer_dtype)
+
+    def _low_bit_terms(self, index: int, merged: dict[int, float], decay: float) -> UpdateTerms:
+        """The fused kernel's description of ``decay * w + estimate`` for a low-bit weight (scale it with
+        :meth:`UpdateTerms.scaled`).
+
+        Low-rank noise: the factors of every seed, coefficients folded into ``A``. Stream noise: the seeds and
+        coefficients. Otherwise the algorithm's dense estimate.
+        """
+        param = self.params[index]
+        seeds = [seed for seed, weight in merged.items() if weight != 0.0]
+        terms = UpdateTerms(decay=decay)
+        if not seeds:
+            return terms
+        factors = self.algorithm.stacked_low_rank_factors(seeds, index, param)
+        if factors is not None:
+            a, b = factors  # (K, out, r), (K, in, r)
+            weights = torch.tensor([merged[s] for s in seeds], dtype=torch.float32, device=a.device)
+            terms.factor_a, terms.factor_b = weighted_factor_columns(a, b, weights)  # (out, K r), (in, K r)
+            return terms
+        streams = [self.algorithm.noise_stream(seed, index, param) for seed in seeds]
+        if all(stream is not None for stream in streams) and len({st[1] for st in streams}) == 1:  # type: ignore[index]
+            terms.seeds = torch.tensor([st[0] for st in streams], dtype=torch.int64)  # type: ignore[index]
+            terms.coefficients = torch.tensor([merged[s] for s in seeds], dtype=torch.float32)
+            terms.gaussian = streams[0][1] == "gaussian"  # type: ignore[index]
+            return terms
+        terms.dense = self.algorithm.combine(merged, index, param)
+        return terms
+
+    def _squared_norm(self, index: int, terms: UpdateTerms) -> float:
+        """Squared norm of a low-bit weight's estimate without forming it: exact for low-rank and dense terms,
+        the expectation ``numel * sum_m c_m^2`` for noise streams."""
+        if terms.factor_a is not None and terms.factor_b is not None:
+            gram = (terms.factor_a.t() @ terms.factor_a) * (terms.factor_b.t() @ terms.factor_b)
+            return float(gram.sum())
+        if terms.dense is not None:
+            return float(terms.dense.square().sum())
+        if terms.coefficients is not None:
+            return float(terms.coefficients.square().sum()) * self.params[index].numel()
+        return 0.0
