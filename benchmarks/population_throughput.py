@@ -1,11 +1,14 @@
 """Throughput of a batched EggRoll population against inference, on the same GPT and the same token batch.
 
-One run measures (a) an inference forward (``no_grad``, next-token loss over the batch) and (b) for every
-population size ``P`` and rank ``r`` asked for, an EggRoll population evaluation through
-``PopulationEstimator.evaluate_batched`` (``torch.func.vmap`` over chunks of members, low-rank corrections in
+One run measures (a) an inference forward (``no_grad``, next-token loss) over the batch repeated ``chunk`` times,
+the tokens one chunk of members evaluates at once, and (b) for every population size ``P`` and rank ``r`` asked
+for, an EggRoll population evaluation (the members' noise drawn as the strategies draw it, then
+``PopulationEstimator.evaluate_batched``: ``torch.func.vmap`` over chunks of members, low-rank corrections in
 every ``nn.Linear`` and ``nn.Embedding``) and the full step: that evaluation, ``EggRoll.tell`` and the in-place update
 ``PopulationEstimator.apply_update``. Every member evaluates the whole batch, so a population's tokens/s is
 ``P * batch_tokens / seconds``; the ratios compare it with the inference tokens/s measured in the same run.
+With ``--compile`` both sides are compiled (``torch.compile(fullgraph=True)`` for inference,
+``EstimatorOptions(compile=True)`` for the population).
 
 Memory: on CUDA the allocator's peak (``torch.cuda.max_memory_allocated``) of the inference forward, of the
 population evaluation and of the whole step. On CPU there is no peak counter, so the report gives an estimate
@@ -16,6 +19,7 @@ The weights are restored after each ``(P, r)``, so every configuration starts fr
 and writes it to ``--out``.
 
     python benchmarks/population_throughput.py --device cpu
+    python benchmarks/population_throughput.py --device cpu --preset small --compile --populations 32 --ranks 1
     python benchmarks/population_throughput.py --device cuda --populations 32,256,1024 --ranks 1
 """
 
@@ -36,6 +40,7 @@ from torch import Tensor
 from lightning_nobp.algorithms import EggRoll
 from lightning_nobp.models.gpt import GPT, GPTConfig
 from lightning_nobp.perturb import PopulationEstimator
+from lightning_nobp.perturb.estimator import EstimatorOptions
 from lightning_nobp.perturb.direct_step import DirectHyperparameters
 
 from devices import device_name, free_memory, peak_memory, reset_peak_memory, synchronize
@@ -77,6 +82,8 @@ class Setup:
         chunk: requested members per batched forward (capped at ``P``, reduced to a divisor of ``P``).
         repeats: timed iterations per measurement.
         warmup: untimed iterations before them.
+        compile: compile both the inference forward (``torch.compile``) and the population's evaluation
+            (``EstimatorOptions(compile=True)``).
     """
 
     device: torch.device
@@ -90,6 +97,7 @@ class Setup:
     chunk: int
     repeats: int
     warmup: int
+    compile: bool = False
 
     @property
     def batch_tokens(self) -> int:
@@ -147,7 +155,8 @@ def resolve_chunk(population: int, requested: int) -> int:
 
 
 def time_inference(model: GPT, setup: Setup) -> dict:
-    """Mode (a): the loss forward under ``no_grad``; tokens/s, peak memory and the loss.
+    """Mode (a): the loss forward under ``no_grad`` over the batch repeated ``setup.chunk`` times (the tokens of
+    one chunk of members); tokens/s, peak memory and the loss.
 
     A forward of a small model takes a millisecond, so the timed loop runs at least ``setup.repeats`` forwards
     and at least :data:`INFERENCE_MIN_SECONDS` (estimated from one extra forward).
@@ -156,8 +165,16 @@ def time_inference(model: GPT, setup: Setup) -> dict:
         model: the GPT.
         setup: the benchmark's setup.
     """
-    loss_fn = torch.no_grad()(make_loss_fn(model, setup))
-    for _ in range(setup.warmup):
+    rows = setup.chunk
+    inputs, targets = setup.inputs.repeat(rows, 1), setup.targets.repeat(rows, 1)
+
+    @torch.no_grad()
+    def loss_fn() -> Tensor:
+        return model.loss(inputs, targets)
+
+    if setup.compile:
+        loss_fn = torch.compile(loss_fn, fullgraph=True, dynamic=False)
+    for _ in range(max(setup.warmup, 2 if setup.compile else 0)):
         loss_fn()
     synchronize(setup.device)
     start = time.perf_counter()
@@ -172,7 +189,8 @@ def time_inference(model: GPT, setup: Setup) -> dict:
     synchronize(setup.device)
     seconds = (time.perf_counter() - start) / iterations
     result = {
-        "tokens_per_s": setup.batch_tokens / seconds,
+        "tokens_per_s": rows * setup.batch_tokens / seconds,
+        "batch_tokens": rows * setup.batch_tokens,
         "seconds": seconds,
         "iterations": iterations,
         "peak_memory_bytes": peak_memory(setup.device),
@@ -204,8 +222,9 @@ class StepTimes:
     """Wall-clock seconds of one population step and its peak memory.
 
     Args:
-        forward: seconds of ``evaluate_batched``.
-        step: seconds of ``evaluate_batched`` + ``tell`` + ``apply_update``.
+        forward: seconds of ``prefetch_noise`` (the members' noise, drawn as the strategies do) +
+            ``evaluate_batched``.
+        step: seconds of the forward + ``tell`` + ``apply_update``.
         forward_peak: CUDA peak during the evaluation (``None`` on CPU).
         step_peak: CUDA peak during the whole step (``None`` on CPU).
         fitness_mean: mean loss over the members.
@@ -235,6 +254,8 @@ def population_step(
     synchronize(device)
     reset_peak_memory(device)
     start = time.perf_counter()
+    # as the strategies do at the start of a step: every member's noise in one draw per parameter
+    estimator.prefetch_noise(population, list(range(len(population.members))))
     fitness = estimator.evaluate_batched(population, loss_fn, chunk=algorithm.population_chunk)
     synchronize(device)
     evaluated = time.perf_counter()
@@ -270,7 +291,8 @@ def time_population(model: GPT, setup: Setup, population: int, rank: int, infere
     """
     chunk = resolve_chunk(population, setup.chunk)
     algorithm = EggRoll(population=population, rank=rank, sigma=SIGMA, population_chunk=chunk)
-    estimator = PopulationEstimator(algorithm, [model], list(model.parameters()))
+    options = EstimatorOptions.of(algorithm, compile=setup.compile)
+    estimator = PopulationEstimator(algorithm, [model], list(model.parameters()), options=options)
     loss_fn = make_loss_fn(model, setup)
     estimator.probe_parameter_reads(algorithm.ask(0), loss_fn)
     for seed in range(setup.warmup):
@@ -367,6 +389,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CPU threads (torch.set_num_threads), CPU only; default 1: with 2 threads on a 2-core machine that other"
         " processes share, every parallel op waits for a descheduled thread and the ratios mean nothing",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the inference baseline and the population's evaluation (torch.compile, fullgraph)",
+    )
+    parser.add_argument(
+        "--attention",
+        choices=("sdpa", "math"),
+        default=None,
+        help='the GPT\'s attention; default "math" with --compile on CPU (sdpa has no vmap rule there), else "sdpa"',
+    )
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/population_throughput.json"))
     return parser.parse_args(argv)
@@ -383,7 +416,8 @@ def make_setup(args: argparse.Namespace) -> Setup:
     if not on_cuda:
         torch.set_num_threads(args.threads)
     preset = args.preset or ("gpt-1b" if on_cuda else "tiny")
-    config = GPTConfig.preset(preset)
+    attention = args.attention or ("math" if args.compile and not on_cuda else "sdpa")
+    config = GPTConfig.preset(preset, attention=attention)
     seq_len = min(args.seq_len or (1024 if on_cuda else 64), config.block_size)
     if args.seq_len and args.seq_len > config.block_size:
         raise SystemExit(f"--seq-len {args.seq_len} exceeds the preset's block_size {config.block_size}")
@@ -403,6 +437,7 @@ def make_setup(args: argparse.Namespace) -> Setup:
         chunk=args.chunk or (32 if on_cuda else 8),
         repeats=args.repeats or (5 if on_cuda else 2),
         warmup=args.warmup,
+        compile=args.compile,
     )
 
 
@@ -440,6 +475,14 @@ def main(argv: list[str] | None = None) -> dict:
         "learning_rate": LEARNING_RATE,
         "repeats": setup.repeats,
         "warmup": setup.warmup,
+        "compile": setup.compile,
+        "attention": setup.config.attention,
+        "baseline": (
+            "inference: the model's next-token loss under no_grad over the batch repeated `chunk` times (the tokens"
+            " one chunk of members evaluates at once)"
+            + (", compiled with torch.compile(fullgraph=True)" if setup.compile else ", eager")
+            + "; every ratio divides a population's tokens/s by this inference tokens/s from the same run"
+        ),
         "tokens_per_s_definition": "population * batch_tokens / seconds (every member evaluates the whole batch)",
         "memory_basis": MEMORY_BASIS[setup.device.type],
         "inference": inference,

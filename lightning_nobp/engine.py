@@ -104,6 +104,8 @@ class ForwardOnlyEngine:
             as with Adam, with no optimizer state).
         population_batching: evaluate several members in one batched forward (``torch.func.vmap``) where the
             user's code allows it; falls back to one member at a time with a warning.
+        compile: evaluate the population under ``torch.compile`` (``None``: where the parameters are on a CUDA
+            device); falls back to eager evaluation with a warning where the user's code cannot be compiled.
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class ForwardOnlyEngine:
         update: UpdatePath | None = None,
         population_batching: bool = True,
         direct_step: DirectStep = "sgd",
+        compile: bool | None = None,
     ) -> None:
         if direct_step not in DIRECT_STEPS:
             raise ValueError(f"direct_step={direct_step!r}: choose one of {DIRECT_STEPS}")
@@ -127,6 +130,7 @@ class ForwardOnlyEngine:
         self.requested_update = update
         self.update: UpdatePath = update or "grad"
         self.population_batching = population_batching
+        self.compile = compile
         self.skipped_steps = 0
         #: bytes this process sent through collectives for its estimates (fitness scalars only)
         self.communicated_bytes = 0
@@ -191,9 +195,10 @@ class ForwardOnlyEngine:
                 check_direct_update_optimizer(optimizer)
             names = {id(p): n for m in roots for n, p in m.named_parameters(remove_duplicate=False)}
             params = trainable_parameters(optimizer)
+            compile = self.compile if self.compile is not None else all(p.device.type == "cuda" for p in params)
             estimator = PopulationEstimator(
                 self.algorithm, roots, params, [names.get(id(p), "?") for p in params],
-                EstimatorOptions.of(self.algorithm, self._world()[1]),
+                EstimatorOptions.of(self.algorithm, self._world()[1], compile=compile),
             )
             self._estimators[id(optimizer)] = estimator
         return estimator

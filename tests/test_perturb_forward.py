@@ -8,9 +8,10 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from lightning_nobp.algorithms import MeZO
+from lightning_nobp.algorithms import EggRoll, MeZO
 from lightning_nobp.perturb import MemberLayers, ParameterOwners, Perturbation, PopulationEstimator
 from lightning_nobp.perturb.member_layers import perturbed_value
 
@@ -251,3 +252,25 @@ def test_layer_norm_takes_its_gain_and_bias_noise_elementwise() -> None:
         for m in range(4):
             expected = nn.functional.layer_norm(x, (6,), norm.weight + gains[m], norm.bias + shifts[m])
             torch.testing.assert_close(batched[m], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_two_estimators_over_one_module_each_compute_their_own_members() -> None:
+    """One estimator per optimizer over the same modules: each takes the layers over while it evaluates."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+
+    def loss() -> torch.Tensor:
+        return F.cross_entropy(model(x), y)
+
+    algorithm = EggRoll(population=6, rank=1, sigma=0.05, per_row_estimates=False, input_subspace=None)
+    population = algorithm.ask(2)
+    first = PopulationEstimator(algorithm, [model], list(model.parameters()))
+    alone = first.evaluate_batched(population, loss)
+    second = PopulationEstimator(algorithm, [model], list(model.parameters()))
+    torch.testing.assert_close(second.evaluate_batched(population, loss), alone, rtol=0, atol=0)
+    torch.testing.assert_close(first.evaluate_batched(population, loss), alone, rtol=0, atol=0)
+    torch.testing.assert_close(first.evaluate(population, loss), alone)
+    first.close()
+    second.close()
+    assert "forward" not in model[0].__dict__ and "forward" not in model[2].__dict__

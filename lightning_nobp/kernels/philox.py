@@ -109,53 +109,78 @@ def _to_uniform(word: Tensor) -> Tensor:
     return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
 
 
-def _numpy_words_for(seed: int, numel: int, per_call: int) -> np.ndarray:
+def _counter_range(start: int, numel: int, per_call: int) -> tuple[int, int, int]:
+    """``(first counter, counters, skip)``: the counters that hold elements ``start .. start+numel-1`` of a stream
+    with ``per_call`` elements per counter, and how many elements of the first counter come before ``start``."""
+    first = start // per_call
+    skip = start - first * per_call
+    return first, -(-(skip + numel) // per_call), skip
+
+
+def _numpy_words_for(seed: int, numel: int, per_call: int, first: int = 0) -> np.ndarray:
     """:func:`_words_for` in numpy: a ``uint64`` array ``[counters, 4]``."""
-    return numpy_philox_words(seed, np.arange(-(-numel // per_call), dtype=np.uint64))
+    count = -(-numel // per_call)
+    return numpy_philox_words(seed, np.arange(first, first + count, dtype=np.uint64))
 
 
-def _words_for(seed: int, numel: int, per_call: int, device: torch.device | str) -> Tensor:
-    """The Philox words of counters ``0 .. ceil(numel / per_call) - 1``, as an int64 tensor ``[counters, 4]``."""
+def _words_for(seed: int, numel: int, per_call: int, device: torch.device | str, first: int = 0) -> Tensor:
+    """The Philox words of counters ``first .. first + ceil(numel / per_call) - 1``, as int64 ``[counters, 4]``."""
     if _on_numpy(device):  # every word is below 2**32: the same values as int64
-        return torch.from_numpy(_numpy_words_for(seed, numel, per_call).view(np.int64))
-    counters = torch.arange(-(-numel // per_call), dtype=torch.int64, device=device)
+        return torch.from_numpy(_numpy_words_for(seed, numel, per_call, first).view(np.int64))
+    count = -(-numel // per_call)
+    counters = torch.arange(first, first + count, dtype=torch.int64, device=device)
     return torch.stack(philox_words(seed, counters), dim=-1)
 
 
-def reference_uniform(seed: int, numel: int, device: torch.device | str = "cpu") -> Tensor:
-    """Uniform float32 in [0, 1): element ``i`` is word ``i % 4`` of Philox at counter ``i // 4``."""
+def reference_words(seed: int, numel: int, device: torch.device | str = "cpu", start: int = 0) -> Tensor:
+    """The uint32 word (in int64) of the uniform stream's elements ``start .. start+numel-1``: element ``i`` is word
+    ``i % 4`` of Philox at counter ``i // 4`` (Triton's ``_word(seed, i, 4)``)."""
+    first, counters, skip = _counter_range(start, numel, 4)
+    return _words_for(seed, 4 * counters, 4, device, first).view(-1)[skip : skip + numel]
+
+
+def reference_uniform(seed: int, numel: int, device: torch.device | str = "cpu", start: int = 0) -> Tensor:
+    """Uniform float32 in [0, 1): element ``i`` (from ``start``) is word ``i % 4`` of Philox at counter ``i // 4``."""
+    first, counters, skip = _counter_range(start, numel, 4)
     if _on_numpy(device):
-        return _numpy_uniform(_numpy_words_for(seed, numel, 4).reshape(-1)[:numel])
-    return _to_uniform(_words_for(seed, numel, 4, device).view(-1)[:numel])
+        words = _numpy_words_for(seed, 4 * counters, 4, first).reshape(-1)[skip : skip + numel]
+        return _numpy_uniform(words)
+    return _to_uniform(_words_for(seed, 4 * counters, 4, device, first).view(-1)[skip : skip + numel])
 
 
-def reference_normal(seed: int, numel: int, device: torch.device | str = "cpu") -> Tensor:
+def reference_normal(seed: int, numel: int, device: torch.device | str = "cpu", start: int = 0) -> Tensor:
     """Standard normal float32: Box-Muller on the word pairs (0, 1) and (2, 3) of counter ``i // 4``.
 
-    Element ``i`` is the cosine (``i`` even) or sine (``i`` odd) branch of pair ``(i % 4) // 2``.
+    Element ``i`` (from ``start``) is the cosine (``i`` even) or sine (``i`` odd) branch of pair ``(i % 4) // 2``.
     """
-    words = _words_for(seed, numel, 4, device)
+    first, counters, skip = _counter_range(start, numel, 4)
+    words = _words_for(seed, 4 * counters, 4, device, first)
     u1 = _to_uniform(words[:, 0::2]).clamp_min(1.0e-7)  # [counters, 2]: words 0 and 2
     u2 = _to_uniform(words[:, 1::2])  # words 1 and 3
     radius = torch.sqrt(-2.0 * torch.log(u1))
     angle = 6.283185307179586 * u2
     normals = torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=-1)  # [counters, 2, 2]
-    return normals.view(-1)[:numel]
+    return normals.view(-1)[skip : skip + numel]
 
 
-def reference_rademacher(seed: int, numel: int, device: torch.device | str = "cpu") -> Tensor:
-    """+1 or -1: element ``i`` is bit ``i % 32`` of word ``(i // 32) % 4`` of Philox at counter ``i // 128``."""
-    words = _words_for(seed, numel, 128, device).view(-1, 1)
+def reference_rademacher(seed: int, numel: int, device: torch.device | str = "cpu", start: int = 0) -> Tensor:
+    """+1 or -1: element ``i`` (from ``start``) is bit ``i % 32`` of word ``(i // 32) % 4`` of Philox at counter
+    ``i // 128``."""
+    first, counters, skip = _counter_range(start, numel, 128)
+    words = _words_for(seed, 128 * counters, 128, device, first).view(-1, 1)
     bits = (words >> torch.arange(32, device=words.device)) & 1
-    return bits.view(-1)[:numel].to(torch.float32).mul_(2.0).sub_(1.0)
+    return bits.view(-1)[skip : skip + numel].to(torch.float32).mul_(2.0).sub_(1.0)
 
 
-def reference_noise(seed: int, numel: int, distribution: str, device: torch.device | str = "cpu") -> Tensor:
-    """The reference stream of ``distribution`` (``"gaussian"`` or ``"rademacher"``), elements ``0 .. numel-1``."""
+def reference_noise(
+    seed: int, numel: int, distribution: str, device: torch.device | str = "cpu", start: int = 0
+) -> Tensor:
+    """The reference stream of ``distribution`` (``"gaussian"`` or ``"rademacher"``), elements ``start ..
+    start+numel-1``."""
     if distribution == "gaussian":
-        return reference_normal(seed, numel, device)
+        return reference_normal(seed, numel, device, start)
     if distribution == "rademacher":
-        return reference_rademacher(seed, numel, device)
+        return reference_rademacher(seed, numel, device, start)
     raise ValueError(f"unknown distribution {distribution!r}: use one of {DISTRIBUTIONS}")
 
 

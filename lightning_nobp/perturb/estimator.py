@@ -43,13 +43,15 @@ class EstimatorOptions:
     Args:
         rows: per-row estimates of row-local layers and the exact head gradient.
         input_subspace: kept-energy fraction of the data-fed layers' input subspaces (``None``: off).
+        compile: evaluate chunks of members under ``torch.compile``.
     """
 
     rows: RowEstimateOptions = field(default_factory=RowEstimateOptions)
     input_subspace: float | None = None
+    compile: bool = False
 
     @classmethod
-    def of(cls, algorithm: Algorithm, processes: int = 1) -> EstimatorOptions:
+    def of(cls, algorithm: Algorithm, processes: int = 1, compile: bool = False) -> EstimatorOptions:
         """The options an algorithm asks for (``per_row_estimates``, ``input_subspace``, ...).
 
         Per-row estimates and input subspaces need every member's losses on one process; with several processes
@@ -58,6 +60,7 @@ class EstimatorOptions:
         Args:
             algorithm: the estimator.
             processes: how many processes share the population.
+            compile: evaluate chunks of members under ``torch.compile``.
         """
         one_process = processes == 1
         rows = RowEstimateOptions(
@@ -69,7 +72,7 @@ class EstimatorOptions:
             exact_head=bool(getattr(algorithm, "exact_head_gradient", False)),
         )
         energy = getattr(algorithm, "input_subspace", None)
-        return cls(rows=rows, input_subspace=energy if one_process else None)
+        return cls(rows=rows, input_subspace=energy if one_process else None, compile=compile)
 
 
 def scalar_loss(value: object, where: str) -> Tensor:
@@ -136,7 +139,9 @@ class PopulationEstimator:
         self.noise = MemberNoise(algorithm, self.owners)
         self.low_bit = self.noise.low_bit
         self.rows = RowEstimates(options.rows, self.owners, self.noise, loss_context(self.params))
-        self.evaluation = MemberEvaluation(self.layers, self.noise, self.rows, self.names, roots)
+        self.evaluation = MemberEvaluation(
+            self.layers, self.noise, self.rows, self.names, roots, compile=options.compile
+        )
         self.writer = EstimateWriter(algorithm, self.params, self.names, self.low_bit, self.rows)
         self.input_subspaces: InputSubspaceTracker | None = None
         if options.input_subspace is not None:

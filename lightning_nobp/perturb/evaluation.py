@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_map
 from lightning_nobp.algorithms.base import Population
 from lightning_nobp.perturb.inplace_activations import activations_after_linear, activations_in_place
 from lightning_nobp.perturb.member_layers import MemberLayers, Perturbation
-from lightning_nobp.perturb.member_noise import MemberNoise
+from lightning_nobp.perturb.member_noise import ChunkNoise, MemberNoise
 from lightning_nobp.perturb.narrow_softmax import NarrowSoftmaxMode
 from lightning_nobp.perturb.owners import ParameterReadProbe
 from lightning_nobp.perturb.row_estimates import RowEstimates
@@ -72,6 +72,7 @@ class MemberEvaluation:
         rows: the per-row estimates (their recorder wraps the members' losses when a step can use them).
         names: the parameters' names, for error messages.
         roots: the user's modules (searched for activations that may run in place).
+        compile: evaluate chunks of members under ``torch.compile`` (see :class:`CompiledChunks`).
     """
 
     def __init__(
@@ -81,8 +82,11 @@ class MemberEvaluation:
         rows: RowEstimates,
         names: Sequence[str],
         roots: Sequence[torch.nn.Module],
+        compile: bool = False,
     ) -> None:
         self.layers = layers
+        #: the compiled chunk evaluation (``None``: eager)
+        self.compiled: CompiledChunks | None = CompiledChunks(layers) if compile else None
         self.noise = noise
         self.rows = rows
         self.names = list(names)
@@ -214,6 +218,13 @@ class MemberEvaluation:
         for start in range(0, len(todo), size):
             part = todo[start : start + size]
             chunk_noise = self.noise.chunk(population, part, unperturbed, kept, self.rows.seed_noise)
+            inputs = None if member_inputs is None else member_inputs(part)
+            if recorder is None and self.compiled is not None and self.compiled.applies():
+                restore()
+                losses = self.compiled(loss_fn, chunk_noise, unperturbed, inputs)
+                if losses is not None:
+                    fitness[part] = losses.float().cpu()
+                    continue
 
             def member_loss(inputs: Any, *tensors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
                 dense, low_rank = chunk_noise.unflatten(tensors)
@@ -231,7 +242,6 @@ class MemberEvaluation:
                     return loss.reshape(()), loss.new_zeros(()), loss.new_zeros(())
                 return loss.reshape(()), member_rows, recorder.mismatch(loss)
 
-            inputs = None if member_inputs is None else member_inputs(part)
             restore()
             tensors, tensor_dims = chunk_noise.flat()
             with torch.no_grad(), loss_context(), activations_in_place(self.in_place_activations):
@@ -293,3 +303,104 @@ class MemberEvaluation:
                 self.batching = True
                 return fitness
         return self.loop(population, loss_fn, rng, known, members, member_inputs)
+
+
+class CompiledChunks:
+    """A chunk of members evaluated by one ``torch.compile``-d ``vmap`` of the user's loss (``fullgraph=True``).
+
+    The compiled function receives everything that changes from step to step as tensors (the members' factors and
+    deltas, their inputs) and everything else as constants the compiler guards on (which parameters take which
+    noise), so one graph serves every step of a run (one more per chunk size). The user's loss is traced with the
+    member layers' computations inlined: the compiler fuses each layer's shared product with its members'
+    low-rank corrections. What it cannot trace (a graph break in ``training_step``: ``.item()``, printing, data-
+    dependent control flow) makes this evaluation, and every later one, run eagerly, with one warning that names
+    the reason.
+
+    Args:
+        layers: the member layers installed on the user's modules.
+    """
+
+    def __init__(self, layers: MemberLayers) -> None:
+        self.layers = layers
+        #: False once compilation failed: evaluations stay eager from then on
+        self.enabled = True
+        #: chunks evaluated by the compiled function
+        self.calls = 0
+        self._compiled = torch.compile(self.chunk_losses, fullgraph=True, dynamic=False)
+
+    def applies(self) -> bool:
+        """Whether compiled evaluation is on and possible: not with parameters read outside their layers (those
+        are swapped for a whole evaluation, which the compiled function does not do)."""
+        return self.enabled and not self.layers.owners.whole_evaluation
+
+    def chunk_losses(
+        self,
+        loss_fn: LossFn,
+        layout: tuple[tuple[int, ...], tuple[int, ...], tuple[int | None, ...]],
+        unperturbed: frozenset[int],
+        inputs: Any,
+        *tensors: Tensor,
+    ) -> Tensor:
+        """The losses ``[k]`` of a chunk: ``vmap`` over the members of the user's loss through the member layers."""
+        dense_indices, low_rank_indices, dims = layout
+        layers = self.layers
+
+        def member_loss(member_inputs: Any, *values: Tensor) -> Tensor:
+            split = len(dense_indices)
+            low_rank = {
+                index: (values[split + 2 * k], values[split + 2 * k + 1]) for k, index in enumerate(low_rank_indices)
+            }
+            dense = dict(zip(dense_indices, values[:split]))
+            layers.active = Perturbation(low_rank=low_rank, dense=dense, unperturbed=unperturbed)
+            try:
+                loss = loss_fn() if member_inputs is None else loss_fn(member_inputs)
+            finally:
+                layers.active = None
+            return loss.reshape(())
+
+        in_dims = (None if inputs is None else 0, *dims)
+        return torch.func.vmap(member_loss, in_dims=in_dims, randomness="same")(inputs, *tensors)
+
+    @staticmethod
+    def arguments(loss_fn: LossFn, noise: ChunkNoise, unperturbed: frozenset[int], inputs: Any) -> tuple[Any, ...]:
+        """The arguments of the compiled function (:meth:`chunk_losses`) for one chunk.
+
+        Args:
+            loss_fn: the user's loss at the current (perturbed) weights.
+            noise: the chunk's stacked perturbations.
+            unperturbed: parameters that compute with their stored value.
+            inputs: the members' stacked inputs (``None``: the loss takes none).
+        """
+        tensors, dims = noise.flat()
+        layout = (tuple(noise.dense), tuple(noise.low_rank), tuple(dims))
+        return (loss_fn, layout, unperturbed, inputs, *tensors)
+
+    def __call__(
+        self, loss_fn: LossFn, noise: ChunkNoise, unperturbed: frozenset[int], inputs: Any
+    ) -> Tensor | None:
+        """The chunk's losses, or ``None`` when the loss cannot be compiled (then :attr:`enabled` is False).
+
+        Args:
+            loss_fn: the user's loss at the current (perturbed) weights.
+            noise: the chunk's stacked perturbations.
+            unperturbed: parameters that compute with their stored value.
+            inputs: the members' stacked inputs (``None``: the loss takes none).
+        """
+        if not self.layers.installed:
+            self.layers.install()
+        try:
+            with torch.no_grad():
+                losses = self._compiled(*self.arguments(loss_fn, noise, unperturbed, inputs))
+            self.calls += 1
+            return losses
+        except Exception as error:  # noqa: BLE001 - anything the compiler cannot take: evaluate eagerly
+            self.enabled = False
+            self.layers.active = None
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            warnings.warn(
+                f"the population's evaluation cannot be compiled ({type(error).__name__}: {reason}); evaluating it"
+                " eagerly instead (slower). Keep training_step free of `.item()`, printing and data-dependent"
+                " Python control flow, or pass compile=False to the strategy to silence this.",
+                stacklevel=4,
+            )
+            return None

@@ -319,13 +319,27 @@ class MemberLayers:
 
     @property
     def installed(self) -> bool:
-        return bool(self._installed)
+        """Whether every owning module computes through these layers now (another estimator over the same modules,
+        one per optimizer, takes them over while it evaluates)."""
+        return len(self._installed) == len(self.owners.slots) and all(
+            module.__dict__.get("forward") is member_forward
+            for module, (member_forward, _) in self._installed.items()
+        )
 
     def install(self) -> None:
-        """Set the member-aware ``forward`` on every owning module (idempotent)."""
+        """Set the member-aware ``forward`` on every owning module (idempotent); a module that computes through
+        another estimator's layers is taken over, and keeps its own ``forward`` to give back."""
         for module, slots in self.owners.slots.items():
-            if module in self._installed:
+            current = module.__dict__.get("forward")
+            mine = self._installed.get(module)
+            if mine is not None and current is mine[0]:
                 continue
+            if isinstance(current, MemberForward):  # another estimator's: give the module its own forward back first
+                _, kept = current.layers._installed.pop(module)
+                if kept is None:
+                    del module.forward
+                else:
+                    module.forward = kept  # type: ignore[method-assign]
             previous = module.__dict__.get("forward")
             member_forward = MemberForward(self, module, slots, _computation(module, slots))
             module.forward = member_forward  # type: ignore[method-assign]

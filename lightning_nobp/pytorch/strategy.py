@@ -79,6 +79,10 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             (``torch.func.vmap`` over the user's code; activation memory grows with the members per chunk, see
             ``population_chunk`` of the ES algorithms). Falls back to one member at a time, with one warning, when
             the code cannot be batched (``.item()``, data-dependent control flow).
+        compile: evaluate the batched population under ``torch.compile`` (one graph per chunk size: the user's
+            ``training_step`` traced through the member layers, each layer's shared product fused with its members'
+            low-rank corrections). ``None`` (default): on when the parameters are on a CUDA device. Falls back to
+            eager evaluation, with one warning that names the reason, when ``training_step`` cannot be compiled.
         member_data: ``"shared"``: every member is evaluated on the whole batch. ``"pair_slices"``: the batch (a
             tensor or a tuple/list/dict of tensors sharing their first dimension) is split into one slice per noise
             group (antithetic pair), and each pair is evaluated on its own slice: more data per step for the same
@@ -124,6 +128,7 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         update: UpdatePath | None = None,
         direct_step: DirectStep = "sgd",
         population_batching: bool = True,
+        compile: bool | None = None,
         member_data: Literal["shared", "pair_slices"] = "shared",
         seed: int | None = None,
         reuse_cpu_memory: bool = True,
@@ -149,8 +154,10 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             start_method=start_method,
         )
         self.engine = ForwardOnlyEngine(
-            algorithm if algorithm is not None else MeZO(), update, population_batching, direct_step
+            algorithm if algorithm is not None else MeZO(), update, population_batching, direct_step, compile
         )
+        #: True while the members are evaluated with the module's logging muted
+        self._logging_muted = False
         if member_data not in MEMBER_DATA:
             raise ValueError(f"member_data={member_data!r}: choose one of {MEMBER_DATA}")
         self.member_data = member_data
@@ -298,6 +305,9 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         if batch is not None:
             args = (batch, *args[1:])
         module = self.lightning_module
+        if self._logging_muted:  # muted once around the whole evaluation, outside compiled code
+            with self.precision_plugin.train_step_context():
+                return module.training_step(*args, **kwargs)
         with self.precision_plugin.train_step_context(), muted_logging(module):
             return module.training_step(*args, **kwargs)
 
@@ -398,15 +408,20 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         population: Population = self._step["population"]
         started = time.perf_counter()
         own = self._step["own"]
-        fitness = self.engine.evaluate(
-            estimator,
-            population,
-            self._perturbed_training_loss,
-            self._step["rng"],
-            self._step["known"],
-            members=own,
-            member_inputs=self._pair_slices if self.member_data == "pair_slices" else None,
-        )
+        with muted_logging(module):
+            self._logging_muted = True
+            try:
+                fitness = self.engine.evaluate(
+                    estimator,
+                    population,
+                    self._perturbed_training_loss,
+                    self._step["rng"],
+                    self._step["known"],
+                    members=own,
+                    member_inputs=self._pair_slices if self.member_data == "pair_slices" else None,
+                )
+            finally:
+                self._logging_muted = False
         evaluated = len(own) - len(self._step["known"])
         members_per_second = evaluated / max(time.perf_counter() - started, 1e-9)
         self._step["rng_after"].restore()

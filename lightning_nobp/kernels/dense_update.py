@@ -1,0 +1,349 @@
+"""Fused in-place update and perturbed copy of a bf16 or float32 weight: a Triton kernel and its PyTorch twin.
+
+The update, in one pass over the weight: ``w <- round(decay * w + sum_m c_m z_m + A B^T + dense)``, every member's
+noise ``z_m`` regenerated from its Philox seed (element ``i`` of the flattened weight at offset ``i``, the streams
+of ``lightning_nobp.kernels.philox``), the low-rank factors read once per tile, the sum kept in float32 registers,
+rounded stochastically to bf16 (16 random bits from the rounding seed's Philox stream added below the bf16
+mantissa, then truncated: unbiased) or stored as float32. Nothing of the weight's size is allocated.
+
+The perturbed copy, for a member's evaluation: ``out = w + sum_m s_m z_m`` in the weight's dtype (round to nearest),
+written into a new tensor of the weight's size: one layer's copy at a time instead of the whole model's noise.
+
+Both are ``torch.library`` custom ops (``lightning_nobp::dense_update_``, ``lightning_nobp::dense_perturbed``) with
+fake implementations, so they run under ``FakeTensorMode`` (memory measured at full scale without a GPU) and
+``torch.compile`` treats them as single calls. The twin works through blocks of rows, so its temporaries stay a few
+megabytes whatever the weight's size; it gives the same bits as the kernel under ``TRITON_INTERPRET=1`` (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_nobp.kernels.lowbit_update import UpdateTerms
+from lightning_nobp.kernels.philox import reference_noise, reference_words
+from lightning_nobp.kernels.triton_support import tl, triton, use_triton
+
+#: weight dtypes the fused update and the perturbed copy take
+FUSED_DTYPES = (torch.bfloat16, torch.float32)
+#: elements per block of the twin (its temporaries are a few float32 copies of one block)
+TWIN_BLOCK_ELEMENTS = 1 << 18
+#: elements per Triton program
+KERNEL_BLOCK = 1024
+_BF16_MAX = torch.finfo(torch.bfloat16).max
+
+
+def check_fused_dtype(weight: Tensor) -> None:
+    """Raise when ``weight`` is not a contiguous bf16 or float32 tensor (what the kernels take)."""
+    if weight.dtype not in FUSED_DTYPES:
+        raise TypeError(f"the fused dense update takes bf16 or float32 weights, not {weight.dtype}")
+    if not weight.is_contiguous():
+        raise ValueError("the fused dense update takes contiguous weights")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reference twin
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _row_blocks(rows: int, cols: int) -> range:
+    """The first row of every twin block."""
+    return range(0, rows, max(1, TWIN_BLOCK_ELEMENTS // max(cols, 1)))
+
+
+def _stream_sum(
+    values: Tensor, seeds: Tensor | None, coefficients: Tensor | None, gaussian: bool, start: int
+) -> Tensor:
+    """``values + sum_m c_m z_m`` over the elements ``start .. start + values.numel() - 1`` of each stream, added in
+    the kernel's order (one member after the other)."""
+    if seeds is None or coefficients is None:
+        return values
+    distribution = "gaussian" if gaussian else "rademacher"
+    flat = values.view(-1)
+    for seed, coefficient in zip(seeds.tolist(), coefficients.tolist()):
+        noise = reference_noise(seed, flat.numel(), distribution, flat.device, start)
+        flat = flat + torch.tensor(coefficient, dtype=torch.float32) * noise
+    return flat.view_as(values)
+
+
+def _low_rank_sum(values: Tensor, factor_a: Tensor | None, factor_b: Tensor | None) -> Tensor:
+    """``values + A B^T`` for a block of rows, one rank after the other (the kernel's order)."""
+    if factor_a is None or factor_b is None:
+        return values
+    factor_a, factor_b = factor_a.float(), factor_b.float()
+    for k in range(factor_a.shape[1]):
+        values = values + factor_a[:, k : k + 1] * factor_b[:, k].unsqueeze(0)
+    return values
+
+
+def round_to_bf16(values: Tensor, words: Tensor) -> Tensor:
+    """Stochastic rounding of float32 ``values`` to bf16: the high 16 bits of each Philox word (``words``: uint32 in
+    int64) added below the bf16 mantissa, then the low 16 bits cut (clamped to the largest bf16 first)."""
+    clamped = values.clamp(-_BF16_MAX, _BF16_MAX).contiguous()
+    bits = clamped.view(torch.int32) + (words >> 16).to(torch.int32)
+    return (bits & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def nearest_bf16(values: Tensor) -> Tensor:
+    """Float32 ``values`` rounded to the nearest bf16 (ties to even) on their bits, as the kernel rounds (torch's own
+    cast gives the same for finite values that do not overflow)."""
+    bits = values.contiguous().view(torch.int32)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.view(torch.float32).to(torch.bfloat16)
+
+
+def reference_dense_update_(weight: Tensor, terms: UpdateTerms, rounding_seed: int) -> None:
+    """The twin of :func:`triton_dense_update_`: the same values, the same rounding, block by block."""
+    rows = weight.shape[0] if weight.dim() else 1
+    view = weight.view(rows, -1)
+    cols = view.shape[1]
+    dense = None if terms.dense is None else terms.dense.reshape(rows, cols)
+    for first in _row_blocks(rows, cols):
+        last = min(rows, first + max(1, TWIN_BLOCK_ELEMENTS // max(cols, 1)))
+        start = first * cols
+        values = view[first:last].float() * torch.tensor(terms.decay, dtype=torch.float32)
+        values = _stream_sum(values, terms.seeds, terms.coefficients, terms.gaussian, start)
+        factor_a = None if terms.factor_a is None else terms.factor_a[first:last]
+        values = _low_rank_sum(values, factor_a, terms.factor_b)
+        if dense is not None:
+            values = values + dense[first:last].float()
+        if weight.dtype == torch.bfloat16:
+            words = reference_words(rounding_seed, values.numel(), values.device, start).view_as(values)
+            view[first:last] = round_to_bf16(values, words)
+        else:
+            view[first:last] = values
+
+
+def reference_dense_perturbed(weight: Tensor, seeds: Tensor, scales: Tensor, gaussian: bool) -> Tensor:
+    """The twin of :func:`triton_dense_perturbed`: ``w + sum_m s_m z_m`` in the weight's dtype (round to nearest)."""
+    out = torch.empty_like(weight)
+    rows = weight.shape[0] if weight.dim() else 1
+    source, target = weight.view(rows, -1), out.view(rows, -1)
+    cols = source.shape[1]
+    for first in _row_blocks(rows, cols):
+        last = min(rows, first + max(1, TWIN_BLOCK_ELEMENTS // max(cols, 1)))
+        values = _stream_sum(source[first:last].float(), seeds, scales, gaussian, first * cols)
+        target[first:last] = nearest_bf16(values) if weight.dtype == torch.bfloat16 else values
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+if triton is not None:
+    from lightning_nobp.kernels.philox import _word, noise_at
+
+    @triton.jit
+    def _dense_update_kernel(
+        w_ptr,
+        numel,
+        cols,
+        decay,
+        seeds_ptr,
+        coefficients_ptr,
+        members,
+        a_ptr,
+        b_ptr,
+        rank,
+        dense_ptr,
+        rounding_seed,
+        GAUSSIAN: tl.constexpr,
+        HAS_DENSE: tl.constexpr,
+        TO_BF16: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < numel
+        values = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * decay
+        for m in range(members):
+            seed = tl.load(seeds_ptr + m)
+            coefficient = tl.load(coefficients_ptr + m)
+            values = values + coefficient * noise_at(seed, offsets, GAUSSIAN)
+        row = offsets // cols
+        col = offsets % cols
+        for k in range(rank):
+            a = tl.load(a_ptr + row * rank + k, mask=mask, other=0.0)
+            b = tl.load(b_ptr + col * rank + k, mask=mask, other=0.0)
+            values = values + a * b
+        if HAS_DENSE:
+            values = values + tl.load(dense_ptr + offsets, mask=mask, other=0.0)
+        if TO_BF16:
+            limit = 3.3895313892515355e38  # the largest bf16
+            clamped = tl.minimum(tl.maximum(values, -limit), limit)
+            random = (_word(rounding_seed, offsets, 4) >> 16).to(tl.int32)
+            bits = (clamped.to(tl.int32, bitcast=True) + random) & -65536
+            tl.store(w_ptr + offsets, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
+        else:
+            tl.store(w_ptr + offsets, values, mask=mask)
+
+    @triton.jit
+    def _dense_perturbed_kernel(
+        w_ptr,
+        out_ptr,
+        numel,
+        seeds_ptr,
+        scales_ptr,
+        members,
+        GAUSSIAN: tl.constexpr,
+        TO_BF16: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < numel
+        values = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        for m in range(members):
+            seed = tl.load(seeds_ptr + m)
+            scale = tl.load(scales_ptr + m)
+            values = values + scale * noise_at(seed, offsets, GAUSSIAN)
+        if TO_BF16:  # round to nearest even on the bits (the interpreter's own bf16 cast truncates)
+            bits = values.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            tl.store(out_ptr + offsets, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
+        else:
+            tl.store(out_ptr + offsets, values, mask=mask)
+
+
+def _on(tensor: Tensor | None, device: torch.device, dtype: torch.dtype) -> Tensor | None:
+    return None if tensor is None else tensor.to(device=device, dtype=dtype).contiguous()
+
+
+def triton_dense_update_(weight: Tensor, terms: UpdateTerms, rounding_seed: int) -> None:
+    """The fused update as one Triton launch (see the module docstring)."""
+    if triton is None:
+        raise RuntimeError("Triton is not installed: pip install triton (or use reference_dense_update_)")
+    device = weight.device
+    numel = weight.numel()
+    cols = weight.view(weight.shape[0], -1).shape[1] if weight.dim() else 1
+    seeds = _on(terms.seeds, device, torch.int64)
+    coefficients = _on(terms.coefficients, device, torch.float32)
+    factor_a = _on(terms.factor_a, device, torch.float32)
+    factor_b = _on(terms.factor_b, device, torch.float32)
+    dense = _on(terms.dense, device, torch.float32)
+    placeholder = weight  # never read: its loop runs zero times or its flag is off
+    _dense_update_kernel[(triton.cdiv(numel, KERNEL_BLOCK),)](
+        weight,
+        numel,
+        cols,
+        float(terms.decay),
+        placeholder if seeds is None else seeds,
+        placeholder if coefficients is None else coefficients,
+        0 if seeds is None else seeds.numel(),
+        placeholder if factor_a is None else factor_a,
+        placeholder if factor_b is None else factor_b,
+        0 if factor_a is None else factor_a.shape[1],
+        placeholder if dense is None else dense,
+        rounding_seed,
+        GAUSSIAN=terms.gaussian,
+        HAS_DENSE=dense is not None,
+        TO_BF16=weight.dtype == torch.bfloat16,
+        BLOCK=KERNEL_BLOCK,
+    )
+
+
+def triton_dense_perturbed(weight: Tensor, seeds: Tensor, scales: Tensor, gaussian: bool) -> Tensor:
+    """The perturbed copy as one Triton launch (see the module docstring)."""
+    if triton is None:
+        raise RuntimeError("Triton is not installed: pip install triton (or use reference_dense_perturbed)")
+    out = torch.empty_like(weight)
+    device = weight.device
+    seeds_on, scales_on = _on(seeds, device, torch.int64), _on(scales, device, torch.float32)
+    _dense_perturbed_kernel[(triton.cdiv(weight.numel(), KERNEL_BLOCK),)](
+        weight,
+        out,
+        weight.numel(),
+        seeds_on,
+        scales_on,
+        seeds.numel(),
+        GAUSSIAN=gaussian,
+        TO_BF16=weight.dtype == torch.bfloat16,
+        BLOCK=KERNEL_BLOCK,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# custom ops: Triton on CUDA, the twin elsewhere, an allocation-free fake for FakeTensorMode
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lightning_nobp::dense_update_", mutates_args=("weight",))
+def _dense_update_op(
+    weight: Tensor,
+    decay: float,
+    seeds: Tensor | None,
+    coefficients: Tensor | None,
+    gaussian: bool,
+    factor_a: Tensor | None,
+    factor_b: Tensor | None,
+    dense: Tensor | None,
+    rounding_seed: int,
+) -> None:
+    terms = UpdateTerms(decay, seeds, coefficients, gaussian, factor_a, factor_b, dense)
+    if use_triton(weight.device):
+        triton_dense_update_(weight, terms, rounding_seed)
+    else:
+        reference_dense_update_(weight, terms, rounding_seed)
+
+
+@_dense_update_op.register_fake
+def _(
+    weight: Tensor,
+    decay: float,
+    seeds: Tensor | None,
+    coefficients: Tensor | None,
+    gaussian: bool,
+    factor_a: Tensor | None,
+    factor_b: Tensor | None,
+    dense: Tensor | None,
+    rounding_seed: int,
+) -> None:
+    return None  # in place: the kernel allocates nothing
+
+
+@torch.library.custom_op("lightning_nobp::dense_perturbed", mutates_args=())
+def _dense_perturbed_op(weight: Tensor, seeds: Tensor, scales: Tensor, gaussian: bool) -> Tensor:
+    if use_triton(weight.device):
+        return triton_dense_perturbed(weight, seeds, scales, gaussian)
+    return reference_dense_perturbed(weight, seeds, scales, gaussian)
+
+
+@_dense_perturbed_op.register_fake
+def _(weight: Tensor, seeds: Tensor, scales: Tensor, gaussian: bool) -> Tensor:
+    return torch.empty_like(weight)
+
+
+def dense_update_(weight: Tensor, terms: UpdateTerms, rounding_seed: int) -> None:
+    """Update a bf16 or float32 weight in place: ``w <- round(decay * w + streams + A B^T + dense)``.
+
+    Args:
+        weight: the contiguous bf16 or float32 weight (``[rows, ...]``; ``A`` has ``rows`` rows and ``B`` one row
+            per element of a row).
+        terms: what to add (coefficients already scaled by the step).
+        rounding_seed: seed of the stochastic rounding's stream (ignored for float32).
+    """
+    check_fused_dtype(weight)
+    _dense_update_op(
+        weight,
+        float(terms.decay),
+        terms.seeds,
+        terms.coefficients,
+        terms.gaussian,
+        terms.factor_a,
+        terms.factor_b,
+        terms.dense,
+        rounding_seed,
+    )
+
+
+def dense_perturbed(weight: Tensor, seeds: Tensor, scales: Tensor, gaussian: bool) -> Tensor:
+    """A perturbed copy ``w + sum_m s_m z_m`` of a bf16 or float32 weight, in its dtype.
+
+    Args:
+        weight: the contiguous weight.
+        seeds: int64 ``[M]`` Philox seeds of the members' noise streams.
+        scales: float32 ``[M]`` each stream's multiplier (sigma times the member's sign).
+        gaussian: Gaussian streams (else Rademacher).
+    """
+    check_fused_dtype(weight)
+    return _dense_perturbed_op(weight, seeds, scales, gaussian)
