@@ -195,10 +195,11 @@ class ForwardOnlyEngine:
                 check_direct_update_optimizer(optimizer)
             names = {id(p): n for m in roots for n, p in m.named_parameters(remove_duplicate=False)}
             params = trainable_parameters(optimizer)
-            compile = self.compile if self.compile is not None else all(p.device.type == "cuda" for p in params)
+            on_cuda = all(p.device.type == "cuda" for p in params)
+            compile = self.compile if self.compile is not None else on_cuda
+            options = EstimatorOptions.of(self.algorithm, self._world()[1], compile=compile, fused=on_cuda)
             estimator = PopulationEstimator(
-                self.algorithm, roots, params, [names.get(id(p), "?") for p in params],
-                EstimatorOptions.of(self.algorithm, self._world()[1], compile=compile),
+                self.algorithm, roots, params, [names.get(id(p), "?") for p in params], options
             )
             self._estimators[id(optimizer)] = estimator
         return estimator

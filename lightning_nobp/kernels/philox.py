@@ -250,10 +250,23 @@ def triton_stream(seed: int, numel: int, kind: str, device: torch.device | str) 
     return out
 
 
+@torch.library.custom_op("lightning_nobp::philox_noise", mutates_args=())
+def _philox_noise_op(seed: int, numel: int, distribution: str, device: torch.device) -> Tensor:
+    if use_triton(torch.device(device)):
+        return triton_stream(seed, numel, distribution, device)
+    return reference_noise(seed, numel, distribution, device)
+
+
+@_philox_noise_op.register_fake
+def _(seed: int, numel: int, distribution: str, device: torch.device) -> Tensor:
+    return torch.empty(numel, dtype=torch.float32, device=device)
+
+
 def philox_noise(seed: int, shape: torch.Size | tuple[int, ...], distribution: str, device: torch.device) -> Tensor:
     """Float32 noise of ``shape`` from the counter stream ``seed`` (element ``i`` at offset ``i``).
 
-    Runs the Triton generator on CUDA and the PyTorch twin elsewhere; both give the same stream.
+    Runs the Triton generator on CUDA and the PyTorch twin elsewhere; both give the same stream. A custom op
+    (``lightning_nobp::philox_noise``) with a fake implementation, so it also runs under ``FakeTensorMode``.
 
     Args:
         seed: the stream's 63-bit seed (see ``derive_seed``).
@@ -264,6 +277,4 @@ def philox_noise(seed: int, shape: torch.Size | tuple[int, ...], distribution: s
     numel = 1
     for size in shape:
         numel *= int(size)
-    if use_triton(torch.device(device)):
-        return triton_stream(seed, numel, distribution, device).view(shape)
-    return reference_noise(seed, numel, distribution, device).view(shape)
+    return _philox_noise_op(seed, numel, distribution, torch.device(device)).view(shape)

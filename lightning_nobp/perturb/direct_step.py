@@ -28,8 +28,11 @@ from torch import Tensor
 MOMENTUM_BUFFER = "momentum_buffer"
 
 
-def rms(squared_norm: float, numel: int) -> float:
-    """Root-mean-square from a squared norm (1 for an all-zero estimate, which then stays zero)."""
+def rms(squared_norm: float | Tensor, numel: int) -> float | Tensor:
+    """Root-mean-square from a squared norm (1 for an all-zero estimate, which then stays zero); a tensor stays a
+    tensor (no host synchronisation)."""
+    if isinstance(squared_norm, Tensor):
+        return torch.where(squared_norm > 0, (squared_norm / numel).sqrt(), torch.ones_like(squared_norm))
     return math.sqrt(squared_norm / numel) if squared_norm > 0 else 1.0
 
 

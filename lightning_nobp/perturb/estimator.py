@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_nobp.algorithms.base import Algorithm, Member, Population
+from lightning_nobp.kernels.dense_update import FUSED_DTYPES
 from lightning_nobp.perturb.direct_step import DirectHyperparameters
 from lightning_nobp.perturb.evaluation import (
     LossFn,
@@ -44,14 +45,19 @@ class EstimatorOptions:
         rows: per-row estimates of row-local layers and the exact head gradient.
         input_subspace: kept-energy fraction of the data-fed layers' input subspaces (``None``: off).
         compile: evaluate chunks of members under ``torch.compile``.
+        fused: update bf16/float32 weights with the fused dense kernel and draw their dense noise from its Philox
+            streams (one layer's perturbed copy at a time; ``lightning_nobp.kernels.dense_update``).
     """
 
     rows: RowEstimateOptions = field(default_factory=RowEstimateOptions)
     input_subspace: float | None = None
     compile: bool = False
+    fused: bool = False
 
     @classmethod
-    def of(cls, algorithm: Algorithm, processes: int = 1, compile: bool = False) -> EstimatorOptions:
+    def of(
+        cls, algorithm: Algorithm, processes: int = 1, compile: bool = False, fused: bool = False
+    ) -> EstimatorOptions:
         """The options an algorithm asks for (``per_row_estimates``, ``input_subspace``, ...).
 
         Per-row estimates and input subspaces need every member's losses on one process; with several processes
@@ -61,6 +67,7 @@ class EstimatorOptions:
             algorithm: the estimator.
             processes: how many processes share the population.
             compile: evaluate chunks of members under ``torch.compile``.
+            fused: the fused dense kernels for bf16/float32 weights (see the class).
         """
         one_process = processes == 1
         rows = RowEstimateOptions(
@@ -72,7 +79,7 @@ class EstimatorOptions:
             exact_head=bool(getattr(algorithm, "exact_head_gradient", False)),
         )
         energy = getattr(algorithm, "input_subspace", None)
-        return cls(rows=rows, input_subspace=energy if one_process else None, compile=compile)
+        return cls(rows=rows, input_subspace=energy if one_process else None, compile=compile, fused=fused)
 
 
 def scalar_loss(value: object, where: str) -> Tensor:
@@ -136,13 +143,20 @@ class PopulationEstimator:
         self.owners = ParameterOwners(roots, self.params)
         self.layers = MemberLayers(self.owners)
         self.layers.install()
-        self.noise = MemberNoise(algorithm, self.owners)
+        self.noise = MemberNoise(algorithm, self.owners, streamed_dense=options.fused)
         self.low_bit = self.noise.low_bit
         self.rows = RowEstimates(options.rows, self.owners, self.noise, loss_context(self.params))
         self.evaluation = MemberEvaluation(
             self.layers, self.noise, self.rows, self.names, roots, compile=options.compile
         )
-        self.writer = EstimateWriter(algorithm, self.params, self.names, self.low_bit, self.rows)
+        fused = (
+            {i for i, p in enumerate(self.params) if i not in self.low_bit and p.dtype in FUSED_DTYPES and p.is_contiguous()}
+            if options.fused
+            else set()
+        )
+        self.writer = EstimateWriter(
+            algorithm, self.params, self.names, self.low_bit, self.rows, fused, self.noise.streamed
+        )
         self.input_subspaces: InputSubspaceTracker | None = None
         if options.input_subspace is not None:
             self.input_subspaces = InputSubspaceTracker(

@@ -285,7 +285,7 @@ class MemberEvaluation:
         """
         pending = len(population) if members is None else len(members)
         pending -= len(known or {})
-        if batched and self.batching is not False and pending > 1:
+        if batched and self.batching is not False and pending > 1 and not self.noise.one_member_at_a_time():
             try:
                 fitness = self.batched(population, loss_fn, rng, known, members, chunk, member_inputs)
             except Exception as error:  # noqa: BLE001 - any failure of vmap means: fall back to the loop

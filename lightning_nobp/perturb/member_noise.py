@@ -4,7 +4,9 @@ trained parameter.
 Low-rank-capable weights (``nn.Linear``, ``nn.Embedding``) take their noise as factors ``(A, B)`` with ``E = A B^T``
 (or ``(A_s, P)`` on a basis shared by the members: input-subspace noise of a data-fed layer); every other parameter
 takes its dense noise. Noise is regenerated from the members' seeds by the algorithm (its caches make each seed's
-draw happen once per step), or, for low-bit weights, from the counter-based Philox streams the fused kernels use.
+draw happen once per step), or, for low-bit weights and (with fused kernels) dense float weights, from the
+counter-based Philox streams the fused kernels use: a member evaluated on its own then computes each such layer
+with a perturbed copy of that layer alone, written by one kernel (no noise tensor of the weight's size).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_nobp.algorithms.base import Algorithm, Member, Population
+from lightning_nobp.kernels.dense_update import FUSED_DTYPES, dense_perturbed
 from lightning_nobp.kernels.perturbed_weight import perturbed_weight
 from lightning_nobp.kernels.philox import philox_noise
 from lightning_nobp.lowbit import is_low_bit, layout_of
@@ -68,25 +71,49 @@ class MemberNoise:
     Args:
         algorithm: the estimator whose noise the members carry.
         owners: the parameter-to-module map (which parameters take low-rank corrections).
+        streamed_dense: draw the dense noise of bf16 and float32 weights from the fused kernels' Philox streams
+            (see :attr:`streamed`).
     """
 
-    def __init__(self, algorithm: Algorithm, owners: ParameterOwners) -> None:
+    def __init__(self, algorithm: Algorithm, owners: ParameterOwners, streamed_dense: bool = False) -> None:
         self.algorithm = algorithm
         self.owners = owners
         self.params = owners.params
         #: indices of the parameters stored in low bit (torchao subclasses): noise from Philox streams, fused updates
         self.low_bit = {index for index, param in enumerate(self.params) if is_low_bit(param)}
+        #: dense float weights whose noise is the algorithm's Philox stream (``noise_stream``): perturbed copies and
+        #: updates by the fused kernels (``lightning_nobp.kernels.dense_update``). Not with input subspaces, whose
+        #: projected noise is no stream.
+        self.streamed: set[int] = set()
+        if streamed_dense and getattr(algorithm, "input_subspace", None) is None:
+            self.streamed = {
+                index
+                for index, param in enumerate(self.params)
+                if index not in self.low_bit
+                and param.dtype in FUSED_DTYPES
+                and param.is_contiguous()
+                and not self._has_low_rank_factors(index)
+                and algorithm.noise_stream(0, index, param) is not None
+            }
         #: float32 bytes of one member's dense noise in a batched evaluation (``None``: not computed yet)
         self._dense_member_bytes: int | None = None
+
+    def _has_low_rank_factors(self, index: int) -> bool:
+        param = self.params[index]
+        return index in self.owners.low_rank_allowed and self.algorithm.low_rank_factors(0, index, param) is not None
+
+    def stream_drawn(self, index: int) -> bool:
+        """Whether parameter ``index``'s dense noise is its Philox stream (low-bit or streamed weights)."""
+        return index in self.low_bit or index in self.streamed
 
     def dense(self, noise_seed: int, index: int) -> Tensor:
         """The float32 noise ``E`` of parameter ``index`` for one member seed.
 
-        Low-bit parameters draw it from the algorithm's Philox stream (the one the fused update kernel
-        regenerates); the others from :meth:`Algorithm.noise`.
+        Low-bit and streamed parameters draw it from the algorithm's Philox stream (the one the fused kernels
+        regenerate); the others from :meth:`Algorithm.noise`.
         """
         param = self.params[index]
-        stream = self.algorithm.noise_stream(noise_seed, index, param) if index in self.low_bit else None
+        stream = self.algorithm.noise_stream(noise_seed, index, param) if self.stream_drawn(index) else None
         if stream is None:
             return self.algorithm.noise(noise_seed, index, param)
         seed, distribution = stream
@@ -106,17 +133,23 @@ class MemberNoise:
         def delta(index: int, stored: Tensor) -> Tensor:
             return self.dense(member.noise_seed, index).mul_(scale)
 
-        def low_bit_value(index: int, stored: Tensor) -> Tensor | None:
+        def stream_value(index: int, stored: Tensor) -> Tensor | None:
+            if not self.stream_drawn(index):
+                return None
             stream = self.algorithm.noise_stream(member.noise_seed, index, stored)
-            if index not in self.low_bit or stream is None:
+            if stream is None:
                 return None
             seed, distribution = stream
-            return perturbed_weight(layout_of(stored), [seed], [scale], distribution == "gaussian", stored.dtype)
+            gaussian = distribution == "gaussian"
+            if index in self.streamed:  # one layer's perturbed copy, written by one kernel
+                seeds = torch.tensor([seed], dtype=torch.int64)
+                return dense_perturbed(stored, seeds, torch.tensor([scale], dtype=torch.float32), gaussian)
+            return perturbed_weight(layout_of(stored), [seed], [scale], gaussian, stored.dtype)
 
         return Perturbation(
             low_rank=low_rank,
             delta_fn=delta,
-            value_fn=low_bit_value if self.low_bit else None,
+            value_fn=stream_value if self.low_bit or self.streamed else None,
             unperturbed=frozenset(unperturbed),
         )
 
@@ -185,7 +218,7 @@ class MemberNoise:
             factors = self.algorithm.stacked_low_rank_factors(seeds, index, param)
             if factors is not None:
                 return factors
-        if index in self.low_bit and self.algorithm.noise_stream(seeds[0], index, param) is not None:
+        if self.stream_drawn(index) and self.algorithm.noise_stream(seeds[0], index, param) is not None:
             return torch.stack([self.dense(seed, index) for seed in seeds])  # the kernels' Philox streams
         return self.algorithm.stacked_noise(seeds, index, param)
 
@@ -218,7 +251,7 @@ class MemberNoise:
         wanted = [
             (index, param, index in low_rank_allowed, 4 * param.numel() * len(seeds) <= PREFETCH_DENSE_BYTES)
             for index, param in enumerate(self.params)
-            if index not in self.low_bit
+            if not self.stream_drawn(index)
         ]
 
         def window_seeds(steps: int) -> list[int]:
@@ -227,6 +260,14 @@ class MemberNoise:
             return list(dict.fromkeys(chosen))
 
         self.algorithm.prefetch_noise(seeds, wanted, window_seeds if window is not None else None)
+
+    def one_member_at_a_time(self) -> bool:
+        """Whether members are best evaluated one at a time, each layer perturbed when it runs: when a batched
+        chunk would stack dense noise for the whole model (no parameter takes low-rank factors and the dense
+        noise comes from the fused kernels' streams: MeZO, OpenES), or when one member's dense noise alone
+        exceeds the budget."""
+        dense_only = not any(self._has_low_rank_factors(index) for index in range(len(self.params)))
+        return (dense_only and bool(self.streamed)) or self.members_within_budget() == 1
 
     def members_within_budget(self) -> int:
         """How many members' dense noise fits in ``STACKED_NOISE_BYTES`` (at least 1): a batched evaluation

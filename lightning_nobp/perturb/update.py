@@ -2,7 +2,9 @@
 
 The estimate of every parameter is ``sum_m c_m sign_m E_m``, regenerated from the members' seeds (antithetic twins
 merged), with the per-row estimates of row-local layers in place of their evolution-strategies estimates. Low-bit
-weights are written by the fused kernel, the others with stochastic rounding below float32.
+weights are written by the fused low-bit kernel; bf16 and float32 weights by the fused dense kernel where it is on
+(``fused``: one pass per weight, the low-rank term and each stream's noise formed inside it, no dense estimate, no
+host synchronisation), else with stochastic rounding below float32.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import Tensor
 
 from lightning_nobp.algorithms.base import Algorithm, Population, weighted_factor_columns
 from lightning_nobp.algorithms.seeds import derive_seed
+from lightning_nobp.kernels.dense_update import dense_update_
 from lightning_nobp.kernels.lowbit_update import UpdateTerms, added_terms
 from lightning_nobp.kernels.stochastic_rounding import stochastic_round
 from lightning_nobp.lowbit import apply_low_bit_update, layout_of
@@ -41,6 +44,8 @@ class EstimateWriter:
         names: their names, for error messages.
         low_bit: indices of the low-bit parameters.
         rows: the per-row estimates that replace some parameters' estimates.
+        fused: indices of the bf16/float32 parameters the fused dense kernel updates.
+        streamed: indices whose dense noise is the algorithm's Philox stream (the kernels regenerate it).
     """
 
     def __init__(
@@ -50,12 +55,16 @@ class EstimateWriter:
         names: Sequence[str],
         low_bit: set[int],
         rows: RowEstimates,
+        fused: set[int] | None = None,
+        streamed: set[int] | None = None,
     ) -> None:
         self.algorithm = algorithm
         self.params = list(params)
         self.names = list(names)
         self.low_bit = low_bit
         self.rows = rows
+        self.fused = fused or set()
+        self.streamed = streamed or set()
 
     @torch.no_grad()
     def accumulate_gradient(self, population: Population, coefficients: Tensor, scale: float = 1.0) -> float:
@@ -116,28 +125,36 @@ class EstimateWriter:
 
         Returns:
             The norm of the estimate (before normalization, lr and weight decay), over all parameters; NaN when
-            the update was not finite and nothing was written.
+            the update was not finite and nothing was written. A tensor where fused weights contribute to it (kept
+            on the device: read it when logging), else a float.
         """
         merged = merged_weights(terms)
         row_local = self.rows.gradients(terms[-1][0], exact_only=len(terms) > 1)
         if not all(map(math.isfinite, merged.values())):
             return float("nan")  # never write a non-finite update: the weights stay untouched
-        squared_norm = 0.0
+        squared_norm: float | Tensor = 0.0
         unperturbed = self.rows.unperturbed_indices()
         for index, (param, settings) in enumerate(zip(self.params, hyperparameters)):
             if index in unperturbed and index not in row_local:
                 continue  # not perturbed and no exact gradient this step: left as it is
             lr, weight_decay = settings.lr, settings.weight_decay
             seed = derive_seed(rounding_seed, index)
+            if index in self.fused and not settings.momentum and index not in row_local:
+                update_terms = self._kernel_terms(index, merged, 1.0 - lr * weight_decay)
+                squared = self._squared_norm(index, update_terms)
+                squared_norm = squared_norm + squared
+                step = -lr / rms(squared, param.numel()) if normalize else -lr
+                dense_update_(param, update_terms.scaled(step), seed)
+                continue
             if index in self.low_bit:
-                update_terms = self._low_bit_terms(index, merged, 1.0 - lr * weight_decay)
+                update_terms = self._kernel_terms(index, merged, 1.0 - lr * weight_decay)
                 squared = self._squared_norm(index, update_terms)
                 if index in row_local:
                     # the per-row estimate, at the norm of the terms it replaces, as one dense term
-                    dense = rescaled(row_local[index], squared**0.5, None)
+                    dense = rescaled(row_local[index], float(squared) ** 0.5, None)
                     if dense is not None:
                         update_terms = UpdateTerms(decay=update_terms.decay, dense=dense.view(param.shape[0], -1))
-                squared_norm += squared
+                squared_norm = squared_norm + squared
                 if settings.momentum:  # the momentum direction, formed densely, replaces the terms
                     layout = layout_of(param)
                     estimate = added_terms(update_terms, torch.zeros(layout.rows, layout.cols, device=layout.device))
@@ -151,7 +168,7 @@ class EstimateWriter:
             if index in row_local:
                 estimate = rescaled(row_local[index], float(estimate.norm()), estimate)
             squared = float(estimate.square().sum())
-            squared_norm += squared
+            squared_norm = squared_norm + squared
             if settings.momentum:
                 estimate = self._momentum(index, estimate, settings, normalize, states, param.dtype)
             elif normalize:
@@ -176,12 +193,12 @@ class EstimateWriter:
             raise ValueError(f"momentum {settings.momentum} needs the optimizer's state to keep its buffer in")
         return momentum_direction(estimate, states[index], settings, normalize, buffer_dtype)
 
-    def _low_bit_terms(self, index: int, merged: dict[int, float], decay: float) -> UpdateTerms:
-        """The fused kernel's description of ``decay * w + estimate`` for a low-bit weight (scale it with
+    def _kernel_terms(self, index: int, merged: dict[int, float], decay: float) -> UpdateTerms:
+        """The fused kernels' description of ``decay * w + estimate`` for a low-bit or fused weight (scale it with
         :meth:`UpdateTerms.scaled`).
 
-        Low-rank noise: the factors of every seed, coefficients folded into ``A``. Stream noise: the seeds and
-        coefficients. Otherwise the algorithm's dense estimate.
+        Low-rank noise: the factors of every seed, coefficients folded into ``A``. Stream noise (low-bit and
+        streamed weights): the seeds and coefficients. Otherwise the algorithm's dense estimate.
         """
         param = self.params[index]
         seeds = [seed for seed, weight in merged.items() if weight != 0.0]
@@ -194,7 +211,8 @@ class EstimateWriter:
             weights = torch.tensor([merged[s] for s in seeds], dtype=torch.float32, device=a.device)
             terms.factor_a, terms.factor_b = weighted_factor_columns(a, b, weights)  # (out, K r), (in, K r)
             return terms
-        streams = [self.algorithm.noise_stream(seed, index, param) for seed in seeds]
+        drawn_from_streams = index in self.low_bit or index in self.streamed
+        streams = [self.algorithm.noise_stream(seed, index, param) for seed in seeds] if drawn_from_streams else [None]
         if all(stream is not None for stream in streams) and len({st[1] for st in streams}) == 1:  # type: ignore[index]
             terms.seeds = torch.tensor([st[0] for st in streams], dtype=torch.int64)  # type: ignore[index]
             terms.coefficients = torch.tensor([merged[s] for s in seeds], dtype=torch.float32)
@@ -203,14 +221,15 @@ class EstimateWriter:
         terms.dense = self.algorithm.combine(merged, index, param)
         return terms
 
-    def _squared_norm(self, index: int, terms: UpdateTerms) -> float:
-        """Squared norm of a low-bit weight's estimate without forming it: exact for low-rank and dense terms,
-        the expectation ``numel * sum_m c_m^2`` for noise streams."""
+    def _squared_norm(self, index: int, terms: UpdateTerms) -> Tensor | float:
+        """Squared norm of a weight's estimate without forming it, as a tensor where it has one (no host
+        synchronisation): exact for low-rank and dense terms, the expectation ``numel * sum_m c_m^2`` for noise
+        streams."""
         if terms.factor_a is not None and terms.factor_b is not None:
             gram = (terms.factor_a.t() @ terms.factor_a) * (terms.factor_b.t() @ terms.factor_b)
-            return float(gram.sum())
+            return gram.sum()
         if terms.dense is not None:
-            return float(terms.dense.square().sum())
+            return terms.dense.square().sum()
         if terms.coefficients is not None:
-            return float(terms.coefficients.square().sum()) * self.params[index].numel()
+            return terms.coefficients.square().sum() * self.params[index].numel()
         return 0.0
