@@ -106,6 +106,11 @@ class ForwardOnlyEngine:
             user's code allows it; falls back to one member at a time with a warning.
         compile: evaluate the population under ``torch.compile`` (``None``: where the parameters are on a CUDA
             device); falls back to eager evaluation with a warning where the user's code cannot be compiled.
+        fused_kernels: bf16 and float32 weights take the fused kernels (``lightning_nobp.kernels.dense_update``):
+            dense noise from Philox streams with one layer's perturbed copy per member (MeZO and OpenES at
+            inference memory), one pass per weight for the update, and, for a direct update without momentum,
+            per-row estimates or input subspaces, a step with no host synchronisation. ``None`` (default): on when
+            the parameters are on a CUDA device (on the CPU the kernels' PyTorch twins run, slower).
     """
 
     def __init__(
@@ -115,6 +120,7 @@ class ForwardOnlyEngine:
         population_batching: bool = True,
         direct_step: DirectStep = "sgd",
         compile: bool | None = None,
+        fused_kernels: bool | None = None,
     ) -> None:
         if direct_step not in DIRECT_STEPS:
             raise ValueError(f"direct_step={direct_step!r}: choose one of {DIRECT_STEPS}")
@@ -131,7 +137,10 @@ class ForwardOnlyEngine:
         self.update: UpdatePath = update or "grad"
         self.population_batching = population_batching
         self.compile = compile
+        self.fused_kernels = fused_kernels
         self.skipped_steps = 0
+        #: steps skipped by on-device steps (a tensor counted on the device, read when logged)
+        self.skipped_on_device: Tensor | None = None
         #: bytes this process sent through collectives for its estimates (fitness scalars only)
         self.communicated_bytes = 0
         #: True while a user closure is re-evaluated (its backward call must then do nothing)
@@ -197,7 +206,8 @@ class ForwardOnlyEngine:
             params = trainable_parameters(optimizer)
             on_cuda = all(p.device.type == "cuda" for p in params)
             compile = self.compile if self.compile is not None else on_cuda
-            options = EstimatorOptions.of(self.algorithm, self._world()[1], compile=compile, fused=on_cuda)
+            fused = self.fused_kernels if self.fused_kernels is not None else on_cuda
+            options = EstimatorOptions.of(self.algorithm, self._world()[1], compile=compile, fused=fused)
             estimator = PopulationEstimator(
                 self.algorithm, roots, params, [names.get(id(p), "?") for p in params], options
             )
@@ -241,7 +251,7 @@ class ForwardOnlyEngine:
         dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
         if not self.algorithm.shards_population:
             on_device.div_(world)
-        return on_device.cpu()
+        return on_device.to(fitness.device)
 
     def evaluate(
         self,
@@ -273,27 +283,74 @@ class ForwardOnlyEngine:
             population, loss_fn, rng, known, members, self.population_batching, member_inputs
         )
 
+    def on_device(self, estimator: PopulationEstimator, optimizer: Optimizer) -> bool:
+        """Whether this optimizer's steps run without host synchronisation: the estimator allows it (fused
+        kernels, fitness on the device, see ``PopulationEstimator.device_resident``), the update is direct and no
+        parameter group has momentum."""
+        return (
+            estimator.device_resident
+            and self.update == "direct"
+            and not self.algorithm.uses_jvp
+            and not any(group.get("momentum", 0.0) for group in optimizer.param_groups)
+        )
+
+    def tell(
+        self, estimator: PopulationEstimator, optimizer: Optimizer, population: Population, fitness: Tensor
+    ) -> Estimate:
+        """``algorithm.tell`` on the fitness, or its on-device form where :meth:`on_device` holds."""
+        if self.on_device(estimator, optimizer):
+            estimate = self.algorithm.tell_on_device(population, fitness)
+            if estimate is not None:
+                return estimate
+        return self.algorithm.tell(population, fitness)
+
+    def count_skipped(self, applies: Tensor) -> None:
+        """Count an on-device step that was not taken, on the device."""
+        skipped = (~applies).to(torch.int64)
+        self.skipped_on_device = skipped if self.skipped_on_device is None else self.skipped_on_device + skipped
+
+    def skipped_total(self) -> int | Tensor:
+        """Every skipped step: host-known ones plus the on-device count (a tensor then; read it to log it)."""
+        if self.skipped_on_device is None:
+            return self.skipped_steps
+        return self.skipped_on_device + self.skipped_steps
+
     def write(
         self,
         estimator: PopulationEstimator,
         optimizer: Optimizer,
         terms: Sequence[tuple[Population, Tensor]],
         step_seed: int,
-    ) -> float:
+        applies: Tensor | None = None,
+    ) -> float | Tensor:
         """Write the step's estimate: into ``.grad`` (summing ``terms``) or straight into the weights.
+
+        Args:
+            estimator: the optimizer's estimator.
+            optimizer: the user's optimizer (its groups' settings).
+            terms: ``(population, coefficients)`` of every micro-batch of the step.
+            step_seed: the step's seed (the rounding stream derives from it).
+            applies: an on-device step's gate (see :meth:`on_device`); the update is then written without host
+                synchronisation.
 
         Returns:
             The norm of the estimate written (with ``.grad``: of each term, combined as if orthogonal).
         """
+        rounding_seed = derive_seed(step_seed, ROUNDING_STREAM)
+        normalize = self.direct_step == "normalized"
+        if applies is not None:
+            group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+            settings = [DirectHyperparameters.from_group(group_of[id(p)]) for p in estimator.params]
+            norm = estimator.apply_update_on_device(terms, settings, rounding_seed, normalize, applies)
+            self.count_skipped(applies)
+            return norm
         if self.update == "grad":
             norms = [estimator.accumulate_gradient(population, coefficients) for population, coefficients in terms]
             return sum(n * n for n in norms) ** 0.5
         group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         settings = [DirectHyperparameters.from_group(group_of[id(p)]) for p in estimator.params]
         states = [optimizer.state[p] for p in estimator.params]  # where torch.optim.SGD keeps momentum buffers
-        return estimator.apply_update(
-            terms, settings, derive_seed(step_seed, ROUNDING_STREAM), self.direct_step == "normalized", states
-        )
+        return estimator.apply_update(terms, settings, rounding_seed, normalize, states)
 
     def closure_step(
         self,
@@ -332,7 +389,7 @@ class ForwardOnlyEngine:
         finally:
             self.evaluating = False
         fitness = self.share_fitness(fitness, device)
-        estimate = self.algorithm.tell(population, fitness)
+        estimate = self.tell(estimator, optimizer, population, fitness)
         for param in estimator.params:
             param.grad = None
         if estimate.skipped:
@@ -340,7 +397,7 @@ class ForwardOnlyEngine:
         else:
             assert estimate.coefficients is not None
             estimate.stats["update_norm"] = self.write(
-                estimator, optimizer, [(population, estimate.coefficients)], step_seed
+                estimator, optimizer, [(population, estimate.coefficients)], step_seed, estimate.applies
             )
         estimator.install_input_bases()
         estimate.stats["members_per_second"] = len(own) / max(elapsed, 1e-9)
@@ -364,9 +421,10 @@ class ForwardOnlyStrategyMixin:
         return self.engine.algorithm
 
     @property
-    def skipped_steps(self) -> int:
-        """Optimizer steps skipped because a perturbed loss was not finite."""
-        return self.engine.skipped_steps
+    def skipped_steps(self) -> int | Tensor:
+        """Optimizer steps skipped because a perturbed loss was not finite (a tensor where on-device steps count
+        theirs on the device)."""
+        return self.engine.skipped_total()
 
     @property
     def communicated_bytes(self) -> int:

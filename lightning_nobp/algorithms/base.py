@@ -87,15 +87,19 @@ class Estimate:
         coefficients: tensor ``[P]``; the gradient estimate is ``sum_i coefficients[i] * sign_i * E_i``.
             ``None`` means the step must be skipped (for example a non-finite fitness).
         dropped_members: members left out of the estimate because their fitness was not finite.
-        stats: scalars worth logging (without the ``nobp/`` prefix).
+        stats: scalars worth logging (without the ``nobp/`` prefix); tensors from :meth:`Algorithm.tell_on_device`.
+        applies: from :meth:`Algorithm.tell_on_device` only: a boolean tensor on the fitness's device, false when the
+            step must be skipped (the host does not know: the update is gated by it on the device).
     """
 
     coefficients: Tensor | None
-    dropped_members: int = 0
-    stats: dict[str, float] = field(default_factory=dict)
+    dropped_members: int | Tensor = 0
+    stats: dict[str, float | Tensor] = field(default_factory=dict)
+    applies: Tensor | None = None
 
     @property
     def skipped(self) -> bool:
+        """Whether the step is skipped, as far as the host knows (a device-side estimate is gated instead)."""
         return self.coefficients is None
 
 
@@ -109,6 +113,17 @@ class Algorithm(ABC):
     @abstractmethod
     def ask(self, step_seed: int) -> Population:
         """Return the population to evaluate for the micro-batch identified by ``step_seed``."""
+
+    def tell_on_device(self, population: Population, fitness: Tensor) -> Estimate | None:
+        """:meth:`tell` without any host synchronisation, where the algorithm has such a form: coefficients always
+        a tensor on the fitness's device (zeros for a skipped step), :attr:`Estimate.applies` the skip decision,
+        statistics as tensors. ``None`` (the default): only :meth:`tell` exists.
+
+        Args:
+            population: what :meth:`ask` returned.
+            fitness: the members' losses ``[P]`` on the device.
+        """
+        return None
 
     @abstractmethod
     def tell(self, population: Population, fitness: Tensor) -> Estimate:

@@ -28,7 +28,7 @@ from lightning_nobp.algorithms.input_bases import InputBases, check_input_subspa
 from lightning_nobp.algorithms.noise_cache import NoiseCache
 from lightning_nobp.algorithms.noise_requests import NoiseRequest, draw_requests
 from lightning_nobp.algorithms.seeds import derive_seed, derive_seed_range
-from lightning_nobp.algorithms.shaping import FITNESS_SHAPINGS, shape_fitness
+from lightning_nobp.algorithms.shaping import FITNESS_SHAPINGS, shape_fitness, shape_fitness_masked
 
 #: most optimizer steps whose noise one prefetch draws together (``EvolutionStrategy.prefetch_noise``)
 NOISE_WINDOW_STEPS = 8
@@ -176,6 +176,21 @@ class EvolutionStrategy(InputBases, Algorithm):
             pairs = finite[0::2] & finite[1::2]
             finite = pairs.repeat_interleave(2)
         return finite
+
+    def tell_on_device(self, population: Population, fitness: Tensor) -> Estimate:
+        fitness = fitness.detach().to(torch.float64)
+        usable = self._usable(fitness)
+        count = usable.sum()
+        applies = count >= 2
+        shaped = shape_fitness_masked(fitness, usable, self.fitness_shaping)
+        coefficients = torch.where(applies, shaped / (self.sigma * count.clamp_min(1)), torch.zeros_like(shaped))
+        valid = torch.where(usable, fitness, torch.zeros_like(fitness))
+        mean = valid.sum() / count.clamp_min(1)
+        std = (torch.where(usable, fitness - mean, torch.zeros_like(fitness)).square().sum() / count.clamp_min(1)).sqrt()
+        best = torch.where(usable, fitness, torch.full_like(fitness, float("inf"))).min()
+        dropped = (~usable).sum()
+        stats = {"fitness_mean": mean, "fitness_std": std, "fitness_best": best, "dropped_members": dropped}
+        return Estimate(coefficients.to(torch.float32), dropped_members=dropped, stats=stats, applies=applies)
 
     def tell(self, population: Population, fitness: Tensor) -> Estimate:
         fitness = fitness.detach().to(torch.float64)

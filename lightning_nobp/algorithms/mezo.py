@@ -72,6 +72,19 @@ class MeZO(InputBases, Algorithm):
             members += [Member(seed, +1.0), Member(seed, -1.0)]
         return Population(tuple(members), sigma=self.eps)
 
+    def tell_on_device(self, population: Population, fitness: Tensor) -> Estimate:
+        fitness = fitness.detach().to(torch.float64)
+        applies = torch.isfinite(fitness).all()
+        safe = torch.where(torch.isfinite(fitness), fitness, torch.zeros_like(fitness))
+        loss_plus, loss_minus = safe[0::2], safe[1::2]
+        projected = (loss_plus - loss_minus) / (2.0 * self.eps)
+        per_member = (projected / (2 * self.directions)).repeat_interleave(2)
+        per_member[1::2] *= -1.0
+        coefficients = torch.where(applies, per_member, torch.zeros_like(per_member))
+        stats = {"projected_grad": projected.abs().mean(), "loss_spread": (loss_plus - loss_minus).abs().mean()}
+        dropped = torch.where(applies, 0, len(population)).to(torch.int64)
+        return Estimate(coefficients.to(torch.float32), dropped_members=dropped, stats=stats, applies=applies)
+
     def tell(self, population: Population, fitness: Tensor) -> Estimate:
         fitness = fitness.detach().to(torch.float64)
         if not bool(torch.isfinite(fitness).all()):

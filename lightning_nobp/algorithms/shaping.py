@@ -36,6 +36,35 @@ def antithetic_signs(fitness: Tensor) -> Tensor:
     return shaped
 
 
+def shape_fitness_masked(fitness: Tensor, usable: Tensor, shaping: str | None) -> Tensor:
+    """:func:`shape_fitness` of the usable members without leaving the device (no host synchronisation): the
+    others get 0. With every member usable, the same values as :func:`shape_fitness`.
+
+    Args:
+        fitness: the losses of the members, ``[P]``.
+        usable: booleans ``[P]``; with ``"sign"``, both members of a pair usable or neither.
+        shaping: one of ``FITNESS_SHAPINGS``.
+    """
+    count = usable.sum().to(fitness.dtype)
+    zeros = torch.zeros_like(fitness)
+    if shaping == "centered_rank":
+        keyed = torch.where(usable, fitness, torch.full_like(fitness, float("inf")))
+        ranks = torch.empty_like(fitness)
+        ranks[keyed.argsort(stable=True)] = torch.arange(fitness.numel(), dtype=fitness.dtype, device=fitness.device)
+        return torch.where(usable, ranks / (count - 1).clamp_min(1) - 0.5, zeros)
+    if shaping == "sign":
+        return torch.where(usable, antithetic_signs(torch.where(usable, fitness, zeros)), zeros)
+    values = torch.where(usable, fitness, zeros)
+    mean = values.sum() / count.clamp_min(1)
+    centered = torch.where(usable, fitness - mean, zeros)
+    if shaping is None:
+        return centered
+    if shaping == "zscore":
+        std = (centered.square().sum() / count.clamp_min(1)).sqrt()
+        return torch.where(std > 0, centered / torch.where(std > 0, std, torch.ones_like(std)), zeros)
+    raise ValueError(f"unknown fitness shaping {shaping!r}: choose one of {FITNESS_SHAPINGS}")
+
+
 def shape_fitness(fitness: Tensor, shaping: str | None) -> Tensor:
     """Apply one of ``FITNESS_SHAPINGS`` to a fitness vector (losses: lower is better).
 

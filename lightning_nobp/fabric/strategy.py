@@ -59,6 +59,11 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         compile: evaluate the batched population under ``torch.compile`` (the closure traced through the member
             layers). ``None`` (default): on when the parameters are on a CUDA device. Falls back to eager
             evaluation, with one warning that names the reason, when the closure cannot be compiled.
+        fused_kernels: bf16 and float32 weights take the fused kernels (``lightning_nobp.kernels.dense_update``):
+            dense noise from Philox streams with one layer's perturbed copy per member (MeZO and OpenES at
+            inference memory), one pass per weight for the update, and, for a direct update without momentum,
+            per-row estimates or input subspaces, a step with no host synchronisation. ``None`` (default): on when
+            the parameters are on a CUDA device (on the CPU the kernels' PyTorch twins run, slower).
         reuse_cpu_memory: on the CPU, make glibc's ``malloc`` keep freed memory in the process (up to 512 MiB)
             instead of returning it to the kernel, so the population's large activations are not page-faulted in
             again at every step (EggRoll steps on the Fashion-MNIST MLP 1.3x faster at population 64, 1.7x at
@@ -81,6 +86,7 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         direct_step: DirectStep = "sgd",
         population_batching: bool = True,
         compile: bool | None = None,
+        fused_kernels: bool | None = None,
         seed: int | None = None,
         reuse_cpu_memory: bool = True,
         accelerator: Accelerator | None = None,
@@ -103,7 +109,8 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             start_method=start_method,
         )
         self.engine = ForwardOnlyEngine(
-            algorithm if algorithm is not None else MeZO(), update, population_batching, direct_step, compile
+            algorithm if algorithm is not None else MeZO(), update, population_batching, direct_step, compile,
+            fused_kernels,
         )
         if self.engine.local:
             raise ValueError(

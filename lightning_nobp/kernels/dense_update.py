@@ -101,7 +101,7 @@ def reference_dense_update_(weight: Tensor, terms: UpdateTerms, rounding_seed: i
     for first in _row_blocks(rows, cols):
         last = min(rows, first + max(1, TWIN_BLOCK_ELEMENTS // max(cols, 1)))
         start = first * cols
-        values = view[first:last].float() * torch.tensor(terms.decay, dtype=torch.float32)
+        values = view[first:last].float() * _decay_tensor(terms.decay, view.device)[0]
         values = _stream_sum(values, terms.seeds, terms.coefficients, terms.gaussian, start)
         factor_a = None if terms.factor_a is None else terms.factor_a[first:last]
         values = _low_rank_sum(values, factor_a, terms.factor_b)
@@ -139,7 +139,7 @@ if triton is not None:
         w_ptr,
         numel,
         cols,
-        decay,
+        decay_ptr,
         seeds_ptr,
         coefficients_ptr,
         members,
@@ -155,7 +155,7 @@ if triton is not None:
     ):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < numel
-        values = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * decay
+        values = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * tl.load(decay_ptr)
         for m in range(members):
             seed = tl.load(seeds_ptr + m)
             coefficient = tl.load(coefficients_ptr + m)
@@ -204,6 +204,13 @@ if triton is not None:
             tl.store(out_ptr + offsets, values, mask=mask)
 
 
+def _decay_tensor(decay: float | Tensor, device: torch.device) -> Tensor:
+    """The decay as a one-element float32 tensor on ``device`` (a tensor stays where it is computed: no host read)."""
+    if isinstance(decay, Tensor):
+        return decay.to(device=device, dtype=torch.float32).reshape(1)
+    return torch.full((1,), decay, dtype=torch.float32, device=device)
+
+
 def _on(tensor: Tensor | None, device: torch.device, dtype: torch.dtype) -> Tensor | None:
     return None if tensor is None else tensor.to(device=device, dtype=dtype).contiguous()
 
@@ -220,12 +227,13 @@ def triton_dense_update_(weight: Tensor, terms: UpdateTerms, rounding_seed: int)
     factor_a = _on(terms.factor_a, device, torch.float32)
     factor_b = _on(terms.factor_b, device, torch.float32)
     dense = _on(terms.dense, device, torch.float32)
+    decay = _decay_tensor(terms.decay, device)
     placeholder = weight  # never read: its loop runs zero times or its flag is off
     _dense_update_kernel[(triton.cdiv(numel, KERNEL_BLOCK),)](
         weight,
         numel,
         cols,
-        float(terms.decay),
+        decay,
         placeholder if seeds is None else seeds,
         placeholder if coefficients is None else coefficients,
         0 if seeds is None else seeds.numel(),
@@ -270,7 +278,7 @@ def triton_dense_perturbed(weight: Tensor, seeds: Tensor, scales: Tensor, gaussi
 @torch.library.custom_op("lightning_nobp::dense_update_", mutates_args=("weight",))
 def _dense_update_op(
     weight: Tensor,
-    decay: float,
+    decay: Tensor,
     seeds: Tensor | None,
     coefficients: Tensor | None,
     gaussian: bool,
@@ -289,7 +297,7 @@ def _dense_update_op(
 @_dense_update_op.register_fake
 def _(
     weight: Tensor,
-    decay: float,
+    decay: Tensor,
     seeds: Tensor | None,
     coefficients: Tensor | None,
     gaussian: bool,
@@ -319,13 +327,14 @@ def dense_update_(weight: Tensor, terms: UpdateTerms, rounding_seed: int) -> Non
     Args:
         weight: the contiguous bf16 or float32 weight (``[rows, ...]``; ``A`` has ``rows`` rows and ``B`` one row
             per element of a row).
-        terms: what to add (coefficients already scaled by the step).
+        terms: what to add (coefficients already scaled by the step; ``decay`` a float or a tensor on the weight's
+            device).
         rounding_seed: seed of the stochastic rounding's stream (ignored for float32).
     """
     check_fused_dtype(weight)
     _dense_update_op(
         weight,
-        float(terms.decay),
+        _decay_tensor(terms.decay, weight.device),
         terms.seeds,
         terms.coefficients,
         terms.gaussian,

@@ -80,7 +80,7 @@ class UpdateTerms:
         dense: a float32 ``[rows, cols]`` term, or ``None``.
     """
 
-    decay: float = 1.0
+    decay: float | Tensor = 1.0
     seeds: Tensor | None = None
     coefficients: Tensor | None = None
     gaussian: bool = True

@@ -146,8 +146,25 @@ class PopulationEstimator:
         self.noise = MemberNoise(algorithm, self.owners, streamed_dense=options.fused)
         self.low_bit = self.noise.low_bit
         self.rows = RowEstimates(options.rows, self.owners, self.noise, loss_context(self.params))
+        #: a step can run without host synchronisation: fitness kept on the parameters' device, ``tell_on_device``,
+        #: every weight on the fused kernels (no per-row estimates, no input subspaces, no low-bit weights)
+        self.device_resident = (
+            options.fused
+            and not options.rows.enabled
+            and not options.rows.exact_head
+            and options.input_subspace is None
+            and not self.low_bit
+            and type(algorithm).tell_on_device is not Algorithm.tell_on_device
+            and len({p.device for p in self.params}) == 1
+        )
         self.evaluation = MemberEvaluation(
-            self.layers, self.noise, self.rows, self.names, roots, compile=options.compile
+            self.layers,
+            self.noise,
+            self.rows,
+            self.names,
+            roots,
+            compile=options.compile,
+            fitness_device=self.params[0].device if self.device_resident else None,
         )
         fused = (
             {i for i, p in enumerate(self.params) if i not in self.low_bit and p.dtype in FUSED_DTYPES and p.is_contiguous()}
@@ -291,6 +308,17 @@ class PopulationEstimator:
     ) -> float:
         """Direct path (see ``EstimateWriter.apply_update``)."""
         return self.writer.apply_update(terms, hyperparameters, rounding_seed, normalize, states)
+
+    def apply_update_on_device(
+        self,
+        terms: Sequence[tuple[Population, Tensor]],
+        hyperparameters: Sequence[DirectHyperparameters],
+        rounding_seed: int,
+        normalize: bool,
+        applies: Tensor,
+    ) -> Tensor:
+        """Direct path without host synchronisation (see ``EstimateWriter.apply_update_on_device``)."""
+        return self.writer.apply_update_on_device(terms, hyperparameters, rounding_seed, normalize, applies)
 
 
 __all__ = ["EstimatorOptions", "PopulationEstimator", "RngSnapshot", "scalar_loss", "LossFn", "MemberInputs"]

@@ -73,6 +73,7 @@ class MemberEvaluation:
         names: the parameters' names, for error messages.
         roots: the user's modules (searched for activations that may run in place).
         compile: evaluate chunks of members under ``torch.compile`` (see :class:`CompiledChunks`).
+        fitness_device: where the fitness vector is kept (the parameters' device: no copy to the host).
     """
 
     def __init__(
@@ -83,8 +84,10 @@ class MemberEvaluation:
         names: Sequence[str],
         roots: Sequence[torch.nn.Module],
         compile: bool = False,
+        fitness_device: torch.device | None = None,
     ) -> None:
         self.layers = layers
+        self.fitness_device = fitness_device or torch.device("cpu")
         #: the compiled chunk evaluation (``None``: eager)
         self.compiled: CompiledChunks | None = CompiledChunks(layers) if compile else None
         self.noise = noise
@@ -137,7 +140,8 @@ class MemberEvaluation:
         members: Sequence[int] | None = None,
         member_inputs: MemberInputs | None = None,
     ) -> Tensor:
-        """The loss of the members, one perturbed evaluation each, as a float32 tensor ``[P]`` on the CPU.
+        """The loss of the members, one perturbed evaluation each, as a float32 tensor ``[P]`` (on
+        ``fitness_device``).
 
         Args:
             population: what ``algorithm.ask`` returned.
@@ -149,13 +153,13 @@ class MemberEvaluation:
                 ``loss_fn`` takes no argument when omitted.
         """
         known = known or {}
-        fitness = torch.zeros(len(population), dtype=torch.float32)
+        fitness = torch.zeros(len(population), dtype=torch.float32, device=self.fitness_device)
         restore = rng.restore if rng is not None else lambda: None
         recorder = self.rows.recorder(population, loss_fn, restore, members, member_inputs)
         rows: list[tuple[list[int], Tensor, Tensor]] = []
         for index in range(len(population)) if members is None else members:
             if index in known:
-                fitness[index] = known[index].float().cpu()
+                fitness[index] = known[index].float().to(self.fitness_device)
                 continue
             restore()
             perturbation = self.member_perturbation(population, index)
@@ -168,7 +172,7 @@ class MemberEvaluation:
                         loss = loss_fn()
                     if recorder.rows is not None:
                         rows.append(([index], recorder.rows.float().cpu()[None], recorder.mismatch(loss).cpu()[None]))
-            fitness[index] = loss.float().cpu()
+            fitness[index] = loss.float().to(self.fitness_device)
         if recorder is not None:
             self.rows.keep(population, fitness, rows, loss_fn, restore, recorder.targets)
         return fitness
@@ -200,9 +204,9 @@ class MemberEvaluation:
             member_inputs: per-member inputs, vmapped along with the perturbations (see :meth:`loop`).
         """
         known = known or {}
-        fitness = torch.zeros(len(population), dtype=torch.float32)
+        fitness = torch.zeros(len(population), dtype=torch.float32, device=self.fitness_device)
         for index, value in known.items():
-            fitness[index] = value.float().cpu()
+            fitness[index] = value.float().to(self.fitness_device)
         todo = [i for i in (range(len(population)) if members is None else members) if i not in known]
         size = min(chunk or max(len(todo), 1), self.noise.members_within_budget())
         restore = rng.restore if rng is not None else lambda: None
@@ -223,7 +227,7 @@ class MemberEvaluation:
                 restore()
                 losses = self.compiled(loss_fn, chunk_noise, unperturbed, inputs)
                 if losses is not None:
-                    fitness[part] = losses.float().cpu()
+                    fitness[part] = losses.float().to(self.fitness_device)
                     continue
 
             def member_loss(inputs: Any, *tensors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -249,7 +253,7 @@ class MemberEvaluation:
                 losses, part_rows, mismatches = torch.func.vmap(member_loss, in_dims=in_dims, randomness="same")(
                     inputs, *tensors
                 )
-            fitness[part] = losses.float().cpu()
+            fitness[part] = losses.float().to(self.fitness_device)
             if recorded and recorded[-1]:
                 rows.append((part, part_rows.float().cpu(), mismatches.float().cpu()))
         if recorder is not None:

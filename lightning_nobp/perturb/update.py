@@ -26,6 +26,20 @@ from lightning_nobp.perturb.direct_step import DirectHyperparameters, momentum_d
 from lightning_nobp.perturb.row_estimates import RowEstimates, rescaled
 
 
+def merged_weight_tensor(terms: Sequence[tuple[Population, Tensor]]) -> tuple[list[int], Tensor]:
+    """:func:`merged_weights` kept on the coefficients' device: the noise seeds (host integers, in first-seen order)
+    and their coefficients as a float32 tensor, summed there (no host synchronisation)."""
+    seeds = list(dict.fromkeys(member.noise_seed for population, _ in terms for member in population.members))
+    position = {seed: i for i, seed in enumerate(seeds)}
+    device = terms[0][1].device
+    weights = torch.zeros(len(seeds), dtype=torch.float32, device=device)
+    for population, coefficients in terms:
+        index = torch.tensor([position[m.noise_seed] for m in population.members]).to(device, non_blocking=True)
+        signs = torch.tensor([m.sign for m in population.members], dtype=torch.float32).to(device, non_blocking=True)
+        weights.index_add_(0, index, coefficients.to(torch.float32) * signs)
+    return seeds, weights
+
+
 def merged_weights(terms: Sequence[tuple[Population, Tensor]]) -> dict[int, float]:
     """Coefficient of every noise seed over all terms (antithetic members merged)."""
     merged: dict[int, float] = {}
@@ -178,6 +192,65 @@ class EstimateWriter:
             updated = param.float().sub_(estimate, alpha=lr)
             param.copy_(stochastic_round(updated, param.dtype, seed))
         return squared_norm**0.5
+
+    @torch.no_grad()
+    def apply_update_on_device(
+        self,
+        terms: Sequence[tuple[Population, Tensor]],
+        hyperparameters: Sequence[DirectHyperparameters],
+        rounding_seed: int,
+        normalize: bool,
+        applies: Tensor,
+    ) -> Tensor:
+        """The direct path without any host synchronisation, every weight on the fused kernels and without
+        momentum: coefficients stay on the device, the step is gated there (``applies`` false or a non-finite
+        coefficient: nothing changes, weight decay included), norms stay tensors.
+
+        Args:
+            terms: ``(population, coefficients)`` of every micro-batch of the step, coefficients on the device.
+            hyperparameters: the step settings of every parameter (no momentum).
+            rounding_seed: counter-derived seed of the stochastic rounding.
+            normalize: divide each parameter's estimate by its root-mean-square.
+            applies: boolean tensor: whether the step is taken at all.
+
+        Returns:
+            The norm of the estimate (a tensor on the device; 0 for a step not taken).
+        """
+        seeds, weights = merged_weight_tensor(terms)
+        taken = applies & torch.isfinite(weights).all()
+        weights = torch.where(taken, weights, torch.zeros_like(weights))
+        squared_norm: Tensor | float = 0.0
+        for index, (param, settings) in enumerate(zip(self.params, hyperparameters)):
+            if index not in self.fused or settings.momentum:
+                raise ValueError(f"{self.names[index]}: the on-device update takes fused weights without momentum")
+            lr = settings.lr
+            decay = torch.where(taken, 1.0 - lr * settings.weight_decay, 1.0).to(torch.float32)
+            update_terms = self._kernel_terms_of(index, seeds, weights, decay)
+            squared = self._squared_norm(index, update_terms)
+            squared_norm = squared_norm + squared
+            step = -lr / rms(squared, param.numel()) if normalize else -lr
+            dense_update_(param, update_terms.scaled(step), derive_seed(rounding_seed, index))
+        return torch.as_tensor(squared_norm).sqrt()
+
+    def _kernel_terms_of(self, index: int, seeds: list[int], weights: Tensor, decay: Tensor) -> UpdateTerms:
+        """:meth:`_kernel_terms` with the coefficients of ``seeds`` as a device tensor (every seed kept)."""
+        param = self.params[index]
+        terms = UpdateTerms(decay=decay)
+        factors = self.algorithm.stacked_low_rank_factors(seeds, index, param)
+        if factors is not None:
+            a, b = factors
+            terms.factor_a, terms.factor_b = weighted_factor_columns(a, b, weights.to(a.device))
+            return terms
+        if index in self.streamed:
+            streams = [self.algorithm.noise_stream(seed, index, param) for seed in seeds]
+            if all(stream is not None for stream in streams) and len({st[1] for st in streams}) == 1:  # type: ignore[index]
+                terms.seeds = torch.tensor([st[0] for st in streams], dtype=torch.int64)  # type: ignore[index]
+                terms.coefficients = weights
+                terms.gaussian = streams[0][1] == "gaussian"  # type: ignore[index]
+                return terms
+        stacked = self.algorithm.stacked_noise(seeds, index, param)
+        terms.dense = (weights.to(stacked.device) @ stacked.view(len(seeds), -1)).view(param.shape)
+        return terms
 
     def _momentum(
         self,

@@ -83,6 +83,11 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             ``training_step`` traced through the member layers, each layer's shared product fused with its members'
             low-rank corrections). ``None`` (default): on when the parameters are on a CUDA device. Falls back to
             eager evaluation, with one warning that names the reason, when ``training_step`` cannot be compiled.
+        fused_kernels: bf16 and float32 weights take the fused kernels (``lightning_nobp.kernels.dense_update``):
+            dense noise from Philox streams with one layer's perturbed copy per member (MeZO and OpenES at
+            inference memory), one pass per weight for the update, and, for a direct update without momentum,
+            per-row estimates or input subspaces, a step with no host synchronisation. ``None`` (default): on when
+            the parameters are on a CUDA device (on the CPU the kernels' PyTorch twins run, slower).
         member_data: ``"shared"``: every member is evaluated on the whole batch. ``"pair_slices"``: the batch (a
             tensor or a tuple/list/dict of tensors sharing their first dimension) is split into one slice per noise
             group (antithetic pair), and each pair is evaluated on its own slice: more data per step for the same
@@ -129,6 +134,7 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         direct_step: DirectStep = "sgd",
         population_batching: bool = True,
         compile: bool | None = None,
+        fused_kernels: bool | None = None,
         member_data: Literal["shared", "pair_slices"] = "shared",
         seed: int | None = None,
         reuse_cpu_memory: bool = True,
@@ -154,7 +160,8 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             start_method=start_method,
         )
         self.engine = ForwardOnlyEngine(
-            algorithm if algorithm is not None else MeZO(), update, population_batching, direct_step, compile
+            algorithm if algorithm is not None else MeZO(), update, population_batching, direct_step, compile,
+            fused_kernels,
         )
         #: True while the members are evaluated with the module's logging muted
         self._logging_muted = False
@@ -168,6 +175,8 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         self._startup_objects = StartupObjectsFreeze()
         self._window: list[tuple[Population, Tensor]] = []  # direct path: the accumulation window's estimates
         self._window_poisoned = False
+        #: on-device steps: whether every micro-batch of the window may be applied (a boolean tensor)
+        self._window_applies: Tensor | None = None
         self._step: dict[str, Any] = {}
         self._warned_short_batch = False
         #: the estimators' state from the checkpoint being resumed (applied in ``on_train_start``)
@@ -237,7 +246,7 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
     def on_train_start(self) -> None:
         super().on_train_start()
         self.engine.reset()
-        self._window, self._window_poisoned = [], False
+        self._window, self._window_poisoned, self._window_applies = [], False, None
         if not self.optimizers:
             raise ValueError(
                 "NoBackpropStrategy found no optimizer: return one over the parameters to train from"
@@ -425,21 +434,28 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         evaluated = len(own) - len(self._step["known"])
         members_per_second = evaluated / max(time.perf_counter() - started, 1e-9)
         self._step["rng_after"].restore()
-        estimate = self.algorithm.tell(population, self.engine.share_fitness(fitness, self.root_device))
+        fitness = self.engine.share_fitness(fitness, self.root_device)
+        estimate = self.engine.tell(estimator, optimizer, population, fitness)
         window_ends = not trainer.fit_loop._should_accumulate()
+        if estimate.applies is not None:  # on the device: every micro-batch's gate joins the window's
+            self._window_applies = estimate.applies if self._window_applies is None else (
+                self._window_applies & estimate.applies
+            )
         if estimate.skipped or self._window_poisoned:
             self._window_poisoned = not window_ends
             if window_ends:  # skip the whole optimizer step
                 for param in estimator.params:
                     param.grad = None
                 self._window = []
+                self._window_applies = None
                 self.engine.skipped_steps += 1
         else:
             assert estimate.coefficients is not None
             self._window.append((population, estimate.coefficients / trainer.accumulate_grad_batches))
             if self.engine.update == "grad" or window_ends:
+                applies, self._window_applies = self._window_applies, None
                 estimate.stats["update_norm"] = self.engine.write(
-                    estimator, optimizer, self._window, self._step["seed"]
+                    estimator, optimizer, self._window, self._step["seed"], applies
                 )
                 self._window = []
         if window_ends:
