@@ -1,7 +1,7 @@
 """The one table ``benchmarks/gpu_check.sh`` prints: its benchmarks' JSON files and the 1B recipe's log, summarized.
 
 Reads what the GPU check wrote into its output folder (``step_cost.json``, ``population_throughput.json``,
-``lowbit.json``, ``gpt1b.log``, ``gpt1b_timeline.json``, ``gpt1b/version_*/metrics.csv``); a missing file leaves
+``memory.json``, ``sync_check.json``, ``lowbit.json``, ``gpt1b.log``, ``gpt1b_timeline.json``, ``gpt1b/version_*/metrics.csv``); a missing file leaves
 its rows out. The 1B recipe's batch, block and population are read from the recipe itself, so the token rates follow
 the recipe when it changes.
 
@@ -68,6 +68,16 @@ def benchmark_rows(out: Path) -> list[Row]:
                     f"{row.get('memory_ratio', float('nan')):.2f}",
                 )
             )
+    memory = out / "memory.json"
+    if memory.exists():
+        r = json.loads(memory.read_text())
+        rows.append(("MeZO step / inference peak memory", "-", f"{r['mezo_peak_over_inference']:.3f}"))
+        rows.append(("EggRoll step / inference peak memory (chunk)", "-", f"{r['eggroll_peak_over_inference']:.3f}"))
+    sync = out / "sync_check.json"
+    if sync.exists():
+        for name, c in json.loads(sync.read_text())["checks"].items():
+            verdict = "no sync" if c["synchronisation_free"] else f"syncs: {c.get('error') or c.get('host_reads')}"
+            rows.append((f"{name} step under sync debug mode", verdict[:22], "-"))
     low = out / "lowbit.json"
     if low.exists():
         r = json.loads(low.read_text())

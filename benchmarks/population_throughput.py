@@ -260,10 +260,15 @@ def population_step(
     synchronize(device)
     evaluated = time.perf_counter()
     forward_peak = peak_memory(device)
-    estimate = algorithm.tell(population, fitness)
-    if estimate.coefficients is None:
-        raise RuntimeError(f"EggRoll skipped the step: non-finite fitness {fitness.tolist()}")
-    estimator.apply_update([(population, estimate.coefficients)], hyperparameters, rounding_seed=0)
+    if estimator.device_resident:  # as the strategies step on CUDA: nothing read back to the host
+        estimate = algorithm.tell_on_device(population, fitness)
+        terms = [(population, estimate.coefficients)]
+        estimator.apply_update_on_device(terms, hyperparameters, 0, False, estimate.applies)
+    else:
+        estimate = algorithm.tell(population, fitness)
+        if estimate.coefficients is None:
+            raise RuntimeError(f"EggRoll skipped the step: non-finite fitness {fitness.tolist()}")
+        estimator.apply_update([(population, estimate.coefficients)], hyperparameters, rounding_seed=0)
     synchronize(device)
     done = time.perf_counter()
     return StepTimes(evaluated - start, done - start, forward_peak, peak_memory(device), float(fitness.mean()))
@@ -290,8 +295,17 @@ def time_population(model: GPT, setup: Setup, population: int, rank: int, infere
         inference: the result of :func:`time_inference`, the baseline of the ratios.
     """
     chunk = resolve_chunk(population, setup.chunk)
-    algorithm = EggRoll(population=population, rank=rank, sigma=SIGMA, population_chunk=chunk)
-    options = EstimatorOptions.of(algorithm, compile=setup.compile)
+    # EGGROLL as published: no per-row estimates, no input subspaces
+    algorithm = EggRoll(
+        population=population,
+        rank=rank,
+        sigma=SIGMA,
+        population_chunk=chunk,
+        per_row_estimates=False,
+        input_subspace=None,
+    )
+    # the strategies' choice for the device: fused kernels (and a step without host reads) on CUDA
+    options = EstimatorOptions.of(algorithm, compile=setup.compile, fused=setup.device.type == "cuda")
     estimator = PopulationEstimator(algorithm, [model], list(model.parameters()), options=options)
     loss_fn = make_loss_fn(model, setup)
     estimator.probe_parameter_reads(algorithm.ask(0), loss_fn)
@@ -310,6 +324,7 @@ def time_population(model: GPT, setup: Setup, population: int, rank: int, infere
     result = {
         "population": population,
         "rank": rank,
+        "algorithm": repr(algorithm),
         "chunk": chunk,
         "population_forward_tokens_per_s": member_tokens / forward_seconds,
         "step_tokens_per_s": member_tokens / step_seconds,

@@ -2,7 +2,8 @@
 
 Three modes run one after another, each on a fresh model built from the same seed and freed before the next:
 an inference forward (``no_grad``, loss computed), a backprop + AdamW step (fp32 master weights, bf16 autocast
-on CUDA) and a MeZO step through ``lightning_nobp.fabric.NoBackpropStrategy``. Prints JSON and writes it to
+on CUDA) and a MeZO step as published (one direction, no input subspace) through
+``lightning_nobp.fabric.NoBackpropStrategy``. Prints JSON and writes it to
 ``--out``. On CPU the memory column is an estimate from the tensors that exist after a step (parameters,
 gradients, optimizer state); on CUDA it is ``torch.cuda.max_memory_allocated``.
 
@@ -180,7 +181,9 @@ def run_mezo(setup: Setup) -> dict:
     fabric = lightning.Fabric(
         accelerator=setup.device.type,
         devices=1,
-        strategy=NoBackpropStrategy(algorithm=MeZO(eps=1e-3, directions=1), update=setup.mezo_update, seed=0),
+        strategy=NoBackpropStrategy(
+            algorithm=MeZO(eps=1e-3, directions=1, input_subspace=None), update=setup.mezo_update, seed=0
+        ),
         precision=precision,  # type: ignore[arg-type]
     )
     fabric.launch()

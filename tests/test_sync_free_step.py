@@ -123,3 +123,19 @@ def test_mezo_tell_on_device_equals_tell() -> None:
     assert torch.equal(finite.coefficients, algorithm.tell(population, torch.tensor([1.0, 1.5, 2.0, 1.0])).coefficients)
     broken = algorithm.tell_on_device(population, torch.tensor([1.0, float("inf"), 2.0, 1.0]))
     assert not bool(broken.applies) and bool((broken.coefficients == 0).all())
+
+
+def test_sync_check_benchmark_on_the_tiny_gpt(tmp_path) -> None:
+    """``benchmarks/sync_check.py`` (what the GPU check runs under sync debug mode) on the CPU: no host reads."""
+    import sys
+    from pathlib import Path
+
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, benchmarks)
+    try:
+        import sync_check
+    finally:
+        sys.path.remove(benchmarks)
+    report = sync_check.main(["--device", "cpu", "--preset", "tiny", "--seq-len", "16", "--out", str(tmp_path / "s.json")])
+    for check in report["checks"].values():
+        assert check["device_resident"] and check["host_reads"] == 0 and check["synchronisation_free"]
