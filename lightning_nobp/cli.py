@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 import time
 from typing import Any
 
@@ -172,8 +174,8 @@ def _has_test_data(model: LightningModule, datamodule: Any) -> bool:
     return has_step and has_loader
 
 
-def main(args: list[str] | None = None) -> NoBackpropCLI:
-    """Entry point of the ``nobp`` console script.
+def run(args: list[str] | None = None) -> NoBackpropCLI:
+    """Run a subcommand and return the CLI (its trainer, model and held-out metrics), for scripts and tests.
 
     Args:
         args: command-line arguments (``sys.argv[1:]`` when omitted).
@@ -181,5 +183,24 @@ def main(args: list[str] | None = None) -> NoBackpropCLI:
     return NoBackpropCLI(args=args)
 
 
+def main(args: list[str] | None = None) -> int:
+    """Entry point of the ``nobp`` console script: exit status 0 on success. A ``ValueError`` or ``TypeError`` (what
+    the package raises for a setting it cannot take, with the fix in its message) becomes one line on stderr and
+    status 1; ``NOBP_TRACEBACK=1`` shows the traceback instead. Argument errors exit as jsonargparse decides (2).
+
+    Args:
+        args: command-line arguments (``sys.argv[1:]`` when omitted).
+    """
+    try:
+        run(args)
+    except (ValueError, TypeError) as error:
+        if os.environ.get("NOBP_TRACEBACK") == "1":
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"nobp: error: {message} (NOBP_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

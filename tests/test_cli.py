@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import yaml
 from lightning.pytorch.plugins.precision import Precision
 
-from lightning_nobp.cli import NoBackpropCLI, main
+from lightning_nobp.cli import NoBackpropCLI, run
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -28,7 +29,7 @@ def run_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def run_cli(*args: str) -> NoBackpropCLI:
     with mock.patch.object(sys, "argv", ["nobp"]):  # LightningCLI warns when pytest's own arguments are there
-        return main(list(args))
+        return run(list(args))
 
 
 def test_pyproject_declares_the_nobp_console_script() -> None:
@@ -129,3 +130,33 @@ def test_predict_returns_one_class_per_test_image() -> None:
     predictions = cli.trainer.predict_loop.predictions
     assert sum(len(batch) for batch in predictions) == 359  # the 20 % test split of 1,797 images
     assert all(0 <= int(p) < 10 for batch in predictions for p in batch)
+
+
+def console_script() -> str:
+    script = Path(sys.executable).parent / "nobp"
+    if not script.exists():
+        pytest.skip("the nobp console script is not installed next to this interpreter (pip install -e .)")
+    return str(script)
+
+
+def test_console_script_exits_0_after_a_successful_run(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [console_script(), "fit", "-c", str(RECIPES / "digits-eggroll.yaml"), "-c", SMOKE,
+         f"--trainer.default_root_dir={tmp_path}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "nobp: held-out test_acc" in done.stdout
+    assert "NoBackpropCLI object" not in done.stdout + done.stderr
+
+
+def test_console_script_reports_a_bad_setting_in_one_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [console_script(), "fit", "-c", str(RECIPES / "digits-eggroll.yaml"), "-c", SMOKE,
+         "--trainer.strategy.init_args.algorithm.init_args.population=3"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("nobp: error:")]
+    assert len(errors) == 1 and "population" in errors[0]
+    assert "Traceback" not in done.stderr

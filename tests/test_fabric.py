@@ -85,3 +85,37 @@ def test_fabric_alias_is_registered() -> None:
     fabric = L.Fabric(accelerator="cpu", devices=1, strategy="nobp_mezo")
     assert isinstance(fabric.strategy, NoBackpropStrategy)
     assert isinstance(fabric.strategy.algorithm, MeZO)
+
+
+def test_a_one_device_script_without_launch_trains_like_one_with_launch() -> None:
+    """One-device Fabric scripts never call launch(): the strategy works as Fabric's single-device ones do."""
+    results = []
+    for launch in (False, True):
+        torch.manual_seed(0)
+        fabric = L.Fabric(accelerator="cpu", devices=1, strategy=NoBackpropStrategy(algorithm=MeZO(), seed=3))
+        if launch:
+            fabric.launch()
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=1e-2))
+        x, y = torch.randn(32, 8, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 3
+        losses = []
+        for _ in range(20):
+
+            def closure() -> torch.Tensor:
+                loss = F.cross_entropy(model(x), y)
+                fabric.backward(loss)
+                return loss
+
+            losses.append(float(optimizer.step(closure)))
+        with fabric.no_backward_sync(model):  # accepted without launch(), as for single-device strategies
+            pass
+        results.append([p.detach().clone() for p in model.parameters()])
+        assert losses[-1] < losses[0]
+    for without, with_launch in zip(*results):
+        assert torch.equal(without, with_launch)
+
+
+def test_several_devices_still_need_launch() -> None:
+    fabric = L.Fabric(accelerator="cpu", devices=2, strategy=NoBackpropStrategy(algorithm=MeZO()))
+    with pytest.raises(RuntimeError, match="launch"):
+        fabric.setup(nn.Linear(2, 2))

