@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._C._functorch import is_batchedtensor
 
+from lightning_nobp.kernels.fp8_linear import fp8_linear, fp8_row_lookup, fp8_rows, takes_fp8_linear
 from lightning_nobp.lowbit.formats import is_low_bit
 from lightning_nobp.perturb.owners import ParameterOwners, ParameterReadProbe, takes_low_rank_correction
 
@@ -209,10 +210,11 @@ def _linear(owner: MemberForward, p: Perturbation, x: Tensor) -> Tensor:
         return F.linear(x, weight, bias)
     a, b = factors
     shift = p.delta(bias_index, bias) if bias_index is not None and p.perturbs(bias_index) else None
-    if not torch.compiler.is_compiling() and per_member_weight_is_cheaper(module, x):
+    fp8 = takes_fp8_linear(weight, x)  # the shared product on the stored FP8 data: one rowwise-scaled FP8 matmul
+    if not fp8 and not torch.compiler.is_compiling() and per_member_weight_is_cheaper(module, x):
         whole = perturbed_value(weight, a.float() @ b.float().transpose(-1, -2))
         return F.linear(x, whole, bias if shift is None else perturbed_value(bias, shift))
-    output = F.linear(x, weight, bias)
+    output = fp8_linear(x, weight.qdata, weight.scale, bias) if fp8 else F.linear(x, weight, bias)
     if a.shape[-1] == 1 and x.dim() > 1:
         # rank 1: x b as a matrix-vector product (one product for a whole batched population), then (x b) a^T in one
         # fused pass; contiguous() puts a batched population's member dimension first in memory, so the output is
@@ -235,9 +237,13 @@ def _embedding(owner: MemberForward, p: Perturbation, indices: Tensor) -> Tensor
     factors = p.low_rank.get(weight_index) if weight_index is not None else None
     if factors is None and weight_index is not None:
         weight = p.value(weight_index, weight)
-    output = F.embedding(
-        indices, weight, module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse
-    )
+    if fp8_row_lookup(weight, module):  # only the rows looked up are dequantized, not the whole table
+        output = fp8_rows(weight, indices)
+    else:
+        output = F.embedding(
+            indices, weight, module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq,
+            module.sparse,
+        )
     if factors is None:
         return output
     a, b = factors

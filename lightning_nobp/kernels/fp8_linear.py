@@ -1,0 +1,110 @@
+"""``x W^T + b`` on an FP8 weight's stored data: activations quantized per row, one ``torch._scaled_mm``.
+
+The weight is torchao's ``Float8Tensor`` (e4m3, one scale per row), read as it is stored: ``qdata`` and ``scale``.
+The activation's rows are quantized to e4m3 with one power-free scale each (``amax / 448``), and the product runs
+as one rowwise-scaled FP8 matmul (tensor cores on a GPU; ``torch._scaled_mm`` also runs on the CPU). Nothing of
+the weight's size is formed.
+
+Embedding lookups read the looked-up rows only (:func:`fp8_rows`).
+
+``lightning_nobp::fp8_linear`` is a ``torch.library`` custom op with a fake implementation and a ``vmap`` rule: a
+chunk of population members sharing the weight folds its member dimension into the rows, so the whole chunk is one
+matmul with ``M = members x tokens`` (each row quantized on its own, so batching changes no value).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_nobp.lowbit.formats import Float8Tensor
+
+E4M3_MAX = 448.0
+
+
+def quantize_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Rowwise e4m3 quantization of a 2-D activation: ``(codes, scales [M, 1] float32)`` with
+    ``rows ~= codes * scales`` (clamped before the cast, so nothing overflows).
+
+    Args:
+        rows: ``[M, K]`` floating activations.
+    """
+    values = rows.float()
+    scales = values.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / E4M3_MAX
+    codes = (values / scales).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return codes, scales
+
+
+@torch.library.custom_op("lightning_nobp::fp8_linear", mutates_args=())
+def fp8_linear(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """``x W^T + b`` with ``W = scale * qdata`` (e4m3 rows), ``x`` quantized per row: one rowwise-scaled FP8
+    matmul over all leading dimensions of ``x``.
+
+    Args:
+        x: ``[..., K]`` activations (bf16 or float32; the output has their dtype).
+        qdata: the weight's e4m3 codes ``[N, K]`` (contiguous, as torchao stores them).
+        scale: the weight's float32 row scales ``[N, 1]``.
+        bias: ``[N]`` or ``None``.
+    """
+    codes, scales = quantize_rows(x.reshape(-1, x.shape[-1]))
+    # rowwise scaling produces bf16 on CUDA; the CPU takes the input's dtype directly
+    out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
+    out = torch._scaled_mm(
+        codes,
+        qdata.t(),
+        scale_a=scales,
+        scale_b=scale.reshape(1, -1).float().contiguous(),
+        bias=None if bias is None else bias.to(out_dtype),
+        out_dtype=out_dtype,
+    )
+    return out.to(x.dtype).reshape(*x.shape[:-1], qdata.shape[0])
+
+
+@fp8_linear.register_fake
+def _(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], qdata.shape[0]))
+
+
+@fp8_linear.register_vmap
+def _(info, in_dims, x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None):  # type: ignore[no-untyped-def]
+    x_dim, qdata_dim, scale_dim, bias_dim = in_dims
+    if qdata_dim is not None or scale_dim is not None:
+        raise NotImplementedError("fp8_linear under vmap: the members share the weight (a batched weight is not FP8)")
+    if x_dim is None:  # only the bias varies: the shared product once, each member's bias added
+        x = x.unsqueeze(0).expand(info.batch_size, *x.shape)
+    else:
+        x = x.movedim(x_dim, 0)
+    if bias_dim is None:
+        return fp8_linear(x, qdata, scale, bias), 0
+    batched_bias = bias.movedim(bias_dim, 0)  # type: ignore[union-attr]
+    out = fp8_linear(x, qdata, scale, None)
+    return out + batched_bias.view(batched_bias.shape[0], *([1] * (out.dim() - 2)), -1).to(out.dtype), 0
+
+
+def takes_fp8_linear(weight: Tensor, x: Tensor) -> bool:
+    """Whether ``F.linear(x, weight)`` runs as :func:`fp8_linear`: an e4m3 ``Float8Tensor`` with row scales, whose
+    activations are quantized (asked for at conversion, or the input is on a GPU, where FP8 tensor cores make it
+    the fast path), and a floating input of the weight's width."""
+    if Float8Tensor is None or not isinstance(weight, Float8Tensor):
+        return False
+    if weight.qdata.dtype != torch.float8_e4m3fn or tuple(weight.scale.shape) != (weight.shape[0], 1):
+        return False
+    wanted = getattr(weight, "act_quant_kwargs", None) is not None or x.is_cuda
+    return wanted and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and x.shape[-1] == weight.shape[1]
+
+
+def fp8_row_lookup(weight: Tensor, module: torch.nn.Module) -> bool:
+    """Whether an ``nn.Embedding``'s lookup can read an e4m3 row-scaled ``Float8Tensor`` row by row (no
+    ``max_norm``, which rewrites the table)."""
+    return (
+        isinstance(weight, Float8Tensor)
+        and weight.qdata.dtype == torch.float8_e4m3fn
+        and tuple(weight.scale.shape) == (weight.shape[0], 1)
+        and getattr(module, "max_norm", None) is None
+    )
+
+
+def fp8_rows(weight: Tensor, indices: Tensor) -> Tensor:
+    """The rows ``indices`` of an FP8 table, dequantized in the weight's dtype (``qdata[i] * scale[i]``): what
+    ``F.embedding`` returns, without dequantizing the whole table first."""
+    return (weight.qdata[indices].float() * weight.scale[indices].float()).to(weight.dtype)

@@ -1,0 +1,103 @@
+"""An FP8 population (weights stored as torchao Float8Tensor, activations quantized per row) evaluated batched:
+every Linear's shared product is one rowwise-scaled FP8 matmul on the stored data, no weight-shaped copy."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lightning_nobp.algorithms import EggRoll
+from lightning_nobp.kernels.fp8_linear import fp8_linear, quantize_rows
+from lightning_nobp.lowbit.convert import convert_to_low_bit
+from lightning_nobp.lowbit.formats import Float8Tensor
+from lightning_nobp.models.gpt import GPT, GPTConfig
+from lightning_nobp.perturb import PopulationEstimator
+
+PLAIN = dict(per_row_estimates=False, input_subspace=None)
+
+
+class OpCounts(TorchDispatchMode):
+    """Counts ops and the floating tensors shaped like one of ``shapes`` that ops create."""
+
+    def __init__(self, shapes: set[tuple[int, ...]]) -> None:
+        super().__init__()
+        self.shapes = shapes
+        self.ops: dict[str, int] = {}
+        self.weight_shaped = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops[str(func)] = self.ops.get(str(func), 0) + 1
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and tuple(out.shape[-2:]) in self.shapes:
+            self.weight_shaped += 1
+        return out
+
+
+def mlp() -> tuple[nn.Module, callable]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 16))
+    x, y = torch.randn(32, 64, dtype=torch.bfloat16), torch.randint(0, 16, (32,))
+    return model, lambda: F.cross_entropy(model(x).float(), y)
+
+
+def gpt() -> tuple[nn.Module, callable]:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny", attention="math"))
+    tokens = torch.randint(0, model.config.vocab_size, (2, 17))
+    return model, lambda: model.loss(tokens[:, :-1], tokens[:, 1:])
+
+
+@pytest.mark.parametrize("build", [mlp, gpt], ids=["mlp", "gpt"])
+def test_fp8_population_is_batched_on_fp8_matmuls(build) -> None:
+    model, loss = build()
+    convert_to_low_bit(model, "fp8_e4m3", compute_dtype=torch.bfloat16, activation_quantization=True)
+    fp8_weights = [p for p in model.parameters() if isinstance(p, Float8Tensor)]
+    fp8_linears = [m for m in model.modules() if isinstance(m, nn.Linear) and isinstance(m.weight, Float8Tensor)]
+    assert fp8_linears
+    algorithm = EggRoll(population=8, rank=1, sigma=1e-2, population_chunk=8, **PLAIN)
+    estimator = PopulationEstimator(algorithm, [model], list(model.parameters()))
+    population = algorithm.ask(1)
+    counts = OpCounts({tuple(p.shape) for p in fp8_weights})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the member loop
+        with counts:
+            batched = estimator.evaluate_members(population, loss)
+    assert estimator.batching is True
+    assert counts.ops.get("lightning_nobp.fp8_linear.default", 0) == len(fp8_linears)  # one matmul per layer
+    assert counts.weight_shaped == 0  # no dense perturbed or dequantized weight
+    looped = estimator.evaluate(population, loss)
+    torch.testing.assert_close(batched, looped, rtol=1e-3, atol=1e-3)  # the same rows, the same FP8 rounding
+    assert batched.unique().numel() == len(population)
+
+
+def test_fp8_linear_is_close_to_the_dequantized_product_and_batches_members() -> None:
+    torch.manual_seed(1)
+    weight = torch.randn(24, 32)
+    codes, scales = quantize_rows(weight)
+    x = torch.randn(5, 3, 32)
+    bias = torch.randn(24)
+    out = fp8_linear(x, codes, scales, bias)
+    reference = x @ (codes.float() * scales).t() + bias
+    assert out.shape == (5, 3, 24)
+    assert (out - reference).norm() / reference.norm() < 0.05  # e4m3 activations: 3 mantissa bits
+    members = torch.func.vmap(lambda xs: fp8_linear(xs, codes, scales, bias))(x)
+    assert torch.equal(members, out)  # each row quantized on its own: batching changes nothing
+    biases = torch.randn(5, 24)
+    per_member_bias = torch.func.vmap(lambda xs, b: fp8_linear(xs, codes, scales, b))(x, biases)
+    torch.testing.assert_close(per_member_bias, fp8_linear(x, codes, scales, None) + biases[:, None, :])
+
+
+def test_fp8_embedding_rows_equal_the_whole_table_lookup() -> None:
+    torch.manual_seed(2)
+    table = nn.Embedding(50, 16)
+    convert_to_low_bit(table, "fp8_e4m3", compute_dtype=torch.bfloat16)
+    assert isinstance(table.weight, Float8Tensor)
+    from lightning_nobp.kernels.fp8_linear import fp8_rows
+
+    indices = torch.randint(0, 50, (3, 7))
+    assert torch.equal(fp8_rows(table.weight, indices), F.embedding(indices, table.weight))
