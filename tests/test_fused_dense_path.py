@@ -121,3 +121,28 @@ def test_memory_benchmark_on_a_small_preset(tmp_path) -> None:
     assert report["peak_bytes"]["inference"] > 2 * report["parameters"]  # the bf16 weights, and activations
     assert report["mezo_peak_over_inference"] <= 1.05
     assert report["eggroll_peak_over_inference"] <= 1.10
+
+
+def test_an_update_of_every_weight_is_one_launch_per_dtype() -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    algorithm = EggRoll(population=8, rank=1, sigma=1e-2, per_row_estimates=False, input_subspace=None)
+    model, loss = mlp(torch.bfloat16)
+    estimator = fused(algorithm, model)
+    population = algorithm.ask(4)
+    estimate = algorithm.tell_on_device(population, estimator.evaluate_members(population, loss))
+    with Calls() as calls:
+        estimator.apply_update_on_device(
+            [(population, estimate.coefficients)], [DirectHyperparameters(1e-2)] * 4, 1, True, estimate.applies
+        )
+    assert calls.names.count("lightning_nobp.grouped_dense_update_.default") == 1  # 2 weights, 2 biases, one launch
+    assert "lightning_nobp.dense_update_.default" not in calls.names

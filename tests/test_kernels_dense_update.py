@@ -122,3 +122,39 @@ def test_custom_ops_run_under_fake_tensors_without_allocating() -> None:
 def test_bad_dtype_is_refused_with_the_fix() -> None:
     with pytest.raises(TypeError, match="bf16 or float32"):
         dense_update_(torch.zeros(2, 2, dtype=torch.float16), UpdateTerms(), 0)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grouped_update_is_one_launch_bit_identical_to_the_twin(dtype) -> None:
+    """A table of weights of different shapes and terms: one launch, each weight as the twin updates it alone."""
+    from lightning_nobp.kernels.dense_update import triton_grouped_dense_update_
+
+    shapes = [(24, 96), (7, 33), (130,), (16, 16)]
+    parts = ["sld", "s", "s", "l"]
+    kernel = [weight(*(s if len(s) == 2 else (s[0], 1)), dtype).view(s) for s in shapes]
+    reference = [w.clone() for w in kernel]
+    updates = []
+    for shape, part in zip(shapes, parts):
+        rows, cols = shape[0], (shape[1] if len(shape) == 2 else 1)
+        updates.append(terms(rows, cols, gaussian=False, parts=part))
+    triton_grouped_dense_update_(kernel, updates, [5, 6, 7, 8])
+    for w, update, seed in zip(reference, updates, [5, 6, 7, 8]):
+        reference_dense_update_(w, update, seed)
+    for k, r, start in zip(kernel, reference, [weight(*(s if len(s) == 2 else (s[0], 1)), dtype).view(s) for s in shapes]):
+        assert torch.equal(k, r)
+        assert not torch.equal(k, start)
+
+
+def test_grouped_update_counts_one_call_per_group() -> None:
+    from lightning_nobp.kernels.dense_update import grouped_dense_update_
+
+    bf16 = [weight(8, 8, torch.bfloat16) for _ in range(3)]
+    fp32 = [weight(8, 8, torch.float32) for _ in range(2)]
+    single = [w.clone() for w in bf16 + fp32]
+    update = terms(8, 8, gaussian=True, parts="s")
+    launches = grouped_dense_update_([(w, update, i) for i, w in enumerate(bf16 + fp32)])
+    assert launches == 2  # one per dtype
+    for i, (w, alone) in enumerate(zip(bf16 + fp32, single)):
+        dense_update_(alone, update, i)
+        assert torch.equal(w, alone)

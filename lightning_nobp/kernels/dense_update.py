@@ -204,6 +204,73 @@ if triton is not None:
             tl.store(out_ptr + offsets, values, mask=mask)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _grouped_dense_update_kernel(
+        block_weight_ptr,
+        first_block_ptr,
+        w_addr_ptr,
+        numel_ptr,
+        cols_ptr,
+        decay_addr_ptr,
+        members_ptr,
+        seeds_ptr,
+        coefficients_ptr,
+        max_members,
+        a_addr_ptr,
+        b_addr_ptr,
+        rank_ptr,
+        dense_addr_ptr,
+        rounding_seed_ptr,
+        GAUSSIAN: tl.constexpr,
+        TO_BF16: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """:func:`_dense_update_kernel` for a table of weights of one dtype: program ``p`` updates block
+        ``p - first_block[w]`` of weight ``w = block_weight[p]``, with the same arithmetic in the same order."""
+        pid = tl.program_id(0)
+        w = tl.load(block_weight_ptr + pid)
+        local = pid - tl.load(first_block_ptr + w)
+        numel = tl.load(numel_ptr + w)
+        cols = tl.load(cols_ptr + w)
+        offsets = local.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < numel
+        if TO_BF16:
+            w_ptr = tl.load(w_addr_ptr + w).to(tl.pointer_type(tl.bfloat16))
+        else:
+            w_ptr = tl.load(w_addr_ptr + w).to(tl.pointer_type(tl.float32))
+        decay = tl.load(tl.load(decay_addr_ptr + w).to(tl.pointer_type(tl.float32)))
+        values = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * decay
+        members = tl.load(members_ptr + w)
+        for m in range(members):
+            seed = tl.load(seeds_ptr + w * max_members + m)
+            coefficient = tl.load(coefficients_ptr + w * max_members + m)
+            values = values + coefficient * noise_at(seed, offsets, GAUSSIAN)
+        rank = tl.load(rank_ptr + w)
+        if rank > 0:
+            a_ptr = tl.load(a_addr_ptr + w).to(tl.pointer_type(tl.float32))
+            b_ptr = tl.load(b_addr_ptr + w).to(tl.pointer_type(tl.float32))
+            row = offsets // cols
+            col = offsets % cols
+            for k in range(rank):
+                a = tl.load(a_ptr + row * rank + k, mask=mask, other=0.0)
+                b = tl.load(b_ptr + col * rank + k, mask=mask, other=0.0)
+                values = values + a * b
+        dense_addr = tl.load(dense_addr_ptr + w)
+        if dense_addr != 0:
+            dense_ptr = dense_addr.to(tl.pointer_type(tl.float32))
+            values = values + tl.load(dense_ptr + offsets, mask=mask, other=0.0)
+        if TO_BF16:
+            limit = 3.3895313892515355e38  # the largest bf16
+            clamped = tl.minimum(tl.maximum(values, -limit), limit)
+            random = (_word(tl.load(rounding_seed_ptr + w), offsets, 4) >> 16).to(tl.int32)
+            bits = (clamped.to(tl.int32, bitcast=True) + random) & -65536
+            tl.store(w_ptr + offsets, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
+        else:
+            tl.store(w_ptr + offsets, values, mask=mask)
+
+
 def _decay_tensor(decay: float | Tensor, device: torch.device) -> Tensor:
     """The decay as a one-element float32 tensor on ``device`` (a tensor stays where it is computed: no host read)."""
     if isinstance(decay, Tensor):
@@ -356,3 +423,128 @@ def dense_perturbed(weight: Tensor, seeds: Tensor, scales: Tensor, gaussian: boo
     """
     check_fused_dtype(weight)
     return _dense_perturbed_op(weight, seeds, scales, gaussian)
+
+
+def triton_grouped_dense_update_(
+    weights: list[Tensor], terms: list[UpdateTerms], rounding_seeds: list[int]
+) -> None:
+    """The fused update of several weights of one dtype and one stream distribution in one Triton launch."""
+    if triton is None:
+        raise RuntimeError("Triton is not installed: pip install triton (or use reference_dense_update_)")
+    device = weights[0].device
+    keep: list[Tensor] = []  # the converted term tensors, alive until the launch is queued
+
+    def address(tensor: Tensor | None, dtype: torch.dtype) -> int:
+        if tensor is None:
+            return 0
+        converted = tensor.to(device=device, dtype=dtype).contiguous()
+        keep.append(converted)
+        return converted.data_ptr()
+
+    max_members = max([0 if t.seeds is None else t.seeds.numel() for t in terms] + [1])
+    seeds = torch.zeros(len(weights), max_members, dtype=torch.int64)
+    coefficients = torch.zeros(len(weights), max_members, dtype=torch.float32, device=device)
+    members, ranks, blocks = [], [], []
+    for i, (weight, term) in enumerate(zip(weights, terms)):
+        count = 0 if term.seeds is None or term.coefficients is None else term.seeds.numel()
+        if count:
+            seeds[i, :count] = term.seeds.to(torch.int64)
+            coefficients[i, :count] = term.coefficients.to(device=device, dtype=torch.float32)
+        members.append(count)
+        ranks.append(0 if term.factor_a is None else term.factor_a.shape[1])
+        blocks.append(triton.cdiv(weight.numel(), KERNEL_BLOCK))
+    first_block = [sum(blocks[:i]) for i in range(len(blocks))]
+    block_weight = [i for i, count in enumerate(blocks) for _ in range(count)]
+
+    def table(values: list[int], dtype: torch.dtype = torch.int64) -> Tensor:
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    decays = [_decay_tensor(t.decay, device) for t in terms]
+    keep.extend(decays)
+    _grouped_dense_update_kernel[(len(block_weight),)](
+        table(block_weight, torch.int32),
+        table(first_block),
+        table([w.data_ptr() for w in weights]),
+        table([w.numel() for w in weights]),
+        table([w.view(w.shape[0], -1).shape[1] if w.dim() else 1 for w in weights]),
+        table([d.data_ptr() for d in decays]),
+        table(members),
+        seeds.to(device, non_blocking=True),
+        coefficients,
+        max_members,
+        table([address(t.factor_a, torch.float32) for t in terms]),
+        table([address(t.factor_b, torch.float32) for t in terms]),
+        table(ranks),
+        table([address(t.dense, torch.float32) for t in terms]),
+        table(rounding_seeds),
+        GAUSSIAN=terms[0].gaussian,
+        TO_BF16=weights[0].dtype == torch.bfloat16,
+        BLOCK=KERNEL_BLOCK,
+    )
+
+
+@torch.library.custom_op("lightning_nobp::grouped_dense_update_", mutates_args=("weights",))
+def _grouped_dense_update_op(
+    weights: list[Tensor],
+    decays: list[Tensor],
+    seeds: list[Tensor | None],
+    coefficients: list[Tensor | None],
+    gaussian: bool,
+    factor_a: list[Tensor | None],
+    factor_b: list[Tensor | None],
+    dense: list[Tensor | None],
+    rounding_seeds: list[int],
+) -> None:
+    terms = [
+        UpdateTerms(d, s, c, gaussian, a, b, e)
+        for d, s, c, a, b, e in zip(decays, seeds, coefficients, factor_a, factor_b, dense)
+    ]
+    if use_triton(weights[0].device):
+        triton_grouped_dense_update_(weights, terms, rounding_seeds)
+        return
+    for weight, term, seed in zip(weights, terms, rounding_seeds):
+        reference_dense_update_(weight, term, seed)
+
+
+@_grouped_dense_update_op.register_fake
+def _(
+    weights: list[Tensor],
+    decays: list[Tensor],
+    seeds: list[Tensor | None],
+    coefficients: list[Tensor | None],
+    gaussian: bool,
+    factor_a: list[Tensor | None],
+    factor_b: list[Tensor | None],
+    dense: list[Tensor | None],
+    rounding_seeds: list[int],
+) -> None:
+    return None  # in place: the kernel allocates nothing of the weights' size
+
+
+def grouped_dense_update_(updates: list[tuple[Tensor, UpdateTerms, int]]) -> int:
+    """Update many bf16/float32 weights in place, one launch per (dtype, device, stream distribution) group: each
+    weight as :func:`dense_update_` would, with the same arithmetic (the twin runs weight by weight).
+
+    Args:
+        updates: ``(weight, terms, rounding seed)`` of every weight.
+
+    Returns:
+        How many groups (launches) it took.
+    """
+    groups: dict[tuple[torch.dtype, torch.device, bool], list[tuple[Tensor, UpdateTerms, int]]] = {}
+    for weight, terms, seed in updates:
+        check_fused_dtype(weight)
+        groups.setdefault((weight.dtype, weight.device, terms.gaussian), []).append((weight, terms, seed))
+    for (_, device, gaussian), members in groups.items():
+        _grouped_dense_update_op(
+            [w for w, _, _ in members],
+            [_decay_tensor(t.decay, device) for _, t, _ in members],
+            [t.seeds for _, t, _ in members],
+            [t.coefficients for _, t, _ in members],
+            gaussian,
+            [t.factor_a for _, t, _ in members],
+            [t.factor_b for _, t, _ in members],
+            [t.dense for _, t, _ in members],
+            [seed for _, _, seed in members],
+        )
+    return len(groups)

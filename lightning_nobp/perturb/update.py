@@ -3,8 +3,8 @@
 The estimate of every parameter is ``sum_m c_m sign_m E_m``, regenerated from the members' seeds (antithetic twins
 merged), with the per-row estimates of row-local layers in place of their evolution-strategies estimates. Low-bit
 weights are written by the fused low-bit kernel; bf16 and float32 weights by the fused dense kernel where it is on
-(``fused``: one pass per weight, the low-rank term and each stream's noise formed inside it, no dense estimate, no
-host synchronisation), else with stochastic rounding below float32.
+(``fused``: one pass per weight and one launch for all weights of a dtype, the low-rank term and each stream's
+noise formed inside it, no dense estimate, no host synchronisation), else with stochastic rounding below float32.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lightning_nobp.algorithms.base import Algorithm, Population, weighted_factor_columns
 from lightning_nobp.algorithms.seeds import derive_seed
-from lightning_nobp.kernels.dense_update import dense_update_
+from lightning_nobp.kernels.dense_update import grouped_dense_update_
 from lightning_nobp.kernels.lowbit_update import UpdateTerms, added_terms
 from lightning_nobp.kernels.stochastic_rounding import stochastic_round
 from lightning_nobp.lowbit import apply_low_bit_update, layout_of
@@ -148,6 +148,7 @@ class EstimateWriter:
             return float("nan")  # never write a non-finite update: the weights stay untouched
         squared_norm: float | Tensor = 0.0
         unperturbed = self.rows.unperturbed_indices()
+        fused: list[tuple[Tensor, UpdateTerms, int]] = []  # written together, one launch per dtype
         for index, (param, settings) in enumerate(zip(self.params, hyperparameters)):
             if index in unperturbed and index not in row_local:
                 continue  # not perturbed and no exact gradient this step: left as it is
@@ -158,7 +159,7 @@ class EstimateWriter:
                 squared = self._squared_norm(index, update_terms)
                 squared_norm = squared_norm + squared
                 step = -lr / rms(squared, param.numel()) if normalize else -lr
-                dense_update_(param, update_terms.scaled(step), seed)
+                fused.append((param, update_terms.scaled(step), seed))
                 continue
             if index in self.low_bit:
                 update_terms = self._kernel_terms(index, merged, 1.0 - lr * weight_decay)
@@ -191,6 +192,8 @@ class EstimateWriter:
                 estimate.add_(param.float(), alpha=weight_decay)
             updated = param.float().sub_(estimate, alpha=lr)
             param.copy_(stochastic_round(updated, param.dtype, seed))
+        if fused:
+            grouped_dense_update_(fused)
         return squared_norm**0.5
 
     @torch.no_grad()
@@ -220,6 +223,7 @@ class EstimateWriter:
         taken = applies & torch.isfinite(weights).all()
         weights = torch.where(taken, weights, torch.zeros_like(weights))
         squared_norm: Tensor | float = 0.0
+        fused: list[tuple[Tensor, UpdateTerms, int]] = []
         for index, (param, settings) in enumerate(zip(self.params, hyperparameters)):
             if index not in self.fused or settings.momentum:
                 raise ValueError(f"{self.names[index]}: the on-device update takes fused weights without momentum")
@@ -229,7 +233,8 @@ class EstimateWriter:
             squared = self._squared_norm(index, update_terms)
             squared_norm = squared_norm + squared
             step = -lr / rms(squared, param.numel()) if normalize else -lr
-            dense_update_(param, update_terms.scaled(step), derive_seed(rounding_seed, index))
+            fused.append((param, update_terms.scaled(step), derive_seed(rounding_seed, index)))
+        grouped_dense_update_(fused)  # every weight in one launch per dtype
         return torch.as_tensor(squared_norm).sqrt()
 
     def _kernel_terms_of(self, index: int, seeds: list[int], weights: Tensor, decay: Tensor) -> UpdateTerms:
