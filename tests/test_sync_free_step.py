@@ -139,3 +139,4 @@ def test_sync_check_benchmark_on_the_tiny_gpt(tmp_path) -> None:
     report = sync_check.main(["--device", "cpu", "--preset", "tiny", "--seq-len", "16", "--out", str(tmp_path / "s.json")])
     for check in report["checks"].values():
         assert check["device_resident"] and check["host_reads"] == 0 and check["synchronisation_free"]
+

@@ -11,6 +11,7 @@ and the update (:mod:`~lightning_nobp.perturb.update`). It knows parameters, mod
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +80,25 @@ class EstimatorOptions:
             exact_head=bool(getattr(algorithm, "exact_head_gradient", False)),
         )
         energy = getattr(algorithm, "input_subspace", None)
+        if not one_process:
+            turned_off = [
+                name
+                for name, asked in (
+                    ("per_row_estimates", getattr(algorithm, "per_row_estimates", False)
+                     and getattr(algorithm, "antithetic", False)),
+                    (f"input_subspace={energy}", energy is not None),
+                )
+                if asked
+            ]
+            if turned_off:
+                warnings.warn(
+                    f"{type(algorithm).__name__} with {processes} processes: {', '.join(turned_off)} turned off (they"
+                    " need every member's losses and inputs on one process; each process sees only its members and"
+                    " the scalar fitness values are all they exchange), so the estimate is the plain one and"
+                    " differs from a one-process run. Set them off explicitly to silence this"
+                    f" ({type(algorithm).__name__}(per_row_estimates=False, input_subspace=None)).",
+                    stacklevel=2,
+                )
         return cls(rows=rows, input_subspace=energy if one_process else None, compile=compile, fused=fused)
 
 
