@@ -22,6 +22,7 @@ from lightning_nobp.perturb.inplace_activations import activations_after_linear,
 from lightning_nobp.perturb.member_layers import MemberLayers, Perturbation
 from lightning_nobp.perturb.member_noise import ChunkNoise, MemberNoise
 from lightning_nobp.perturb.narrow_softmax import NarrowSoftmaxMode
+from lightning_nobp.perturb.norm_statistics import running_statistics_frozen, running_statistics_layers
 from lightning_nobp.perturb.owners import ParameterReadProbe
 from lightning_nobp.perturb.row_estimates import RowEstimates
 
@@ -95,6 +96,8 @@ class MemberEvaluation:
         self.names = list(names)
         #: activations a batched evaluation computes in place (``lightning_nobp.perturb.inplace_activations``)
         self.in_place_activations = activations_after_linear(roots)
+        #: batch norms whose running statistics the members must not update (the official pass does, once)
+        self.norms = running_statistics_layers(roots)
         #: where members' losses are evaluated (:func:`loss_context`)
         self.loss_context = loss_context(layers.owners.params)
         #: the recorder of per-row losses also does NarrowSoftmaxMode's work (CPU weights)
@@ -115,7 +118,8 @@ class MemberEvaluation:
             probe = ParameterReadProbe(owners)
             perturbation = self.noise.member(population, population.members[0], self.rows.unperturbed_indices())
             with torch.no_grad(), probe, self.layers.perturbed(perturbation, probe):
-                evaluation()
+                with running_statistics_frozen(self.norms):
+                    evaluation()
             missed = probe.read - owners.whole_evaluation
             if not missed:
                 self.probed = True
@@ -163,7 +167,9 @@ class MemberEvaluation:
                 continue
             restore()
             perturbation = self.member_perturbation(population, index)
-            with torch.no_grad(), self.layers.perturbed(perturbation), self.loss_context():
+            with torch.no_grad(), self.layers.perturbed(perturbation), self.loss_context(), running_statistics_frozen(
+                self.norms
+            ):
                 if recorder is None:
                     loss = loss_fn() if member_inputs is None else loss_fn(first_member(member_inputs([index])))
                 else:
@@ -225,7 +231,8 @@ class MemberEvaluation:
             inputs = None if member_inputs is None else member_inputs(part)
             if recorder is None and self.compiled is not None and self.compiled.applies():
                 restore()
-                losses = self.compiled(loss_fn, chunk_noise, unperturbed, inputs)
+                with running_statistics_frozen(self.norms):
+                    losses = self.compiled(loss_fn, chunk_noise, unperturbed, inputs)
                 if losses is not None:
                     fitness[part] = losses.float().to(self.fitness_device)
                     continue
@@ -248,7 +255,8 @@ class MemberEvaluation:
 
             restore()
             tensors, tensor_dims = chunk_noise.flat()
-            with torch.no_grad(), loss_context(), activations_in_place(self.in_place_activations):
+            with torch.no_grad(), loss_context(), activations_in_place(self.in_place_activations), \
+                    running_statistics_frozen(self.norms):
                 in_dims = (None if inputs is None else 0, *tensor_dims)
                 losses, part_rows, mismatches = torch.func.vmap(member_loss, in_dims=in_dims, randomness="same")(
                     inputs, *tensors

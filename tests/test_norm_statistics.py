@@ -1,0 +1,64 @@
+"""BatchNorm's running statistics come from the official passes only, as with backprop."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_nobp import NoBackpropStrategy
+from lightning_nobp.algorithms import EggRoll, MeZO
+
+from conftest import quiet_trainer_kwargs
+
+
+class SmallCNN(pl.LightningModule):
+    """A LightningModule with BatchNorm, written as for backprop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10),
+            nn.BatchNorm1d(10),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def loader():
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 1, 8, 8, generator=generator), torch.randint(0, 10, (32,), generator=generator)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [EggRoll(population=8, rank=1, sigma=1e-2, per_row_estimates=False, input_subspace=None),
+     MeZO(eps=1e-3, directions=2, input_subspace=None)],
+    ids=["eggroll", "mezo"],
+)
+def test_members_leave_running_statistics_to_the_official_pass(algorithm) -> None:
+    torch.manual_seed(0)
+    module = SmallCNN()
+    official = copy.deepcopy(module)
+    strategy = NoBackpropStrategy(algorithm=algorithm, reuse_official_pass=False)
+    pl.Trainer(strategy=strategy, max_steps=1, **quiet_trainer_kwargs()).fit(module, loader())
+    with torch.no_grad():  # what one backprop-style training forward of the batch does to the statistics
+        official.train()
+        official(next(iter(loader()))[0])
+    for (name, buffer), expected in zip(module.named_buffers(), official.buffers()):
+        assert torch.equal(buffer, expected), name
+    assert int(module.net[1].num_batches_tracked) == 1
+    assert strategy.engine._estimators  # the members were evaluated
