@@ -16,6 +16,9 @@ total over:
 * ``eggroll``: one EggRoll step (plain EGGROLL: ``per_row_estimates=False, input_subspace=None``; population
   ``--population``, one batched chunk of ``--chunk`` members), ``tell`` and the in-place update.
 
+* ``mezo_defaults``: the same with ``MeZO()``'s defaults (8 directions, input subspaces, whose second moments
+  of every layer's input are kept: large for wide layers).
+
 ``mezo_peak_over_inference`` divides MeZO's peak by ``inference``'s; ``eggroll_peak_over_inference`` divides
 EggRoll's by ``inference_chunk``'s (the same tokens per batched forward). Under the fake device: a CUDA
 ``torch.Generator`` cannot be created without a GPU, so each generator draw is replaced by an allocation of the same
@@ -218,12 +221,14 @@ def measure(setup: Setup) -> dict:
         "inference_chunk": peak_bytes(setup, inference(setup, setup.chunk)),
         "mezo": peak_bytes(setup, step(setup, mezo, None)),
         "eggroll": peak_bytes(setup, step(setup, eggroll, setup.chunk)),
+        "mezo_defaults": peak_bytes(setup, step(setup, MeZO(), None)),
     }
     return {
         "peak_bytes": peaks,
         "mezo_peak_over_inference": peaks["mezo"] / peaks["inference"],
         "eggroll_peak_over_inference": peaks["eggroll"] / peaks["inference_chunk"],
-        "algorithms": {"mezo": repr(mezo), "eggroll": repr(eggroll)},
+        "mezo_defaults_peak_over_inference": peaks["mezo_defaults"] / peaks["inference"],
+        "algorithms": {"mezo": repr(mezo), "eggroll": repr(eggroll), "mezo_defaults": repr(MeZO())},
     }
 
 
