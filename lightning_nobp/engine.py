@@ -78,16 +78,22 @@ def trainable_parameters(optimizer: Optimizer) -> list[Tensor]:
     return params
 
 
+#: the optimizers whose step the direct path applies itself (their state in the optimizer's own keys)
+DIRECT_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
 def check_direct_update_optimizer(optimizer: Optimizer) -> None:
-    """The direct path applies ``torch.optim.SGD``'s step (lr, weight decay, momentum) itself: refuse optimizers it
-    would betray."""
-    if type(optimizer) is not torch.optim.SGD or any(group.get("maximize", False) for group in optimizer.param_groups):
+    """The direct path applies ``torch.optim.SGD``'s, ``Adam``'s or ``AdamW``'s step itself (with their settings and
+    their state's keys): refuse optimizers and settings it would betray."""
+    groups = optimizer.param_groups
+    unsupported = [key for key in ("maximize", "amsgrad") if any(group.get(key, False) for group in groups)]
+    if type(optimizer) not in DIRECT_OPTIMIZERS or unsupported:
+        what = type(optimizer).__name__ + (f" with {', '.join(unsupported)}=True" if unsupported else "")
         raise ValueError(
-            f"update='direct' writes theta <- theta - lr * (estimate + weight_decay * theta) in place, which is"
-            f" torch.optim.SGD (its momentum kept in the optimizer's state, bf16 for low-bit weights);"
-            f" {type(optimizer).__name__} with its own state cannot be honoured. Use"
-            " torch.optim.SGD(params, lr=..., momentum=..., weight_decay=...) or update='grad' (costs one gradient"
-            " buffer)."
+            f"update='direct' applies the step of torch.optim.SGD (lr, weight decay, momentum), Adam or AdamW (lr,"
+            f" betas, eps, weight decay; moments in the optimizer's state, bf16 for low-bit weights) in place;"
+            f" {what} cannot be honoured. Use one of those (without maximize or amsgrad) or update='grad' (costs"
+            " one gradient buffer)."
         )
 
 
@@ -291,7 +297,7 @@ class ForwardOnlyEngine:
             estimator.device_resident
             and self.update == "direct"
             and not self.algorithm.uses_jvp
-            and not any(group.get("momentum", 0.0) for group in optimizer.param_groups)
+            and not any(DirectHyperparameters.from_group(group).stateful for group in optimizer.param_groups)
         )
 
     def tell(
@@ -349,7 +355,7 @@ class ForwardOnlyEngine:
             return sum(n * n for n in norms) ** 0.5
         group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         settings = [DirectHyperparameters.from_group(group_of[id(p)]) for p in estimator.params]
-        states = [optimizer.state[p] for p in estimator.params]  # where torch.optim.SGD keeps momentum buffers
+        states = [optimizer.state[p] for p in estimator.params]  # where the optimizer keeps momentum or moments
         return estimator.apply_update(terms, settings, rounding_seed, normalize, states)
 
     def closure_step(

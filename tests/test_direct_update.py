@@ -147,16 +147,24 @@ def test_direct_path_trains_bf16_weights_with_stochastic_rounding(no_backprop: N
     assert after > before + 0.25, (before, after)
 
 
-class AdamClassifier(DigitsClassifier):
+class RMSpropClassifier(DigitsClassifier):
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
+        return torch.optim.RMSprop(self.parameters(), lr=1e-3)
 
 
-def test_direct_path_refuses_stateful_optimizers_and_clipping() -> None:
+class AMSGradClassifier(DigitsClassifier):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3, amsgrad=True)
+
+
+def test_direct_path_refuses_optimizers_it_cannot_honour_and_clipping() -> None:
     train, _ = digits_loaders()
     trainer = pl.Trainer(strategy=NoBackpropStrategy(update="direct"), max_steps=1, **quiet_trainer_kwargs())
-    with pytest.raises(ValueError, match=r"torch.optim.SGD.*Adam with its own state.*update='grad'"):
-        trainer.fit(AdamClassifier(), train)
+    with pytest.raises(ValueError, match=r"SGD.*Adam or AdamW.*RMSprop cannot be honoured.*update='grad'"):
+        trainer.fit(RMSpropClassifier(), train)
+    trainer = pl.Trainer(strategy=NoBackpropStrategy(update="direct"), max_steps=1, **quiet_trainer_kwargs())
+    with pytest.raises(ValueError, match=r"Adam with amsgrad=True cannot be honoured"):
+        trainer.fit(AMSGradClassifier(), train)
     trainer = pl.Trainer(
         strategy=NoBackpropStrategy(update="direct"), gradient_clip_val=1.0, max_steps=1, **quiet_trainer_kwargs()
     )
@@ -182,3 +190,35 @@ def test_fabric_direct_path_updates_in_place_without_gradients() -> None:
     optimizer.step(closure)
     assert all(p.grad is None for p in module.parameters())
     assert all(not torch.equal(p, b) for p, b in zip(module.parameters(), before))
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_direct_adam_step_is_torchs_adam_on_the_estimate(name: str) -> None:
+    """Three steps of the direct path with Adam's or AdamW's settings move float32 weights as torch's optimizer does
+    when fed the same estimate as its gradient, and keep the moments under its keys."""
+    from lightning_nobp.algorithms import EggRoll
+    from lightning_nobp.perturb import PopulationEstimator
+    from lightning_nobp.perturb.direct_step import DirectHyperparameters
+
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    optimizers = [getattr(torch.optim, name)(m.parameters(), lr=1e-2, weight_decay=0.1) for m in models]
+    algorithm = EggRoll(population=8, rank=1, sigma=1e-2, per_row_estimates=False, input_subspace=None)
+    estimators = [PopulationEstimator(algorithm, [m], list(m.parameters())) for m in models]
+    for step in range(3):
+        population = algorithm.ask(step)
+        fitness = estimators[0].evaluate(population, lambda: F.cross_entropy(models[0](x), y))
+        coefficients = algorithm.tell(population, fitness).coefficients
+        for p in models[0].parameters():
+            p.grad = None
+        estimators[0].accumulate_gradient(population, coefficients)  # reference: torch's own step on it
+        optimizers[0].step()
+        settings = [DirectHyperparameters.from_group(optimizers[1].param_groups[0])] * 4
+        states = [optimizers[1].state[p] for p in models[1].parameters()]
+        estimators[1].apply_update([(population, coefficients)], settings, step, states=states)
+        for reference, direct in zip(models[0].parameters(), models[1].parameters()):
+            torch.testing.assert_close(direct, reference, rtol=1e-5, atol=1e-6)
+    state = optimizers[1].state[next(models[1].parameters())]
+    assert set(state) == {"exp_avg", "exp_avg_sq", "step"} and int(state["step"]) == 3

@@ -169,14 +169,29 @@ def low_bit_state(model: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch
     return state
 
 
-@pytest.mark.parametrize("weights, momentum", [("fp8_e4m3", 0.0), ("nvfp4", 0.0), ("fp8_e4m3", 0.9)])
-def test_checkpoint_round_trip_and_resume_are_bit_exact(weights: str, momentum: float, tmp_path) -> None:
+class AdamWDigits(DigitsClassifier):
+    """The digits classifier with its own AdamW (what most LightningModules return)."""
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=1e-2)
+
+
+def digits_model(momentum: float | str) -> DigitsClassifier:
+    if momentum == "adamw":
+        return AdamWDigits(lr=3e-3)
+    return DigitsClassifier(lr=3e-3, momentum=momentum)
+
+
+@pytest.mark.parametrize(
+    "weights, momentum", [("fp8_e4m3", 0.0), ("nvfp4", 0.0), ("fp8_e4m3", 0.9), ("fp8_e4m3", "adamw")]
+)
+def test_checkpoint_round_trip_and_resume_are_bit_exact(weights: str, momentum: float | str, tmp_path) -> None:
     pl.seed_everything(0)
-    straight = DigitsClassifier(lr=3e-3, momentum=momentum)
+    straight = digits_model(momentum)
     fit_low_bit(straight, weights, max_epochs=2)
 
     pl.seed_everything(0)
-    first = DigitsClassifier(lr=3e-3, momentum=momentum)
+    first = digits_model(momentum)
     trainer = fit_low_bit(first, weights, max_epochs=1, enable_checkpointing=True, default_root_dir=tmp_path)
     path = tmp_path / "half.ckpt"
     trainer.save_checkpoint(path)
@@ -186,14 +201,18 @@ def test_checkpoint_round_trip_and_resume_are_bit_exact(weights: str, momentum: 
     assert reloaded.keys() == saved.keys() and all(torch.equal(saved[k], reloaded[k]) for k in saved)
     states = checkpoint["optimizer_states"][0]["state"]
     buffers = [states.get(i, {}).get("momentum_buffer") for i in range(4)]  # weight, bias, weight, bias
-    if momentum:  # the direct path's momentum buffers travel in the optimizer's state, bf16 for low-bit weights
+    if momentum == "adamw":  # Adam's moments under torch's own keys, bf16 for low-bit weights
+        moments = [states[i]["exp_avg_sq"] for i in range(4)]
+        assert all(m.abs().sum() > 0 for m in moments) and int(states[0]["step"]) == 6
+        assert [m.dtype for m in moments] == [torch.bfloat16, first.net[0].bias.dtype] * 2
+    elif momentum:  # the direct path's momentum buffers travel in the optimizer's state, bf16 for low-bit weights
         assert all(b is not None and b.abs().sum() > 0 for b in buffers)
         assert [b.dtype for b in buffers] == [torch.bfloat16, first.net[0].bias.dtype] * 2
     else:
         assert not any(b is not None for b in buffers)
 
     pl.seed_everything(0)
-    resumed = DigitsClassifier(lr=3e-3, momentum=momentum)
+    resumed = digits_model(momentum)
     fit_low_bit(resumed, weights, ckpt_path=str(path), max_epochs=2)
     expected, got = low_bit_state(straight), low_bit_state(resumed)
     assert expected.keys() == got.keys()

@@ -48,8 +48,8 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
     Args:
         algorithm: the forward-only estimator; ``MeZO()`` when omitted.
         update: ``"grad"`` (the estimate goes into ``p.grad`` and the user's optimizer steps) or ``"direct"``
-            (applied in place as the optimizer's ``torch.optim.SGD`` step: lr, weight decay and momentum, whose
-            buffer stays in the optimizer's state; no gradient buffers).
+            (applied in place as the optimizer's ``torch.optim.SGD``, ``Adam`` or ``AdamW`` step, whose state stays
+            in the optimizer; no gradient buffers).
             ``None`` (default): ``"direct"`` when ``LowBitPrecision`` stores weights in low bit, else ``"grad"``.
         direct_step: ``"sgd"`` or ``"normalized"`` (each tensor's estimate divided by its root-mean-square, so
             ``lr`` is the typical change of one weight per step, with no optimizer state).

@@ -42,10 +42,14 @@ class DirectHyperparameters:
 
     Args:
         lr: learning rate (the scheduler's current value).
-        weight_decay: L2 decay, applied to the weight directly.
+        weight_decay: L2 decay (SGD, Adam: added to the estimate) or decoupled (AdamW: the weight shrinks first).
         momentum: SGD momentum ``m`` (0: no buffer, no state).
         dampening: SGD dampening.
         nesterov: SGD's Nesterov variant.
+        adam: the group is ``torch.optim.Adam``'s or ``AdamW``'s: the step is Adam's (:func:`adam_direction`).
+        betas: Adam's ``(beta1, beta2)``.
+        eps: Adam's ``eps``.
+        decoupled: AdamW's decoupled weight decay.
     """
 
     lr: float
@@ -53,17 +57,38 @@ class DirectHyperparameters:
     momentum: float = 0.0
     dampening: float = 0.0
     nesterov: bool = False
+    adam: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    decoupled: bool = False
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the step keeps state in the optimizer (momentum buffers, Adam's moments)."""
+        return bool(self.momentum) or self.adam
 
     @classmethod
     def from_group(cls, group: Mapping[str, Any]) -> DirectHyperparameters:
-        """The settings of an SGD param group (missing keys take SGD's defaults)."""
+        """The settings of an SGD, Adam or AdamW param group (missing keys take SGD's defaults)."""
+        adam = "betas" in group
         return cls(
             lr=float(group["lr"]),
             weight_decay=float(group.get("weight_decay", 0.0)),
-            momentum=float(group.get("momentum", 0.0)),
+            momentum=0.0 if adam else float(group.get("momentum", 0.0)),
             dampening=float(group.get("dampening", 0.0)),
             nesterov=bool(group.get("nesterov", False)),
+            adam=adam,
+            betas=tuple(float(b) for b in group.get("betas", (0.9, 0.999))),  # type: ignore[arg-type]
+            eps=float(group.get("eps", 1e-8)),
+            decoupled=bool(group.get("decoupled_weight_decay", False)),
         )
+
+    def decay(self) -> float:
+        """What the weight is multiplied by before the step: ``1 - lr * weight_decay`` where weight decay acts on
+        the weight directly (SGD, AdamW), else 1 (Adam adds it to the estimate)."""
+        if self.adam and not self.decoupled:
+            return 1.0
+        return 1.0 - self.lr * self.weight_decay
 
 
 def momentum_direction(
@@ -98,4 +123,39 @@ def momentum_direction(
     return direction
 
 
-__all__ = ["MOMENTUM_BUFFER", "DirectHyperparameters", "momentum_direction", "rms"]
+EXP_AVG, EXP_AVG_SQ, STEP = "exp_avg", "exp_avg_sq", "step"
+
+
+def adam_direction(
+    estimate: Tensor, state: dict[str, Any], settings: DirectHyperparameters, weight: Tensor, buffer_dtype: torch.dtype
+) -> Tensor:
+    """Adam's step direction ``m_hat / (sqrt(v_hat) + eps)`` for the estimate (the step is ``-lr`` times it),
+    updating the moments in ``state`` under ``torch.optim.Adam``'s keys (``exp_avg``, ``exp_avg_sq``, ``step``).
+
+    Args:
+        estimate: the step's float32 estimate (not modified).
+        state: the parameter's optimizer state.
+        settings: the group's Adam settings (``adam=True``).
+        weight: the weight's float32 value (Adam's L2 weight decay adds ``weight_decay * weight``).
+        buffer_dtype: the dtype the moments are kept in.
+
+    Returns:
+        The direction in float32; zeros, with the state untouched, when ``estimate`` is not finite.
+    """
+    if not bool(torch.isfinite(estimate).all()):
+        return torch.zeros_like(estimate)
+    grad = estimate
+    if settings.weight_decay and not settings.decoupled:
+        grad = estimate + settings.weight_decay * weight.view_as(estimate)
+    beta1, beta2 = settings.betas
+    step = int(state[STEP]) + 1 if STEP in state else 1
+    previous_m, previous_v = state.get(EXP_AVG), state.get(EXP_AVG_SQ)
+    m = grad * (1.0 - beta1) if previous_m is None else previous_m.float().view_as(grad) * beta1 + grad * (1.0 - beta1)
+    squared = grad.square()
+    v = squared * (1.0 - beta2) if previous_v is None else previous_v.float().view_as(grad) * beta2 + squared * (1.0 - beta2)
+    state[EXP_AVG], state[EXP_AVG_SQ] = m.to(buffer_dtype), v.to(buffer_dtype)
+    state[STEP] = torch.tensor(float(step))
+    return (m / (1.0 - beta1**step)) / ((v / (1.0 - beta2**step)).sqrt() + settings.eps)
+
+
+__all__ = ["MOMENTUM_BUFFER", "DirectHyperparameters", "adam_direction", "momentum_direction", "rms"]

@@ -19,10 +19,10 @@ from torch import Tensor
 from lightning_nobp.algorithms.base import Algorithm, Population, weighted_factor_columns
 from lightning_nobp.algorithms.seeds import derive_seed
 from lightning_nobp.kernels.dense_update import grouped_dense_update_
-from lightning_nobp.kernels.lowbit_update import UpdateTerms, added_terms
+from lightning_nobp.kernels.lowbit_update import UpdateTerms, added_terms, reference_dequantize
 from lightning_nobp.kernels.stochastic_rounding import stochastic_round
 from lightning_nobp.lowbit import apply_low_bit_update, layout_of
-from lightning_nobp.perturb.direct_step import DirectHyperparameters, momentum_direction, rms
+from lightning_nobp.perturb.direct_step import DirectHyperparameters, adam_direction, momentum_direction, rms
 from lightning_nobp.perturb.row_estimates import RowEstimates, rescaled
 
 
@@ -154,7 +154,7 @@ class EstimateWriter:
                 continue  # not perturbed and no exact gradient this step: left as it is
             lr, weight_decay = settings.lr, settings.weight_decay
             seed = derive_seed(rounding_seed, index)
-            if index in self.fused and not settings.momentum and index not in row_local:
+            if index in self.fused and not settings.stateful and index not in row_local:
                 update_terms = self._kernel_terms(index, merged, 1.0 - lr * weight_decay)
                 squared = self._squared_norm(index, update_terms)
                 squared_norm = squared_norm + squared
@@ -162,7 +162,7 @@ class EstimateWriter:
                 fused.append((param, update_terms.scaled(step), seed))
                 continue
             if index in self.low_bit:
-                update_terms = self._kernel_terms(index, merged, 1.0 - lr * weight_decay)
+                update_terms = self._kernel_terms(index, merged, settings.decay())
                 squared = self._squared_norm(index, update_terms)
                 if index in row_local:
                     # the per-row estimate, at the norm of the terms it replaces, as one dense term
@@ -170,27 +170,39 @@ class EstimateWriter:
                     if dense is not None:
                         update_terms = UpdateTerms(decay=update_terms.decay, dense=dense.view(param.shape[0], -1))
                 squared_norm = squared_norm + squared
-                if settings.momentum:  # the momentum direction, formed densely, replaces the terms
+                if settings.stateful:  # the momentum or Adam direction, formed densely, replaces the terms
                     layout = layout_of(param)
                     estimate = added_terms(update_terms, torch.zeros(layout.rows, layout.cols, device=layout.device))
-                    direction = self._momentum(index, estimate, settings, normalize, states, torch.bfloat16)
+                    if settings.adam:
+                        weight = reference_dequantize(layout) if settings.weight_decay else estimate
+                        direction = self._adam(index, estimate, settings, states, weight, torch.bfloat16)
+                    else:
+                        direction = self._momentum(index, estimate, settings, normalize, states, torch.bfloat16)
                     update_terms, step = UpdateTerms(decay=update_terms.decay, dense=direction), -lr
                 else:
                     step = -lr / rms(squared, param.numel()) if normalize else -lr
                 apply_low_bit_update(param, update_terms.scaled(step), seed)
                 continue
-            estimate = self.algorithm.combine(merged, index, param)
+            estimate = self._dense_estimate(index, merged)
             if index in row_local:
                 estimate = rescaled(row_local[index], float(estimate.norm()), estimate)
             squared = float(estimate.square().sum())
             squared_norm = squared_norm + squared
-            if settings.momentum:
+            if settings.adam:
+                estimate = self._adam(index, estimate, settings, states, param.float(), param.dtype)
+            elif settings.momentum:
                 estimate = self._momentum(index, estimate, settings, normalize, states, param.dtype)
             elif normalize:
                 estimate.div_(rms(squared, param.numel()))
-            if weight_decay:
+            if index in self.fused:  # the kernel's rounding, from the same stream as the fused route's
+                fused.append((param, UpdateTerms(decay=settings.decay(), dense=estimate.mul_(-lr)), seed))
+                continue
+            if weight_decay and not settings.adam:
                 estimate.add_(param.float(), alpha=weight_decay)
-            updated = param.float().sub_(estimate, alpha=lr)
+            updated = param.float()  # float32 weights: the parameter itself, updated in place
+            if settings.adam and settings.decoupled and weight_decay:
+                updated = updated.mul_(1.0 - lr * weight_decay)  # AdamW: the weight shrinks before the step
+            updated = updated.sub_(estimate, alpha=lr)
             param.copy_(stochastic_round(updated, param.dtype, seed))
         if fused:
             grouped_dense_update_(fused)
@@ -256,6 +268,30 @@ class EstimateWriter:
         stacked = self.algorithm.stacked_noise(seeds, index, param)
         terms.dense = (weights.to(stacked.device) @ stacked.view(len(seeds), -1)).view(param.shape)
         return terms
+
+    def _dense_estimate(self, index: int, merged: dict[int, float]) -> Tensor:
+        """Parameter ``index``'s float32 estimate formed densely (for momentum and Adam), from the noise its members
+        were evaluated with: the Philox streams of streamed weights, else the algorithm's noise."""
+        param = self.params[index]
+        if index not in self.streamed:
+            return self.algorithm.combine(merged, index, param)
+        rows = param.shape[0] if param.dim() else 1
+        into = torch.zeros(rows, param.numel() // max(rows, 1), dtype=torch.float32, device=param.device)
+        return added_terms(self._kernel_terms(index, merged, 1.0), into).view(param.shape)
+
+    def _adam(
+        self,
+        index: int,
+        estimate: Tensor,
+        settings: DirectHyperparameters,
+        states: Sequence[dict[str, Any]] | None,
+        weight: Tensor,
+        buffer_dtype: torch.dtype,
+    ) -> Tensor:
+        """Parameter ``index``'s Adam direction (its moments in ``states[index]`` updated)."""
+        if states is None:
+            raise ValueError("Adam needs the optimizer's state to keep its moments in")
+        return adam_direction(estimate, states[index], settings, weight, buffer_dtype)
 
     def _momentum(
         self,

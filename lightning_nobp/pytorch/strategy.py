@@ -66,11 +66,11 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         algorithm: the forward-only estimator (``MeZO``, ``EggRoll``, ``OpenES``, ``ForwardGradient``) or a local
             learning rule (``ForwardForward``, ``MonoForward``); ``MeZO()`` when omitted.
         update: ``"grad"`` writes the estimate into ``p.grad`` and lets the user's optimizer step (any optimizer;
-            costs one gradient-sized buffer). ``"direct"`` applies it in place as the user's ``torch.optim.SGD``
-            (its lr, weight decay and momentum; the LR scheduler still drives the lr), with stochastic rounding
-            for bf16/fp16 and low-bit weights and no gradient buffers: memory equals inference memory, plus the
-            momentum buffers when ``momentum > 0`` (in the optimizer's state, bf16 for low-bit weights;
-            ``lightning_nobp.perturb.direct_step``).
+            costs one gradient-sized buffer). ``"direct"`` applies it in place as the user's ``torch.optim.SGD``,
+            ``Adam`` or ``AdamW`` would (their lr, weight decay, momentum, betas and eps; the LR scheduler still
+            drives the lr), with stochastic rounding for bf16/fp16 and low-bit weights and no gradient buffers:
+            memory equals inference memory, plus the momentum buffers or Adam's moments when the optimizer has
+            them (in its state, bf16 for low-bit weights; ``lightning_nobp.perturb.direct_step``).
             ``None`` (default): ``"direct"`` when ``LowBitPrecision`` stores weights in low bit, else ``"grad"``.
         direct_step: the direct path's step: ``"sgd"`` (``w -= lr * estimate``) or ``"normalized"`` (each
             tensor's estimate divided by its root-mean-square, so ``lr`` is the typical change of one weight per
