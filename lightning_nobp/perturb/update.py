@@ -249,24 +249,44 @@ class EstimateWriter:
         grouped_dense_update_(fused)  # every weight in one launch per dtype
         return torch.as_tensor(squared_norm).sqrt()
 
-    def _kernel_terms_of(self, index: int, seeds: list[int], weights: Tensor, decay: Tensor) -> UpdateTerms:
-        """:meth:`_kernel_terms` with the coefficients of ``seeds`` as a device tensor (every seed kept)."""
+    def _kernel_terms_of(
+        self,
+        index: int,
+        seeds: list[int],
+        weights: Tensor,
+        decay: float | Tensor,
+        merged: dict[int, float] | None = None,
+    ) -> UpdateTerms:
+        """The fused kernels' description of ``decay * w + estimate`` with the coefficients of ``seeds`` as a
+        tensor (on the device for on-device steps: nothing is read back, except for noise that is neither low-rank
+        nor a stream, whose combination needs the coefficients on the host).
+
+        Low-rank noise: the factors of every seed, coefficients folded into ``A``. Stream noise (low-bit and
+        streamed weights): the seeds and coefficients. Otherwise the algorithm's dense estimate.
+
+        Args:
+            index: the parameter.
+            seeds: the noise seeds.
+            weights: their coefficients ``[len(seeds)]``.
+            decay: the weight's multiplier.
+            merged: the same coefficients by seed on the host, where the caller has them.
+        """
         param = self.params[index]
         terms = UpdateTerms(decay=decay)
         factors = self.algorithm.stacked_low_rank_factors(seeds, index, param)
         if factors is not None:
-            a, b = factors
-            terms.factor_a, terms.factor_b = weighted_factor_columns(a, b, weights.to(a.device))
+            a, b = factors  # (K, out, r), (K, in, r)
+            terms.factor_a, terms.factor_b = weighted_factor_columns(a, b, weights.to(a.device))  # (out, K r), (in, K r)
             return terms
-        if index in self.streamed:
+        if index in self.low_bit or index in self.streamed:
             streams = [self.algorithm.noise_stream(seed, index, param) for seed in seeds]
             if all(stream is not None for stream in streams) and len({st[1] for st in streams}) == 1:  # type: ignore[index]
                 terms.seeds = torch.tensor([st[0] for st in streams], dtype=torch.int64)  # type: ignore[index]
                 terms.coefficients = weights
                 terms.gaussian = streams[0][1] == "gaussian"  # type: ignore[index]
                 return terms
-        stacked = self.algorithm.stacked_noise(seeds, index, param)
-        terms.dense = (weights.to(stacked.device) @ stacked.view(len(seeds), -1)).view(param.shape)
+        by_seed = merged if merged is not None else dict(zip(seeds, weights.tolist()))
+        terms.dense = self.algorithm.combine(by_seed, index, param)
         return terms
 
     def _dense_estimate(self, index: int, merged: dict[int, float]) -> Tensor:
@@ -309,31 +329,13 @@ class EstimateWriter:
 
     def _kernel_terms(self, index: int, merged: dict[int, float], decay: float) -> UpdateTerms:
         """The fused kernels' description of ``decay * w + estimate`` for a low-bit or fused weight (scale it with
-        :meth:`UpdateTerms.scaled`).
-
-        Low-rank noise: the factors of every seed, coefficients folded into ``A``. Stream noise (low-bit and
-        streamed weights): the seeds and coefficients. Otherwise the algorithm's dense estimate.
+        :meth:`UpdateTerms.scaled`), from the host's merged coefficients (seeds with a zero coefficient left out).
         """
-        param = self.params[index]
         seeds = [seed for seed, weight in merged.items() if weight != 0.0]
-        terms = UpdateTerms(decay=decay)
         if not seeds:
-            return terms
-        factors = self.algorithm.stacked_low_rank_factors(seeds, index, param)
-        if factors is not None:
-            a, b = factors  # (K, out, r), (K, in, r)
-            weights = torch.tensor([merged[s] for s in seeds], dtype=torch.float32, device=a.device)
-            terms.factor_a, terms.factor_b = weighted_factor_columns(a, b, weights)  # (out, K r), (in, K r)
-            return terms
-        drawn_from_streams = index in self.low_bit or index in self.streamed
-        streams = [self.algorithm.noise_stream(seed, index, param) for seed in seeds] if drawn_from_streams else [None]
-        if all(stream is not None for stream in streams) and len({st[1] for st in streams}) == 1:  # type: ignore[index]
-            terms.seeds = torch.tensor([st[0] for st in streams], dtype=torch.int64)  # type: ignore[index]
-            terms.coefficients = torch.tensor([merged[s] for s in seeds], dtype=torch.float32)
-            terms.gaussian = streams[0][1] == "gaussian"  # type: ignore[index]
-            return terms
-        terms.dense = self.algorithm.combine(merged, index, param)
-        return terms
+            return UpdateTerms(decay=decay)
+        weights = torch.tensor([merged[s] for s in seeds], dtype=torch.float32)
+        return self._kernel_terms_of(index, seeds, weights, decay, merged)
 
     def _squared_norm(self, index: int, terms: UpdateTerms) -> Tensor | float:
         """Squared norm of a weight's estimate without forming it, as a tensor where it has one (no host
