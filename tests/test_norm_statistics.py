@@ -62,3 +62,33 @@ def test_members_leave_running_statistics_to_the_official_pass(algorithm) -> Non
         assert torch.equal(buffer, expected), name
     assert int(module.net[1].num_batches_tracked) == 1
     assert strategy.engine._estimators  # the members were evaluated
+
+
+class MetricInTrainingStep(SmallCNN):
+    """Updates a torchmetrics accuracy in training_step, as many modules do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchmetrics.classification import MulticlassAccuracy
+
+        self.train_acc = MulticlassAccuracy(10, average="micro")
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.train_acc(logits, y)
+        return F.cross_entropy(logits, y)
+
+
+def test_members_leave_metric_states_to_the_official_pass() -> None:
+    torch.manual_seed(0)
+    module = MetricInTrainingStep()
+    initial = copy.deepcopy(module)
+    strategy = NoBackpropStrategy(algorithm=MeZO(eps=1e-3, directions=2, input_subspace=None), reuse_official_pass=False)
+    pl.Trainer(strategy=strategy, max_steps=1, **quiet_trainer_kwargs()).fit(module, loader())
+    assert module.train_acc._update_count == 1  # the official pass only (not 1 + 4 members)
+    x, y = next(iter(loader()))
+    with torch.no_grad():
+        initial.train()
+        initial.train_acc(initial(x), y)
+    assert torch.equal(module.train_acc.tp, initial.train_acc.tp)

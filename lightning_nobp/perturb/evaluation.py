@@ -22,7 +22,12 @@ from lightning_nobp.perturb.inplace_activations import activations_after_linear,
 from lightning_nobp.perturb.member_layers import MemberLayers, Perturbation
 from lightning_nobp.perturb.member_noise import ChunkNoise, MemberNoise
 from lightning_nobp.perturb.narrow_softmax import NarrowSoftmaxMode
-from lightning_nobp.perturb.norm_statistics import running_statistics_frozen, running_statistics_layers
+from lightning_nobp.perturb.norm_statistics import (
+    metric_states_kept,
+    metrics_of,
+    running_statistics_frozen,
+    running_statistics_layers,
+)
 from lightning_nobp.perturb.owners import ParameterReadProbe
 from lightning_nobp.perturb.row_estimates import RowEstimates
 
@@ -98,6 +103,8 @@ class MemberEvaluation:
         self.in_place_activations = activations_after_linear(roots)
         #: batch norms whose running statistics the members must not update (the official pass does, once)
         self.norms = running_statistics_layers(roots)
+        #: torchmetrics objects whose state the members' evaluations must leave as it was
+        self.metrics = metrics_of(roots)
         #: where members' losses are evaluated (:func:`loss_context`)
         self.loss_context = loss_context(layers.owners.params)
         #: the recorder of per-row losses also does NarrowSoftmaxMode's work (CPU weights)
@@ -118,7 +125,7 @@ class MemberEvaluation:
             probe = ParameterReadProbe(owners)
             perturbation = self.noise.member(population, population.members[0], self.rows.unperturbed_indices())
             with torch.no_grad(), probe, self.layers.perturbed(perturbation, probe):
-                with running_statistics_frozen(self.norms):
+                with running_statistics_frozen(self.norms), metric_states_kept(self.metrics):
                     evaluation()
             missed = probe.read - owners.whole_evaluation
             if not missed:
@@ -295,6 +302,20 @@ class MemberEvaluation:
             member_inputs: per-member inputs passed to ``loss_fn`` (see :meth:`loop`).
             chunk: members per batched forward (``None``: all).
         """
+        with metric_states_kept(self.metrics):  # the members' metric updates are undone
+            return self._evaluate(population, loss_fn, rng, known, members, batched, member_inputs, chunk)
+
+    def _evaluate(
+        self,
+        population: Population,
+        loss_fn: LossFn,
+        rng: RngSnapshot | None,
+        known: dict[int, Tensor] | None,
+        members: Sequence[int] | None,
+        batched: bool,
+        member_inputs: MemberInputs | None,
+        chunk: int | None,
+    ) -> Tensor:
         pending = len(population) if members is None else len(members)
         pending -= len(known or {})
         if batched and self.batching is not False and pending > 1 and not self.noise.one_member_at_a_time():
