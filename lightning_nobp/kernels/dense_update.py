@@ -454,15 +454,21 @@ def triton_grouped_dense_update_(
         ranks.append(0 if term.factor_a is None else term.factor_a.shape[1])
         blocks.append(triton.cdiv(weight.numel(), KERNEL_BLOCK))
     first_block = [sum(blocks[:i]) for i in range(len(blocks))]
-    block_weight = [i for i, count in enumerate(blocks) for _ in range(count)]
+    total_blocks = sum(blocks)
+    # which weight each program updates, built on the device (a large model has about a million blocks)
+    block_weight = torch.repeat_interleave(
+        torch.arange(len(blocks), dtype=torch.int32, device=device),
+        torch.tensor(blocks).to(device, non_blocking=True),
+        output_size=total_blocks,  # known on the host: no synchronisation
+    )
 
     def table(values: list[int], dtype: torch.dtype = torch.int64) -> Tensor:
         return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
     decays = [_decay_tensor(t.decay, device) for t in terms]
     keep.extend(decays)
-    _grouped_dense_update_kernel[(len(block_weight),)](
-        table(block_weight, torch.int32),
+    _grouped_dense_update_kernel[(total_blocks,)](
+        block_weight,
         table(first_block),
         table([w.data_ptr() for w in weights]),
         table([w.numel() for w in weights]),

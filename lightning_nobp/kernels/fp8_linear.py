@@ -90,7 +90,22 @@ def takes_fp8_linear(weight: Tensor, x: Tensor) -> bool:
     if weight.qdata.dtype != torch.float8_e4m3fn or tuple(weight.scale.shape) != (weight.shape[0], 1):
         return False
     wanted = getattr(weight, "act_quant_kwargs", None) is not None or x.is_cuda
-    return wanted and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and x.shape[-1] == weight.shape[1]
+    if not wanted or x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.shape[-1] != weight.shape[1]:
+        return False
+    if x.is_cuda:  # FP8 tensor cores (compute capability 8.9 and newer) take sizes in multiples of 16
+        rows, cols = weight.shape
+        return rows % 16 == 0 and cols % 16 == 0 and _has_fp8_tensor_cores(x.device)
+    return True
+
+
+_FP8_DEVICES: dict[torch.device, bool] = {}
+
+
+def _has_fp8_tensor_cores(device: torch.device) -> bool:
+    """Whether a CUDA device runs FP8 matmuls (Ada, Hopper and newer), asked once per device."""
+    if device not in _FP8_DEVICES:
+        _FP8_DEVICES[device] = torch.cuda.get_device_capability(device) >= (8, 9)
+    return _FP8_DEVICES[device]
 
 
 def fp8_row_lookup(weight: Tensor, module: torch.nn.Module) -> bool:
