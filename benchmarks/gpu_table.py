@@ -1,7 +1,8 @@
 """The one table ``benchmarks/gpu_check.sh`` prints: its benchmarks' JSON files and the 1B recipe's log, summarized.
 
 Reads what the GPU check wrote into its output folder (``step_cost.json``, ``population_throughput.json``,
-``memory.json``, ``sync_check.json``, ``lowbit.json``, ``gpt1b.log``, ``gpt1b_timeline.json``, ``gpt1b/version_*/metrics.csv``); a missing file leaves
+``memory.json``, ``sync_check.json``, ``lowbit.json``, ``gpt1b.log``, ``gpt1b_timeline.json``,
+``gpt1b/version_*/metrics.csv``); a missing file leaves
 its rows out. The 1B recipe's batch, block and population are read from the recipe itself, so the token rates follow
 the recipe when it changes.
 

@@ -11,7 +11,8 @@ total over:
 
 * ``inference``: the model's next-token loss under ``no_grad`` on the token batch of one member;
 * ``inference_chunk``: the same on the token batch of one chunk of EggRoll members (``chunk`` sequences);
-* ``mezo``: one MeZO step as published (``MeZO(directions=1, input_subspace=None)``, ``update="direct"``): its two members evaluated as the strategy evaluates them,
+* ``mezo``: one MeZO step as published (``MeZO(directions=1, input_subspace=None)``, ``update="direct"``): its two
+  members evaluated as the strategy evaluates them,
   ``tell`` and the in-place update of every weight;
 * ``eggroll``: one EggRoll step (plain EGGROLL: ``per_row_estimates=False, input_subspace=None``; population
   ``--population``, one batched chunk of ``--chunk`` members), ``tell`` and the in-place update.

@@ -62,9 +62,7 @@ def one_step(estimator: PopulationEstimator, algorithm: Algorithm, loss, seed: i
         fitness = estimator.evaluate_members(population, loss)
         estimate = algorithm.tell_on_device(population, fitness)
         settings = [DirectHyperparameters(1e-4)] * len(estimator.params)
-        estimator.apply_update_on_device(
-            [(population, estimate.coefficients)], settings, seed, True, estimate.applies
-        )
+        estimator.apply_update_on_device([(population, estimate.coefficients)], settings, seed, True, estimate.applies)
 
 
 def check(model: GPT, algorithm: Algorithm, inputs: torch.Tensor, targets: torch.Tensor) -> dict:

@@ -39,9 +39,14 @@ def stream_noise(algorithm, seed: int, index: int, param: torch.Tensor) -> torch
     return philox_noise(stream_seed, param.shape, distribution, param.device)
 
 
-@pytest.mark.parametrize("algorithm", [MeZO(eps=1e-2, directions=2, input_subspace=None),
-                                       OpenES(population=4, sigma=1e-2, per_row_estimates=False, input_subspace=None)],
-                         ids=["mezo", "openes"])
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        MeZO(eps=1e-2, directions=2, input_subspace=None),
+        OpenES(population=4, sigma=1e-2, per_row_estimates=False, input_subspace=None),
+    ],
+    ids=["mezo", "openes"],
+)
 def test_members_take_their_streams_noise_one_layer_at_a_time(algorithm) -> None:
     model, loss = mlp()
     estimator = fused(algorithm, model)
@@ -53,7 +58,9 @@ def test_members_take_their_streams_noise_one_layer_at_a_time(algorithm) -> None
     for k, member in enumerate(population.members):
         with torch.no_grad():
             for index, p in enumerate(model.parameters()):
-                p.copy_(saved[index] + population.sigma * member.sign * stream_noise(algorithm, member.noise_seed, index, p))
+                p.copy_(
+                    saved[index] + population.sigma * member.sign * stream_noise(algorithm, member.noise_seed, index, p)
+                )
             expected = loss()
             for p, value in zip(model.parameters(), saved):
                 p.copy_(value)
@@ -115,8 +122,9 @@ def test_memory_benchmark_on_a_small_preset(tmp_path) -> None:
     finally:
         sys.path.remove(str(BENCHMARKS))
     out = tmp_path / "memory.json"
-    report = memory.main(["--preset", "small", "--seq-len", "128", "--chunk", "8", "--population", "8",
-                          "--out", str(out)])
+    report = memory.main(
+        ["--preset", "small", "--seq-len", "128", "--chunk", "8", "--population", "8", "--out", str(out)]
+    )
     assert out.exists() and report["weights_dtype"] == "bf16"
     assert report["peak_bytes"]["inference"] > 2 * report["parameters"]  # the bf16 weights, and activations
     assert report["mezo_peak_over_inference"] <= 1.05

@@ -51,10 +51,13 @@ def test_fused_dense_update_is_bit_identical_to_its_twin(dtype, gaussian, parts)
     if gaussian and "s" in parts:
         # Gaussian streams agree to a few ulps (libdevice's log/cos against torch's): a rounding decision may flip
         assert (kernel != reference).float().mean() <= (0.05 if dtype == torch.bfloat16 else 0.5)
-        torch.testing.assert_close(kernel.float(), reference.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
-                                   atol=1e-7)
+        torch.testing.assert_close(
+            kernel.float(), reference.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-7
+        )
     else:
-        assert torch.equal(kernel, reference) and kernel.view(-1).view(torch.uint8).equal(reference.view(-1).view(torch.uint8))
+        assert torch.equal(kernel, reference) and kernel.view(-1).view(torch.uint8).equal(
+            reference.view(-1).view(torch.uint8)
+        )
     assert not torch.equal(reference, weight(24, 96, dtype))  # the update moved the weight
 
 
@@ -68,8 +71,9 @@ def test_perturbed_copy_is_bit_identical_to_its_twin(dtype, gaussian) -> None:
     reference = reference_dense_perturbed(w, seeds, scales, gaussian)
     if gaussian:  # a few ulps apart before the cast (see above)
         assert (kernel != reference).float().mean() <= (0.05 if dtype == torch.bfloat16 else 0.5)
-        torch.testing.assert_close(kernel.float(), reference.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
-                                   atol=1e-7)
+        torch.testing.assert_close(
+            kernel.float(), reference.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-7
+        )
     else:
         assert torch.equal(kernel, reference)
     assert torch.equal(w, weight(16, 40, dtype))  # a copy: the weight is untouched
@@ -82,7 +86,9 @@ def test_twin_blocks_give_the_values_of_one_pass(monkeypatch) -> None:
     w = weight(rows, cols, torch.float32)
     expected = w * torch.tensor(0.999)
     for seed, coefficient in zip(update.seeds.tolist(), update.coefficients.tolist()):
-        expected = expected + torch.tensor(coefficient) * reference_noise(seed, rows * cols, "gaussian").view(rows, cols)
+        expected = expected + torch.tensor(coefficient) * reference_noise(seed, rows * cols, "gaussian").view(
+            rows, cols
+        )
     expected = expected + update.factor_a @ update.factor_b.T + update.dense
     monkeypatch.setattr(dense_update, "TWIN_BLOCK_ELEMENTS", 3 * cols + 7)  # blocks of 3 rows, last one short
     reference_dense_update_(w, update, rounding_seed=1)
@@ -141,7 +147,9 @@ def test_grouped_update_is_one_launch_bit_identical_to_the_twin(dtype) -> None:
     triton_grouped_dense_update_(kernel, updates, [5, 6, 7, 8])
     for w, update, seed in zip(reference, updates, [5, 6, 7, 8]):
         reference_dense_update_(w, update, seed)
-    for k, r, start in zip(kernel, reference, [weight(*(s if len(s) == 2 else (s[0], 1)), dtype).view(s) for s in shapes]):
+    for k, r, start in zip(
+        kernel, reference, [weight(*(s if len(s) == 2 else (s[0], 1)), dtype).view(s) for s in shapes]
+    ):
         assert torch.equal(k, r)
         assert not torch.equal(k, start)
 

@@ -22,7 +22,11 @@ class SmallCNN(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10),
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(4 * 8 * 8, 10),
             nn.BatchNorm1d(10),
         )
 
@@ -45,8 +49,10 @@ def loader():
 
 @pytest.mark.parametrize(
     "algorithm",
-    [EggRoll(population=8, rank=1, sigma=1e-2, per_row_estimates=False, input_subspace=None),
-     MeZO(eps=1e-3, directions=2, input_subspace=None)],
+    [
+        EggRoll(population=8, rank=1, sigma=1e-2, per_row_estimates=False, input_subspace=None),
+        MeZO(eps=1e-3, directions=2, input_subspace=None),
+    ],
     ids=["eggroll", "mezo"],
 )
 def test_members_leave_running_statistics_to_the_official_pass(algorithm) -> None:
@@ -84,7 +90,9 @@ def test_members_leave_metric_states_to_the_official_pass() -> None:
     torch.manual_seed(0)
     module = MetricInTrainingStep()
     initial = copy.deepcopy(module)
-    strategy = NoBackpropStrategy(algorithm=MeZO(eps=1e-3, directions=2, input_subspace=None), reuse_official_pass=False)
+    strategy = NoBackpropStrategy(
+        algorithm=MeZO(eps=1e-3, directions=2, input_subspace=None), reuse_official_pass=False
+    )
     pl.Trainer(strategy=strategy, max_steps=1, **quiet_trainer_kwargs()).fit(module, loader())
     assert module.train_acc._update_count == 1  # the official pass only (not 1 + 4 members)
     x, y = next(iter(loader()))

@@ -145,7 +145,8 @@ def test_an_exception_inside_a_forward_restores_the_stored_weights() -> None:
     before = snapshot(model)
     layers = MemberLayers(ParameterOwners([model], params))
     with pytest.raises(RuntimeError, match="boom"):
-        with torch.no_grad(), layers.perturbed(Perturbation(delta_fn=lambda i, p: torch.ones_like(p, dtype=torch.float32))):
+        ones = Perturbation(delta_fn=lambda i, p: torch.ones_like(p, dtype=torch.float32))
+        with torch.no_grad(), layers.perturbed(ones):
             model(torch.randn(2, 4))
     for name, p in model.named_parameters():
         assert p is dict(model.named_parameters())[name] and torch.equal(p, before[name])

@@ -52,8 +52,11 @@ PLAIN = dict(per_row_estimates=False, input_subspace=None)
 
 @pytest.mark.parametrize(
     "algorithm",
-    [EggRoll(population=8, rank=1, sigma=1e-2, **PLAIN), OpenES(population=6, sigma=1e-2, **PLAIN),
-     MeZO(eps=1e-3, directions=2, input_subspace=None)],
+    [
+        EggRoll(population=8, rank=1, sigma=1e-2, **PLAIN),
+        OpenES(population=6, sigma=1e-2, **PLAIN),
+        MeZO(eps=1e-3, directions=2, input_subspace=None),
+    ],
     ids=["eggroll", "openes", "mezo"],
 )
 @pytest.mark.parametrize("direct_step", ["sgd", "normalized"])
@@ -136,7 +139,8 @@ def test_sync_check_benchmark_on_the_tiny_gpt(tmp_path) -> None:
         import sync_check
     finally:
         sys.path.remove(benchmarks)
-    report = sync_check.main(["--device", "cpu", "--preset", "tiny", "--seq-len", "16", "--out", str(tmp_path / "s.json")])
+    report = sync_check.main(
+        ["--device", "cpu", "--preset", "tiny", "--seq-len", "16", "--out", str(tmp_path / "s.json")]
+    )
     for check in report["checks"].values():
         assert check["device_resident"] and check["host_reads"] == 0 and check["synchronisation_free"]
-

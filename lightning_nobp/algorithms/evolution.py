@@ -186,7 +186,8 @@ class EvolutionStrategy(InputBases, Algorithm):
         coefficients = torch.where(applies, shaped / (self.sigma * count.clamp_min(1)), torch.zeros_like(shaped))
         valid = torch.where(usable, fitness, torch.zeros_like(fitness))
         mean = valid.sum() / count.clamp_min(1)
-        std = (torch.where(usable, fitness - mean, torch.zeros_like(fitness)).square().sum() / count.clamp_min(1)).sqrt()
+        deviations = torch.where(usable, fitness - mean, torch.zeros_like(fitness))
+        std = (deviations.square().sum() / count.clamp_min(1)).sqrt()
         best = torch.where(usable, fitness, torch.full_like(fitness, float("inf"))).min()
         dropped = (~usable).sum()
         stats = {"fitness_mean": mean, "fitness_std": std, "fitness_best": best, "dropped_members": dropped}

@@ -425,9 +425,7 @@ def dense_perturbed(weight: Tensor, seeds: Tensor, scales: Tensor, gaussian: boo
     return _dense_perturbed_op(weight, seeds, scales, gaussian)
 
 
-def triton_grouped_dense_update_(
-    weights: list[Tensor], terms: list[UpdateTerms], rounding_seeds: list[int]
-) -> None:
+def triton_grouped_dense_update_(weights: list[Tensor], terms: list[UpdateTerms], rounding_seeds: list[int]) -> None:
     """The fused update of several weights of one dtype and one stream distribution in one Triton launch."""
     if triton is None:
         raise RuntimeError("Triton is not installed: pip install triton (or use reference_dense_update_)")

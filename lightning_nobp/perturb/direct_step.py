@@ -150,9 +150,12 @@ def adam_direction(
     beta1, beta2 = settings.betas
     step = int(state[STEP]) + 1 if STEP in state else 1
     previous_m, previous_v = state.get(EXP_AVG), state.get(EXP_AVG_SQ)
-    m = grad * (1.0 - beta1) if previous_m is None else previous_m.float().view_as(grad) * beta1 + grad * (1.0 - beta1)
-    squared = grad.square()
-    v = squared * (1.0 - beta2) if previous_v is None else previous_v.float().view_as(grad) * beta2 + squared * (1.0 - beta2)
+    m = grad * (1.0 - beta1)
+    if previous_m is not None:
+        m = m + previous_m.float().view_as(grad) * beta1
+    v = grad.square() * (1.0 - beta2)
+    if previous_v is not None:
+        v = v + previous_v.float().view_as(grad) * beta2
     state[EXP_AVG], state[EXP_AVG_SQ] = m.to(buffer_dtype), v.to(buffer_dtype)
     state[STEP] = torch.tensor(float(step))
     return (m / (1.0 - beta1**step)) / ((v / (1.0 - beta2**step)).sqrt() + settings.eps)

@@ -187,7 +187,11 @@ class PopulationEstimator:
             fitness_device=self.params[0].device if self.device_resident else None,
         )
         fused = (
-            {i for i, p in enumerate(self.params) if i not in self.low_bit and p.dtype in FUSED_DTYPES and p.is_contiguous()}
+            {
+                i
+                for i, p in enumerate(self.params)
+                if i not in self.low_bit and p.dtype in FUSED_DTYPES and p.is_contiguous()
+            }
             if options.fused
             else set()
         )

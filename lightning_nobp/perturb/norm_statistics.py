@@ -91,8 +91,12 @@ def metric_states_kept(metrics: Sequence[nn.Module]) -> Iterator[None]:
         metrics: what :func:`metrics_of` found.
     """
     saved = [
-        (metric, {name: _copied(getattr(metric, name)) for name in metric._defaults}, metric._update_count,
-         metric._computed)
+        (
+            metric,
+            {name: _copied(getattr(metric, name)) for name in metric._defaults},
+            metric._update_count,
+            metric._computed,
+        )
         for metric in metrics
     ]
     try:

@@ -276,7 +276,8 @@ class EstimateWriter:
         factors = self.algorithm.stacked_low_rank_factors(seeds, index, param)
         if factors is not None:
             a, b = factors  # (K, out, r), (K, in, r)
-            terms.factor_a, terms.factor_b = weighted_factor_columns(a, b, weights.to(a.device))  # (out, K r), (in, K r)
+            # (out, K r), (in, K r)
+            terms.factor_a, terms.factor_b = weighted_factor_columns(a, b, weights.to(a.device))
             return terms
         if index in self.low_bit or index in self.streamed:
             streams = [self.algorithm.noise_stream(seed, index, param) for seed in seeds]
