@@ -11,7 +11,6 @@ with the ratios against bf16 from the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -23,6 +22,8 @@ from torch import nn
 
 from lightning_nobp.kernels.fp8_linear import fp8_linear
 from lightning_nobp.lowbit.convert import convert_to_low_bit
+
+from reports import write_report
 
 
 def per_call_seconds(call: Callable[[], object], calls: int, repeats: int) -> float:
@@ -71,11 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         "fp8_op_over_bf16": seconds["fp8_linear_op"] / seconds["bf16_linear"],
         "torchao_fp8_over_bf16": seconds["torchao_fp8_linear"] / seconds["bf16_linear"],
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    return report
+    return write_report(report, args.out)
 
 
 if __name__ == "__main__":

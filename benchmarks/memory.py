@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -52,6 +51,8 @@ from lightning_nobp.models.gpt import GPT, GPTConfig
 from lightning_nobp.perturb import PopulationEstimator
 from lightning_nobp.perturb.estimator import EstimatorOptions
 from lightning_nobp.perturb.direct_step import DirectHyperparameters
+
+from reports import write_report
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 LEARNING_RATE = 1e-4
@@ -307,11 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
         "baseline": "mezo: inference on one member's tokens; eggroll: inference on one chunk's tokens (chunk x batch)",
         **result,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    return report
+    return write_report(report, args.out)
 
 
 if __name__ == "__main__":

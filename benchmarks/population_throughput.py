@@ -26,7 +26,6 @@ and writes it to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -44,6 +43,7 @@ from lightning_nobp.perturb.estimator import EstimatorOptions
 from lightning_nobp.perturb.direct_step import DirectHyperparameters
 
 from devices import device_name, free_memory, peak_memory, reset_peak_memory, synchronize
+from reports import write_report
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SIGMA = 1e-2
@@ -503,11 +503,7 @@ def main(argv: list[str] | None = None) -> dict:
         "inference": inference,
         "populations": results,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    return report
+    return write_report(report, args.out)
 
 
 if __name__ == "__main__":

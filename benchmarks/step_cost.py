@@ -14,7 +14,6 @@ gradients, optimizer state); on CUDA it is ``torch.cuda.max_memory_allocated``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from lightning_nobp.fabric import NoBackpropStrategy
 from lightning_nobp.models.gpt import GPT, GPTConfig
 
 from devices import device_name, free_memory, peak_memory, reset_peak_memory, synchronize
+from reports import write_report
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -299,11 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
         "modes": modes,
         **ratios(modes, memory_key),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    return report
+    return write_report(report, args.out)
 
 
 if __name__ == "__main__":

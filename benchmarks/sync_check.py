@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +26,8 @@ from lightning_nobp.models.gpt import GPT, GPTConfig
 from lightning_nobp.perturb import PopulationEstimator
 from lightning_nobp.perturb.direct_step import DirectHyperparameters
 from lightning_nobp.perturb.estimator import EstimatorOptions
+
+from reports import write_report
 
 
 class HostReads(TorchDispatchMode):
@@ -117,11 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         "preset": args.preset,
         "checks": {name: check(model, a, tokens[:, :-1], tokens[:, 1:]) for name, a in algorithms.items()},
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    return report
+    return write_report(report, args.out)
 
 
 if __name__ == "__main__":
