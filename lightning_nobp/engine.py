@@ -342,19 +342,17 @@ class ForwardOnlyEngine:
         Returns:
             The norm of the estimate written (with ``.grad``: of each term, combined as if orthogonal).
         """
-        rounding_seed = derive_seed(step_seed, ROUNDING_STREAM)
-        normalize = self.direct_step == "normalized"
-        if applies is not None:
-            group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-            settings = [DirectHyperparameters.from_group(group_of[id(p)]) for p in estimator.params]
-            norm = estimator.apply_update_on_device(terms, settings, rounding_seed, normalize, applies)
-            self.count_skipped(applies)
-            return norm
         if self.update == "grad":
             norms = [estimator.accumulate_gradient(population, coefficients) for population, coefficients in terms]
             return sum(n * n for n in norms) ** 0.5
+        rounding_seed = derive_seed(step_seed, ROUNDING_STREAM)
+        normalize = self.direct_step == "normalized"
         group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         settings = [DirectHyperparameters.from_group(group_of[id(p)]) for p in estimator.params]
+        if applies is not None:  # on-device steps are direct (see on_device)
+            norm = estimator.apply_update_on_device(terms, settings, rounding_seed, normalize, applies)
+            self.count_skipped(applies)
+            return norm
         states = [optimizer.state[p] for p in estimator.params]  # where the optimizer keeps momentum or moments
         return estimator.apply_update(terms, settings, rounding_seed, normalize, states)
 

@@ -97,6 +97,8 @@ class MemberNoise:
             }
         #: float32 bytes of one member's dense noise in a batched evaluation (``None``: not computed yet)
         self._dense_member_bytes: int | None = None
+        #: whether no parameter takes low-rank factors, for the low-rank-capable set it was computed for
+        self._dense_only: tuple[frozenset[int], bool] | None = None
 
     def _has_low_rank_factors(self, index: int) -> bool:
         param = self.params[index]
@@ -266,8 +268,10 @@ class MemberNoise:
         chunk would stack dense noise for the whole model (no parameter takes low-rank factors and the dense
         noise comes from the fused kernels' streams: MeZO, OpenES), or when one member's dense noise alone
         exceeds the budget."""
-        dense_only = not any(self._has_low_rank_factors(index) for index in range(len(self.params)))
-        return (dense_only and bool(self.streamed)) or self.members_within_budget() == 1
+        allowed = frozenset(self.owners.low_rank_allowed)  # shrinks when the probe finds outside reads
+        if self._dense_only is None or self._dense_only[0] != allowed:
+            self._dense_only = (allowed, not any(self._has_low_rank_factors(index) for index in allowed))
+        return (self._dense_only[1] and bool(self.streamed)) or self.members_within_budget() == 1
 
     def members_within_budget(self) -> int:
         """How many members' dense noise fits in ``STACKED_NOISE_BYTES`` (at least 1): a batched evaluation
