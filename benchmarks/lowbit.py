@@ -2,9 +2,9 @@
 
 For every format the GPT is converted by ``LowBitPrecision`` and the script measures, in one run:
 - bytes per weight (``memory_report``);
-- the fused update (``apply_low_bit_update`` with an EggRoll low-rank estimate, P members, rank 1) over every
-  low-bit weight of the model, and its achieved bandwidth (bytes of the low-bit weights read + written per second)
-  against a device-to-device copy of the same bytes measured in the same run;
+- the fused update (``apply_low_bit_updates``: every low-bit weight of the model in one launch per format, with
+  an EggRoll low-rank estimate of P rank-1 members), and its achieved bandwidth (bytes of the low-bit weights read
+  + written per second) against a device-to-device copy of the same bytes measured in the same run;
 - the population forward (EggRoll, batched members) in tokens per second with fp8 weights against bf16 weights;
 - the peak memory of a whole training step (population forward + update) with fp8 weights against fp8 inference
   (CUDA only: CPU has no allocator peak).
@@ -31,7 +31,7 @@ from lightning_nobp.algorithms import EggRoll  # noqa: E402
 from lightning_nobp.fabric.precision import LowBitPrecision  # noqa: E402
 from lightning_nobp.kernels.lowbit_update import UpdateTerms  # noqa: E402
 from lightning_nobp.kernels.triton_support import use_triton  # noqa: E402
-from lightning_nobp.lowbit import apply_low_bit_update, is_low_bit, memory_report  # noqa: E402
+from lightning_nobp.lowbit import apply_low_bit_updates, is_low_bit, memory_report  # noqa: E402
 from lightning_nobp.lowbit.memory import storage_bytes  # noqa: E402
 from lightning_nobp.models.gpt import GPT, GPTConfig  # noqa: E402
 from lightning_nobp.perturb import PopulationEstimator  # noqa: E402
@@ -81,8 +81,7 @@ def measure_update(model: GPT, population: int, repeats: int, device: torch.devi
     moved = sum(storage_bytes(w) for w in weights)
 
     def update() -> None:
-        for step, (weight, term) in enumerate(zip(weights, terms)):
-            apply_low_bit_update(weight, term, rounding_seed=step)
+        apply_low_bit_updates([(weight, term, index) for index, (weight, term) in enumerate(zip(weights, terms))])
 
     seconds = timed(update, device, repeats)
     source = torch.empty(moved, dtype=torch.uint8, device=device)
@@ -97,6 +96,8 @@ def measure_update(model: GPT, population: int, repeats: int, device: torch.devi
         "copy_bandwidth_bytes_per_s": copy_bandwidth,
         "fraction_of_copy_bandwidth": bandwidth / copy_bandwidth,
         "kernel": "triton" if use_triton(device) else "reference",
+        "launches": "one per format (grouped, one pass)" if use_triton(device) else "reference, weight by weight",
+        "low_rank_rank": population,
     }
 
 

@@ -100,3 +100,54 @@ def test_fabric_trains_fp8_weights_with_an_optimizer_built_before_setup(no_backp
 
             losses.append(float(optimizer.step(closure)))
     assert sum(losses[-5:]) / 5 < 0.95 * sum(losses[:5]) / 5  # learning (36 steps of a fresh MLP)
+
+
+def _fabric_fp8_steps(steps: int) -> list[torch.Tensor]:
+    """A few EggRoll steps of a small fp8 MLP in Fabric; the stored fp8 codes of its weights afterwards."""
+    import lightning as L
+    import torch.nn.functional as F
+
+    fabric = L.Fabric(
+        accelerator="cpu",
+        devices=1,
+        strategy=FabricNoBackpropStrategy(algorithm=EggRoll(population=8), direct_step="normalized"),
+        plugins=[FabricLowBitPrecision("fp8_e4m3")],
+    )
+    fabric.seed_everything(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    model, optimizer = fabric.setup(model, optimizer)
+    inner = model.module if hasattr(model, "module") else model
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    for _ in range(steps):
+
+        def closure() -> torch.Tensor:
+            loss = F.cross_entropy(model(x), y)
+            fabric.backward(loss)
+            return loss
+
+        optimizer.step(closure)
+    return [layout_of(inner[i].weight).qdata.view(torch.uint8).clone() for i in (0, 2)]
+
+
+def test_a_step_updates_every_fp8_weight_in_one_launch(monkeypatch: pytest.MonkeyPatch, no_backprop: None) -> None:
+    """The update of a step reaches the low-bit kernel once for all fp8 weights, with the bits of the twin's
+    weight-by-weight route (the Triton kernel runs in the interpreter here, as on CUDA)."""
+    from lightning_nobp.kernels import lowbit_update
+    from lightning_nobp.kernels.triton_support import interpreting
+
+    if not interpreting():
+        pytest.skip("needs Triton with TRITON_INTERPRET=1")
+    twin = _fabric_fp8_steps(2)
+    launches: list[int] = []
+    kernel = lowbit_update.triton_grouped_update
+
+    def counted(layouts, terms, seeds) -> None:
+        launches.append(len(layouts))
+        kernel(layouts, terms, seeds)
+
+    monkeypatch.setattr(lowbit_update, "use_triton", lambda device: True)
+    monkeypatch.setattr(lowbit_update, "triton_grouped_update", counted)
+    fused = _fabric_fp8_steps(2)
+    assert launches == [2, 2]  # one launch per step, both fp8 weights in it
+    assert all(torch.equal(a, b) for a, b in zip(fused, twin))

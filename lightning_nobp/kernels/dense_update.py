@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lightning_nobp.kernels.lowbit_update import UpdateTerms
 from lightning_nobp.kernels.philox import reference_noise, reference_words
+from lightning_nobp.kernels.term_tables import block_table, decay_tensor, device_table, term_tables
 from lightning_nobp.kernels.triton_support import tl, triton, use_triton
 
 #: weight dtypes the fused update and the perturbed copy take
@@ -101,7 +102,7 @@ def reference_dense_update_(weight: Tensor, terms: UpdateTerms, rounding_seed: i
     for first in _row_blocks(rows, cols):
         last = min(rows, first + max(1, TWIN_BLOCK_ELEMENTS // max(cols, 1)))
         start = first * cols
-        values = view[first:last].float() * _decay_tensor(terms.decay, view.device)[0]
+        values = view[first:last].float() * decay_tensor(terms.decay, view.device)[0]
         values = _stream_sum(values, terms.seeds, terms.coefficients, terms.gaussian, start)
         factor_a = None if terms.factor_a is None else terms.factor_a[first:last]
         values = _low_rank_sum(values, factor_a, terms.factor_b)
@@ -271,13 +272,6 @@ if triton is not None:
             tl.store(w_ptr + offsets, values, mask=mask)
 
 
-def _decay_tensor(decay: float | Tensor, device: torch.device) -> Tensor:
-    """The decay as a one-element float32 tensor on ``device`` (a tensor stays where it is computed: no host read)."""
-    if isinstance(decay, Tensor):
-        return decay.to(device=device, dtype=torch.float32).reshape(1)
-    return torch.full((1,), decay, dtype=torch.float32, device=device)
-
-
 def _on(tensor: Tensor | None, device: torch.device, dtype: torch.dtype) -> Tensor | None:
     return None if tensor is None else tensor.to(device=device, dtype=dtype).contiguous()
 
@@ -294,7 +288,7 @@ def triton_dense_update_(weight: Tensor, terms: UpdateTerms, rounding_seed: int)
     factor_a = _on(terms.factor_a, device, torch.float32)
     factor_b = _on(terms.factor_b, device, torch.float32)
     dense = _on(terms.dense, device, torch.float32)
-    decay = _decay_tensor(terms.decay, device)
+    decay = decay_tensor(terms.decay, device)
     placeholder = weight  # never read: its loop runs zero times or its flag is off
     _dense_update_kernel[(triton.cdiv(numel, KERNEL_BLOCK),)](
         weight,
@@ -401,7 +395,7 @@ def dense_update_(weight: Tensor, terms: UpdateTerms, rounding_seed: int) -> Non
     check_fused_dtype(weight)
     _dense_update_op(
         weight,
-        _decay_tensor(terms.decay, weight.device),
+        decay_tensor(terms.decay, weight.device),
         terms.seeds,
         terms.coefficients,
         terms.gaussian,
@@ -430,57 +424,15 @@ def triton_grouped_dense_update_(weights: list[Tensor], terms: list[UpdateTerms]
     if triton is None:
         raise RuntimeError("Triton is not installed: pip install triton (or use reference_dense_update_)")
     device = weights[0].device
-    keep: list[Tensor] = []  # the converted term tensors, alive until the launch is queued
-
-    def address(tensor: Tensor | None, dtype: torch.dtype) -> int:
-        if tensor is None:
-            return 0
-        converted = tensor.to(device=device, dtype=dtype).contiguous()
-        keep.append(converted)
-        return converted.data_ptr()
-
-    max_members = max([0 if t.seeds is None else t.seeds.numel() for t in terms] + [1])
-    seeds = torch.zeros(len(weights), max_members, dtype=torch.int64)
-    coefficients = torch.zeros(len(weights), max_members, dtype=torch.float32, device=device)
-    members, ranks, blocks = [], [], []
-    for i, (weight, term) in enumerate(zip(weights, terms)):
-        count = 0 if term.seeds is None or term.coefficients is None else term.seeds.numel()
-        if count:
-            seeds[i, :count] = term.seeds.to(torch.int64)
-            coefficients[i, :count] = term.coefficients.to(device=device, dtype=torch.float32)
-        members.append(count)
-        ranks.append(0 if term.factor_a is None else term.factor_a.shape[1])
-        blocks.append(triton.cdiv(weight.numel(), KERNEL_BLOCK))
-    first_block = [sum(blocks[:i]) for i in range(len(blocks))]
-    total_blocks = sum(blocks)
-    # which weight each program updates, built on the device (a large model has about a million blocks)
-    block_weight = torch.repeat_interleave(
-        torch.arange(len(blocks), dtype=torch.int32, device=device),
-        torch.tensor(blocks).to(device, non_blocking=True),
-        output_size=total_blocks,  # known on the host: no synchronisation
-    )
-
-    def table(values: list[int], dtype: torch.dtype = torch.int64) -> Tensor:
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-    decays = [_decay_tensor(t.decay, device) for t in terms]
-    keep.extend(decays)
-    _grouped_dense_update_kernel[(total_blocks,)](
-        block_weight,
-        table(first_block),
-        table([w.data_ptr() for w in weights]),
-        table([w.numel() for w in weights]),
-        table([w.view(w.shape[0], -1).shape[1] if w.dim() else 1 for w in weights]),
-        table([d.data_ptr() for d in decays]),
-        table(members),
-        seeds.to(device, non_blocking=True),
-        coefficients,
-        max_members,
-        table([address(t.factor_a, torch.float32) for t in terms]),
-        table([address(t.factor_b, torch.float32) for t in terms]),
-        table(ranks),
-        table([address(t.dense, torch.float32) for t in terms]),
-        table(rounding_seeds),
+    blocks = block_table([triton.cdiv(w.numel(), KERNEL_BLOCK) for w in weights], device)
+    tables = term_tables(terms, rounding_seeds, device)
+    _grouped_dense_update_kernel[(blocks.programs,)](
+        blocks.block_weight,
+        blocks.first_block,
+        device_table([w.data_ptr() for w in weights], device),
+        device_table([w.numel() for w in weights], device),
+        device_table([w.view(w.shape[0], -1).shape[1] if w.dim() else 1 for w in weights], device),
+        *tables.arguments(),
         GAUSSIAN=terms[0].gaussian,
         TO_BF16=weights[0].dtype == torch.bfloat16,
         BLOCK=KERNEL_BLOCK,
@@ -542,7 +494,7 @@ def grouped_dense_update_(updates: list[tuple[Tensor, UpdateTerms, int]]) -> int
     for (_, device, gaussian), members in groups.items():
         _grouped_dense_update_op(
             [w for w, _, _ in members],
-            [_decay_tensor(t.decay, device) for _, t, _ in members],
+            [decay_tensor(t.decay, device) for _, t, _ in members],
             [t.seeds for _, t, _ in members],
             [t.coefficients for _, t, _ in members],
             gaussian,

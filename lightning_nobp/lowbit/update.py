@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_nobp.kernels.lowbit_update import LowBitLayout, UpdateTerms, fused_update, reference_updated_values
+from lightning_nobp.kernels.lowbit_update import (
+    LowBitLayout,
+    UpdateTerms,
+    fused_update,
+    grouped_update,
+    reference_updated_values,
+)
 from lightning_nobp.lowbit.convert import LATTICE_ATTRIBUTE
 from lightning_nobp.lowbit.formats import layout_of
 
@@ -53,3 +59,23 @@ def apply_low_bit_update(param: Tensor, terms: UpdateTerms, rounding_seed: int) 
         lattice_update(layout, terms, float(threshold))
     else:
         fused_update(layout, terms, rounding_seed)
+
+
+def apply_low_bit_updates(updates: list[tuple[Tensor, UpdateTerms, int]]) -> int:
+    """Update many low-bit parameters in place: one fused launch per (format, stream distribution) on CUDA, lattice
+    moves for ``int8_lattice`` weights; each parameter as :func:`apply_low_bit_update` would update it alone.
+
+    Args:
+        updates: ``(parameter, terms, rounding seed)`` of every parameter.
+
+    Returns:
+        How many fused groups it took.
+    """
+    fused = []
+    for param, terms, seed in updates:
+        threshold = getattr(param, LATTICE_ATTRIBUTE, None)
+        if threshold is not None:
+            lattice_update(layout_of(param), terms, float(threshold))
+        else:
+            fused.append((layout_of(param), terms, seed))
+    return grouped_update(fused) if fused else 0

@@ -21,7 +21,7 @@ from lightning_nobp.algorithms.seeds import derive_seed
 from lightning_nobp.kernels.dense_update import grouped_dense_update_
 from lightning_nobp.kernels.lowbit_update import UpdateTerms, added_terms, reference_dequantize
 from lightning_nobp.kernels.stochastic_rounding import stochastic_round
-from lightning_nobp.lowbit import apply_low_bit_update, layout_of
+from lightning_nobp.lowbit import apply_low_bit_updates, layout_of
 from lightning_nobp.perturb.direct_step import DirectHyperparameters, adam_direction, momentum_direction, rms
 from lightning_nobp.perturb.row_estimates import RowEstimates, rescaled
 
@@ -149,6 +149,7 @@ class EstimateWriter:
         squared_norm: float | Tensor = 0.0
         unperturbed = self.rows.unperturbed_indices()
         fused: list[tuple[Tensor, UpdateTerms, int]] = []  # written together, one launch per dtype
+        low_bit: list[tuple[Tensor, UpdateTerms, int]] = []  # written together, one launch per format
         for index, (param, settings) in enumerate(zip(self.params, hyperparameters)):
             if index in unperturbed and index not in row_local:
                 continue  # not perturbed and no exact gradient this step: left as it is
@@ -181,7 +182,7 @@ class EstimateWriter:
                     update_terms, step = UpdateTerms(decay=update_terms.decay, dense=direction), -lr
                 else:
                     step = -lr / rms(squared, param.numel()) if normalize else -lr
-                apply_low_bit_update(param, update_terms.scaled(step), seed)
+                low_bit.append((param, update_terms.scaled(step), seed))
                 continue
             estimate = self._dense_estimate(index, merged)
             if index in row_local:
@@ -206,6 +207,8 @@ class EstimateWriter:
             param.copy_(stochastic_round(updated, param.dtype, seed))
         if fused:
             grouped_dense_update_(fused)
+        if low_bit:
+            apply_low_bit_updates(low_bit)
         return squared_norm**0.5
 
     @torch.no_grad()
