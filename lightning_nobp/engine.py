@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -32,6 +34,7 @@ from lightning_nobp.algorithms import (
 from lightning_nobp.perturb import EstimatorOptions, PopulationEstimator, RngSnapshot, scalar_loss
 from lightning_nobp.perturb.estimator import LossFn, MemberInputs
 from lightning_nobp.perturb.direct_step import DirectHyperparameters
+from lightning_nobp.perturb.step_limit import DEFAULT_STEP_LIMIT, check_step_limit, step_factor
 from lightning_nobp.algorithms.local import ForwardForward, LocalLearning
 from lightning_nobp.perturb.jvp import directional_derivatives
 from lightning_nobp.perturb.local import LocalLearner
@@ -97,6 +100,10 @@ def check_direct_update_optimizer(optimizer: Optimizer) -> None:
         )
 
 
+class PeerLostError(RuntimeError):
+    """A collective of the forward-only step failed: another process died or timed out."""
+
+
 class ForwardOnlyEngine:
     """Estimators, collectives and update paths shared by the Trainer and Fabric strategies.
 
@@ -117,6 +124,9 @@ class ForwardOnlyEngine:
             inference memory), one pass per weight for the update, and, for a direct update without momentum,
             per-row estimates or input subspaces, a step with no host synchronisation. ``None`` (default): on when
             the parameters are on a CUDA device (on the CPU the kernels' PyTorch twins run, slower).
+        step_limit: bound on each SGD step's change of each tensor, relative to the tensor's norm (a trust ratio,
+            ``lightning_nobp.perturb.step_limit``): a backprop-tuned learning rate does not diverge, steps within
+            the bound are untouched; Adam's steps are left alone. ``None`` turns it off.
     """
 
     def __init__(
@@ -127,6 +137,7 @@ class ForwardOnlyEngine:
         direct_step: DirectStep = "sgd",
         compile: bool | None = None,
         fused_kernels: bool | None = None,
+        step_limit: float | None = DEFAULT_STEP_LIMIT,
     ) -> None:
         if direct_step not in DIRECT_STEPS:
             raise ValueError(f"direct_step={direct_step!r}: choose one of {DIRECT_STEPS}")
@@ -144,6 +155,10 @@ class ForwardOnlyEngine:
         self.population_batching = population_batching
         self.compile = compile
         self.fused_kernels = fused_kernels
+        self.step_limit = check_step_limit(step_limit)
+        #: how many tensors the step limit scaled down in the last step (a tensor after an on-device step)
+        self.step_limited: int | Tensor = 0
+        self._warned_step_limit = False
         self.skipped_steps = 0
         #: steps skipped by on-device steps (a tensor counted on the device, read when logged)
         self.skipped_on_device: Tensor | None = None
@@ -254,7 +269,16 @@ class ForwardOnlyEngine:
             return fitness
         on_device = fitness.to(device)
         self.communicated_bytes += on_device.numel() * on_device.element_size()
-        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+        # --- fault tolerance: a rank that died or hangs stops the others with an error that says so ---
+        try:
+            dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+        except RuntimeError as error:  # torch.distributed.DistBackendError included
+            raise PeerLostError(
+                f"lightning_nobp: the fitness all-reduce failed on rank {rank} of {world}: another process died or did"
+                " not reach this step within the process-group timeout (NoBackpropStrategy(timeout=...)). Restart"
+                f" every rank from the last checkpoint. ({str(error).splitlines()[0] if str(error) else error!r})"
+            ) from error
+        # --- end of fault tolerance ---
         if not self.algorithm.shards_population:
             on_device.div_(world)
         return on_device.to(fitness.device)
@@ -348,13 +372,57 @@ class ForwardOnlyEngine:
         rounding_seed = derive_seed(step_seed, ROUNDING_STREAM)
         normalize = self.direct_step == "normalized"
         group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-        settings = [DirectHyperparameters.from_group(group_of[id(p)]) for p in estimator.params]
+        settings = [
+            replace(DirectHyperparameters.from_group(group_of[id(p)]), step_limit=self.step_limit)
+            for p in estimator.params
+        ]
         if applies is not None:  # on-device steps are direct (see on_device)
             norm = estimator.apply_update_on_device(terms, settings, rounding_seed, normalize, applies)
             self.count_skipped(applies)
+            self.step_limited = estimator.writer.limited  # read when logged: no host synchronisation here
             return norm
         states = [optimizer.state[p] for p in estimator.params]  # where the optimizer keeps momentum or moments
-        return estimator.apply_update(terms, settings, rounding_seed, normalize, states)
+        norm = estimator.apply_update(terms, settings, rounding_seed, normalize, states)
+        self.note_step_limited(estimator.writer.limited)
+        return norm
+
+    @torch.no_grad()
+    def limit_gradients(self, estimator: PopulationEstimator, optimizer: Optimizer) -> int:
+        """``.grad`` path, before the user's optimizer steps: scale each estimate in a ``torch.optim.SGD`` group so
+        that ``lr * ||grad||`` stays within the step limit (other optimizers are left alone).
+
+        Returns:
+            How many tensors were scaled down.
+        """
+        if self.step_limit is None or not isinstance(optimizer, torch.optim.SGD):
+            return self.note_step_limited(0)
+        lr_of = {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
+        count = 0
+        for param in estimator.params:
+            if param.grad is None:
+                continue
+            factor = step_factor(param, lr_of[id(param)] * param.grad.float().norm(), self.step_limit)
+            if bool(factor < 1):
+                param.grad.mul_(factor.to(param.grad.dtype))
+                count += 1
+        return self.note_step_limited(count)
+
+    def note_step_limited(self, count: int | Tensor) -> int:
+        """Keep the step's count of limited tensors and warn the first time the limit acts; returns the count."""
+        count = int(count)
+        self.step_limited = count
+        if count and not self._warned_step_limit:
+            self._warned_step_limit = True
+            warnings.warn(
+                f"lightning_nobp: the step limit scaled down the step of {count} tensor(s): the learning rate moves"
+                f" them by more than {self.step_limit:g} of their norm per step, as backprop-tuned SGD learning rates"
+                " do with a forward-only estimate (about sqrt(parameters) times the gradient's norm). Training goes on"
+                " with bounded steps (logged as nobp/step_limited); for faster progress lower the learning rate"
+                " (Tuner(trainer).lr_find(model) suggests one), use direct_step='normalized' or Adam, or set"
+                " NoBackpropStrategy(step_limit=None) to turn the limit off.",
+                stacklevel=2,
+            )
+        return count
 
     def closure_step(
         self,
@@ -403,6 +471,9 @@ class ForwardOnlyEngine:
             estimate.stats["update_norm"] = self.write(
                 estimator, optimizer, [(population, estimate.coefficients)], step_seed, estimate.applies
             )
+            if self.update == "grad":
+                self.limit_gradients(estimator, optimizer)
+            estimate.stats["step_limited"] = self.step_limited
         estimator.install_input_bases()
         estimate.stats["members_per_second"] = len(own) / max(elapsed, 1e-9)
         return fitness[0], estimate

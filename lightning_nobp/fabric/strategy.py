@@ -30,6 +30,7 @@ from lightning_nobp.engine import (
     UpdatePath,
     register_aliases,
 )
+from lightning_nobp.perturb.step_limit import DEFAULT_STEP_LIMIT
 
 FABRIC_CLOSURE_MESSAGE = (
     "NoBackpropStrategy trains without backpropagation: `fabric.backward(loss)` cannot compute gradients on its own."
@@ -65,6 +66,10 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             inference memory), one pass per weight for the update, and, for a direct update without momentum,
             per-row estimates or input subspaces, a step with no host synchronisation. ``None`` (default): on when
             the parameters are on a CUDA device (on the CPU the kernels' PyTorch twins run, slower).
+        step_limit: bound on each step's change of each tensor, relative to the tensor's norm (a trust ratio): a
+            learning rate tuned for backpropagation does not diverge on the forward-only estimate; steps within the
+            bound are untouched, Adam's steps are left alone (``lightning_nobp.perturb.step_limit``). Logged as
+            ``nobp/step_limited`` (tensors scaled down in the step); ``None`` turns it off.
         reuse_cpu_memory: on the CPU, make glibc's ``malloc`` keep freed memory in the process (up to 512 MiB)
             instead of returning it to the kernel, so the population's large activations are not page-faulted in
             again at every step (EggRoll steps on the Fashion-MNIST MLP 1.3x faster at population 64, 1.7x at
@@ -88,6 +93,7 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         population_batching: bool = True,
         compile: bool | None = None,
         fused_kernels: bool | None = None,
+        step_limit: float | None = DEFAULT_STEP_LIMIT,
         seed: int | None = None,
         reuse_cpu_memory: bool = True,
         accelerator: Accelerator | None = None,
@@ -111,7 +117,7 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         )
         self.engine = ForwardOnlyEngine(
             algorithm if algorithm is not None else MeZO(), update, population_batching, direct_step, compile,
-            fused_kernels,
+            fused_kernels, step_limit,
         )
         if self.engine.local:
             raise ValueError(

@@ -50,6 +50,8 @@ class DirectHyperparameters:
         betas: Adam's ``(beta1, beta2)``.
         eps: Adam's ``eps``.
         decoupled: AdamW's decoupled weight decay.
+        step_limit: bound on the step's change of the weight, relative to its norm (``None``: no bound; see
+            ``lightning_nobp.perturb.step_limit``); never applied to Adam's step.
     """
 
     lr: float
@@ -61,6 +63,7 @@ class DirectHyperparameters:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     decoupled: bool = False
+    step_limit: float | None = None
 
     @property
     def stateful(self) -> bool:

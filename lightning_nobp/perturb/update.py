@@ -24,6 +24,7 @@ from lightning_nobp.kernels.stochastic_rounding import stochastic_round
 from lightning_nobp.lowbit import apply_low_bit_updates, layout_of
 from lightning_nobp.perturb.direct_step import DirectHyperparameters, adam_direction, momentum_direction, rms
 from lightning_nobp.perturb.row_estimates import RowEstimates, rescaled
+from lightning_nobp.perturb.step_limit import step_factor
 
 
 def merged_weight_tensor(terms: Sequence[tuple[Population, Tensor]]) -> tuple[list[int], Tensor]:
@@ -47,6 +48,11 @@ def merged_weights(terms: Sequence[tuple[Population, Tensor]]) -> dict[int, floa
         for member, coefficient in zip(population.members, coefficients.tolist()):
             merged[member.noise_seed] = merged.get(member.noise_seed, 0.0) + coefficient * member.sign
     return merged
+
+
+def limited(estimate: Tensor, factor: float | Tensor, normalize: bool) -> Tensor:
+    """An SGD step's estimate with the step limit's factor on it (a normalized step takes it after normalizing)."""
+    return estimate if normalize or isinstance(factor, float) else estimate * factor
 
 
 class EstimateWriter:
@@ -79,6 +85,22 @@ class EstimateWriter:
         self.rows = rows
         self.fused = fused or set()
         self.streamed = streamed or set()
+        #: how many tensors the last direct update's step limit scaled down (a tensor: read it to log it)
+        self.limited: int | Tensor = 0
+
+    @staticmethod
+    def _change_norm(estimate: Tensor, lr: float, normalize: bool) -> float | Tensor:
+        """The norm of the change an SGD step along ``estimate`` makes (normalized: ``lr * sqrt(numel)``)."""
+        return lr * math.sqrt(estimate.numel()) if normalize else lr * estimate.norm()
+
+    def _limit(self, index: int, settings: DirectHyperparameters, change_norm: float | Tensor) -> Tensor | float:
+        """The factor the step limit puts on parameter ``index``'s step (1 without a limit, and for Adam),
+        counted in :attr:`limited` when below 1."""
+        if settings.step_limit is None or settings.adam:
+            return 1.0
+        factor = step_factor(self.params[index], change_norm, settings.step_limit)
+        self.limited = self.limited + (factor < 1).to(torch.int64)
+        return factor
 
     @torch.no_grad()
     def accumulate_gradient(self, population: Population, coefficients: Tensor, scale: float = 1.0) -> float:
@@ -142,6 +164,7 @@ class EstimateWriter:
             the update was not finite and nothing was written. A tensor where fused weights contribute to it (kept
             on the device: read it when logging), else a float.
         """
+        self.limited = 0
         merged = merged_weights(terms)
         row_local = self.rows.gradients(terms[-1][0], exact_only=len(terms) > 1)
         if not all(map(math.isfinite, merged.values())):
@@ -160,6 +183,7 @@ class EstimateWriter:
                 squared = self._squared_norm(index, update_terms)
                 squared_norm = squared_norm + squared
                 step = -lr / rms(squared, param.numel()) if normalize else -lr
+                step = step * self._limit(index, settings, abs(step) * torch.as_tensor(squared).sqrt())
                 fused.append((param, update_terms.scaled(step), seed))
                 continue
             if index in self.low_bit:
@@ -174,14 +198,18 @@ class EstimateWriter:
                 if settings.stateful:  # the momentum or Adam direction, formed densely, replaces the terms
                     layout = layout_of(param)
                     estimate = added_terms(update_terms, torch.zeros(layout.rows, layout.cols, device=layout.device))
+                    factor = self._limit(index, settings, self._change_norm(estimate, lr, normalize))
                     if settings.adam:
                         weight = reference_dequantize(layout) if settings.weight_decay else estimate
                         direction = self._adam(index, estimate, settings, states, weight, torch.bfloat16)
                     else:
-                        direction = self._momentum(index, estimate, settings, normalize, states, torch.bfloat16)
+                        direction = self._momentum(index, limited(estimate, factor, normalize), settings, normalize,
+                                                   states, torch.bfloat16)  # fmt: skip
+                    direction = direction * factor if normalize else direction
                     update_terms, step = UpdateTerms(decay=update_terms.decay, dense=direction), -lr
                 else:
                     step = -lr / rms(squared, param.numel()) if normalize else -lr
+                    step = step * self._limit(index, settings, abs(step) * torch.as_tensor(squared).sqrt())
                 low_bit.append((param, update_terms.scaled(step), seed))
                 continue
             estimate = self._dense_estimate(index, merged)
@@ -189,14 +217,19 @@ class EstimateWriter:
                 estimate = rescaled(row_local[index], float(estimate.norm()), estimate)
             squared = float(estimate.square().sum())
             squared_norm = squared_norm + squared
+            factor = self._limit(index, settings, self._change_norm(estimate, lr, normalize))
+            estimate = limited(estimate, factor, normalize)
             if settings.adam:
                 estimate = self._adam(index, estimate, settings, states, param.float(), param.dtype)
             elif settings.momentum:
                 estimate = self._momentum(index, estimate, settings, normalize, states, param.dtype)
             elif normalize:
                 estimate.div_(rms(squared, param.numel()))
+            if normalize:
+                estimate = estimate * factor  # a normalized step's change is lr * sqrt(numel): limited after
             if index in self.fused:  # the kernel's rounding, from the same stream as the fused route's
-                fused.append((param, UpdateTerms(decay=settings.decay(), dense=estimate.mul_(-lr)), seed))
+                # a new tensor: a float32 weight's momentum direction is its buffer itself
+                fused.append((param, UpdateTerms(decay=settings.decay(), dense=estimate * -lr), seed))
                 continue
             if weight_decay and not settings.adam:
                 estimate.add_(param.float(), alpha=weight_decay)
@@ -234,6 +267,7 @@ class EstimateWriter:
         Returns:
             The norm of the estimate (a tensor on the device; 0 for a step not taken).
         """
+        self.limited = 0
         seeds, weights = merged_weight_tensor(terms)
         taken = applies & torch.isfinite(weights).all()
         weights = torch.where(taken, weights, torch.zeros_like(weights))
@@ -248,6 +282,7 @@ class EstimateWriter:
             squared = self._squared_norm(index, update_terms)
             squared_norm = squared_norm + squared
             step = -lr / rms(squared, param.numel()) if normalize else -lr
+            step = step * self._limit(index, settings, abs(step) * torch.as_tensor(squared).sqrt())
             fused.append((param, update_terms.scaled(step), derive_seed(rounding_seed, index)))
         grouped_dense_update_(fused)  # every weight in one launch per dtype
         return torch.as_tensor(squared_norm).sqrt()

@@ -42,6 +42,7 @@ from lightning_nobp.engine import (
     UpdatePath,
     register_aliases,
 )
+from lightning_nobp.perturb.step_limit import DEFAULT_STEP_LIMIT
 from lightning_nobp.perturb import PopulationEstimator, RngSnapshot, scalar_loss
 from lightning_nobp.pytorch.logging import is_logging_step, log_step_metrics, loss_from_step_output, muted_logging
 
@@ -88,6 +89,10 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             inference memory), one pass per weight for the update, and, for a direct update without momentum,
             per-row estimates or input subspaces, a step with no host synchronisation. ``None`` (default): on when
             the parameters are on a CUDA device (on the CPU the kernels' PyTorch twins run, slower).
+        step_limit: bound on each step's change of each tensor, relative to the tensor's norm (a trust ratio): a
+            learning rate tuned for backpropagation does not diverge on the forward-only estimate; steps within the
+            bound are untouched, Adam's steps are left alone (``lightning_nobp.perturb.step_limit``). Logged as
+            ``nobp/step_limited`` (tensors scaled down in the step); ``None`` turns it off.
         member_data: ``"shared"``: every member is evaluated on the whole batch. ``"pair_slices"``: the batch (a
             tensor or a tuple/list/dict of tensors sharing their first dimension) is split into one slice per noise
             group (antithetic pair), and each pair is evaluated on its own slice: more data per step for the same
@@ -135,6 +140,7 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         population_batching: bool = True,
         compile: bool | None = None,
         fused_kernels: bool | None = None,
+        step_limit: float | None = DEFAULT_STEP_LIMIT,
         member_data: Literal["shared", "pair_slices"] = "shared",
         seed: int | None = None,
         reuse_cpu_memory: bool = True,
@@ -161,7 +167,7 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         )
         self.engine = ForwardOnlyEngine(
             algorithm if algorithm is not None else MeZO(), update, population_batching, direct_step, compile,
-            fused_kernels,
+            fused_kernels, step_limit,
         )
         #: True while the members are evaluated with the module's logging muted
         self._logging_muted = False
@@ -457,6 +463,9 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
                 estimate.stats["update_norm"] = self.engine.write(
                     estimator, optimizer, self._window, self._step["seed"], applies
                 )
+                if self.engine.update == "grad" and window_ends:  # the window's whole estimate is in .grad
+                    self.engine.limit_gradients(estimator, optimizer)
+                estimate.stats["step_limited"] = self.engine.step_limited
                 self._window = []
         if window_ends:
             estimator.install_input_bases()
@@ -464,6 +473,8 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             metrics = dict(estimate.stats, members_per_second=members_per_second)
             metrics["forwards_per_step"] = len(own) + (0 if self._step["known"] else 1)
             metrics["skipped_steps"] = self.skipped_steps
+            if isinstance(metrics.get("step_limited"), Tensor):  # an on-device step's count, read now
+                self.engine.note_step_limited(metrics["step_limited"])
             log_step_metrics(module, {f"nobp/{k}": v for k, v in metrics.items()}, PROGRESS_BAR_METRICS)
         return self.precision_plugin.post_backward(closure_loss, module)
 
