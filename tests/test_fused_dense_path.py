@@ -154,3 +154,24 @@ def test_an_update_of_every_weight_is_one_launch_per_dtype() -> None:
         )
     assert calls.names.count("lightning_nobp.grouped_dense_update_.default") == 1  # 2 weights, 2 biases, one launch
     assert "lightning_nobp.dense_update_.default" not in calls.names
+
+
+def test_fused_momentum_on_float32_weights_keeps_its_buffer() -> None:
+    """SGD momentum on the fused route: two steps equal the unfused route's, and the stored buffer is the
+    momentum of the estimates (not the step: a float32 weight's direction is its buffer itself)."""
+    algorithm = EggRoll(population=8, rank=2, sigma=1e-2, per_row_estimates=False, input_subspace=None)
+    results, buffers = [], []
+    for use_kernels in (False, True):
+        model, loss = mlp(bias=False)
+        options = EstimatorOptions.of(algorithm, fused=use_kernels)
+        estimator = PopulationEstimator(algorithm, [model], list(model.parameters()), options=options)
+        states: list[dict] = [{}, {}]
+        for step in range(2):
+            population = algorithm.ask(step)
+            estimate = algorithm.tell(population, estimator.evaluate_members(population, loss))
+            settings = [DirectHyperparameters(0.05, momentum=0.9)] * 2
+            estimator.apply_update([(population, estimate.coefficients)], settings, 9, states=states)
+        results.append([p.detach().clone() for p in model.parameters()])
+        buffers.append([state["momentum_buffer"].clone() for state in states])
+    for dense, kernel in zip(results[0] + buffers[0], results[1] + buffers[1]):
+        torch.testing.assert_close(kernel, dense, rtol=1e-5, atol=1e-6)
