@@ -34,6 +34,7 @@ from lightning_nobp.algorithms import (
 from lightning_nobp.perturb import EstimatorOptions, PopulationEstimator, RngSnapshot, scalar_loss
 from lightning_nobp.perturb.estimator import LossFn, MemberInputs
 from lightning_nobp.perturb.direct_step import DirectHyperparameters
+from lightning_nobp.perturb.objective import objective_of
 from lightning_nobp.perturb.step_limit import DEFAULT_STEP_LIMIT, check_step_limit, step_factor
 from lightning_nobp.algorithms.local import ForwardForward, LocalLearning
 from lightning_nobp.perturb.jvp import directional_derivatives
@@ -445,7 +446,7 @@ class ForwardOnlyEngine:
         rng = RngSnapshot(device)
 
         def closure_loss() -> Tensor:
-            return scalar_loss(closure(), "the optimizer closure")
+            return scalar_loss(objective_of(closure()), "the optimizer closure")
 
         self.evaluating = True
         try:

@@ -9,6 +9,8 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import Tensor
 
+from lightning_nobp.perturb.objective import objective_of
+
 
 def _discard(*args: Any, **kwargs: Any) -> None:
     return None
@@ -27,12 +29,9 @@ def muted_logging(module: pl.LightningModule) -> Iterator[None]:
 
 
 def loss_from_step_output(output: Any) -> Tensor | None:
-    """The loss inside a ``training_step`` output: the tensor itself, or ``output["loss"]``; ``None`` if absent."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping):
-        return output.get("loss")
-    return None
+    """The loss inside a ``training_step`` output: the tensor itself, ``output["loss"]``, or ``-mean(reward)`` for a
+    ``{"reward": r}`` output (``lightning_nobp.perturb.objective``); ``None`` if absent."""
+    return objective_of(output)
 
 
 def is_logging_step(trainer: pl.Trainer) -> bool:

@@ -44,6 +44,7 @@ from lightning_nobp.engine import (
 )
 from lightning_nobp.perturb.step_limit import DEFAULT_STEP_LIMIT
 from lightning_nobp.perturb import PopulationEstimator, RngSnapshot, scalar_loss
+from lightning_nobp.perturb.objective import reward_of
 from lightning_nobp.pytorch.logging import is_logging_step, log_step_metrics, loss_from_step_output, muted_logging
 
 MANUAL_BACKWARD_MESSAGE = (
@@ -404,6 +405,10 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
                 with estimator.row_input_tap():
                     output = super().training_step(*args, **kwargs)
         self._step["rng_after"] = RngSnapshot(self.root_device)
+        reward = reward_of(output)
+        if reward is not None:  # Lightning steps on a loss: the reward's, -mean(reward) (perturb/objective.py)
+            self._step["reward"] = reward.detach().float().mean()
+            output = {**output, "loss": -self._step["reward"]}
         return output
 
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
@@ -473,6 +478,8 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             metrics = dict(estimate.stats, members_per_second=members_per_second)
             metrics["forwards_per_step"] = len(own) + (0 if self._step["known"] else 1)
             metrics["skipped_steps"] = self.skipped_steps
+            if "reward" in self._step:
+                metrics["reward"] = self._step["reward"]
             if isinstance(metrics.get("step_limited"), Tensor):  # an on-device step's count, read now
                 self.engine.note_step_limited(metrics["step_limited"])
             log_step_metrics(module, {f"nobp/{k}": v for k, v in metrics.items()}, PROGRESS_BAR_METRICS)
