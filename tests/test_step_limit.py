@@ -133,3 +133,32 @@ def test_a_bad_step_limit_is_refused_with_the_fix(bad: object) -> None:
         check_step_limit(bad)  # type: ignore[arg-type]
     with pytest.raises((TypeError, ValueError), match="step_limit"):
         NoBackpropStrategy(algorithm=MeZO(), step_limit=bad)  # type: ignore[arg-type]
+
+
+def test_lr_find_runs_under_the_strategy_and_its_suggestion_trains(no_backprop, tmp_path) -> None:
+    """Lightning's learning-rate finder sweeps the forward-only estimate's learning rate, restores the weights it
+    started from, and its suggestion trains the model."""
+    from lightning.pytorch.tuner import Tuner
+
+    pl.seed_everything(0)
+    train, test = digits_loaders(batch_size=128)
+    model = DigitsClassifier(lr=0.1, momentum=0.0)
+    start = [p.detach().clone() for p in model.parameters()]
+    trainer = pl.Trainer(
+        strategy=NoBackpropStrategy(algorithm=EggRoll(population=32)),
+        max_epochs=8,
+        default_root_dir=tmp_path,
+        **quiet_trainer_kwargs(),
+    )
+    finder = Tuner(trainer).lr_find(model, train_dataloaders=train, min_lr=1e-5, max_lr=1.0, num_training=40)
+    suggestion = finder.suggestion()
+    assert suggestion is not None and 1e-5 <= suggestion <= 1.0
+    assert model.hparams.lr == suggestion  # the finder set it, as with backprop
+    assert all(torch.equal(a, b) for a, b in zip(start, model.parameters()))  # the sweep's steps were undone
+    losses = [loss for loss in finder.results["loss"] if math.isfinite(loss)]
+    assert len(losses) == 40  # every step of the sweep gave a finite loss (the step limit holds the large rates)
+    trainer = pl.Trainer(strategy=NoBackpropStrategy(algorithm=EggRoll(population=32)), max_epochs=4,
+                         **quiet_trainer_kwargs())  # fmt: skip
+    before = trainer.test(model, test, verbose=False)[0]["test_acc"]
+    trainer.fit(model, train)
+    assert trainer.test(model, test, verbose=False)[0]["test_acc"] > before + 0.1
