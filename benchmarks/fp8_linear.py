@@ -2,8 +2,9 @@
 
 Times, per call (median of ``--repeats`` loops of ``--calls`` calls each): ``F.linear`` on a bf16 weight, the
 package's ``lightning_nobp::fp8_linear`` on a torchao ``Float8Tensor``'s stored data (activations quantized per row,
-one ``torch._scaled_mm``), and ``F.linear`` on the same ``Float8Tensor`` through torchao's own dispatch. Writes JSON
-with the ratios against bf16 from the same run.
+one ``torch._scaled_mm``), the same ``nn.Linear`` called under ``FP8LinearMode`` (what a plain forward under
+``LowBitPrecision("fp8_e4m3")`` runs: validation, testing, inference), and ``F.linear`` on the same ``Float8Tensor``
+through torchao's own dispatch. Writes JSON with the ratios against bf16 from the same run.
 
     python benchmarks/fp8_linear.py --out benchmarks/results/fp8_linear.json
 """
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_nobp.kernels.fp8_linear import fp8_linear
+from lightning_nobp.kernels.fp8_linear import FP8LinearMode, fp8_linear
 from lightning_nobp.lowbit.convert import convert_to_low_bit
 
 from reports import write_report
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
             ),
             "torchao_fp8_linear": per_call_seconds(lambda: F.linear(x, weight, bias), args.calls, args.repeats),
         }
+        with FP8LinearMode():
+            seconds["fp8_plain_forward"] = per_call_seconds(lambda: fp8(x), args.calls, args.repeats)
     report = {
         "torch": torch.__version__,
         "device": "cpu",
@@ -71,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds_per_call": seconds,
         "fp8_op_over_bf16": seconds["fp8_linear_op"] / seconds["bf16_linear"],
         "torchao_fp8_over_bf16": seconds["torchao_fp8_linear"] / seconds["bf16_linear"],
+        "fp8_plain_forward_over_bf16": seconds["fp8_plain_forward"] / seconds["bf16_linear"],
     }
     return write_report(report, args.out)
 

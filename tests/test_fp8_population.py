@@ -101,3 +101,27 @@ def test_fp8_embedding_rows_equal_the_whole_table_lookup() -> None:
 
     indices = torch.randint(0, 50, (3, 7))
     assert torch.equal(fp8_rows(table.weight, indices), F.embedding(indices, table.weight))
+
+
+def test_a_plain_forward_under_the_precision_runs_the_fp8_op(no_backprop: None) -> None:
+    """Validation, testing and inference under ``LowBitPrecision("fp8_e4m3")`` take the same FP8 matmul as the
+    population (``_scaled_mm`` on the stored data, no dequantized weight), close to torchao's own forward; the
+    weights stay torchao tensors."""
+    from lightning_nobp.fabric import LowBitPrecision
+
+    model, _ = mlp()
+    precision = LowBitPrecision("fp8_e4m3", compute_dtype=torch.bfloat16, activation_quantization=True)
+    precision.convert_module(model)
+    x = torch.randn(32, 64, dtype=torch.bfloat16)
+    fp8_weights = [p for p in model.parameters() if isinstance(p, Float8Tensor)]
+    assert len(fp8_weights) == 2
+    counts = OpCounts({tuple(p.shape) for p in fp8_weights})
+    with precision.forward_context(), counts:
+        ours = model(x)
+    assert counts.ops.get("aten._scaled_mm.default", 0) == 2  # called directly: no dispatcher round trip
+    assert not {"aten.mm.default", "aten.addmm.default", "aten.linear.default"} & set(counts.ops)  # no bf16 matmul
+    assert counts.weight_shaped == 0
+    with torch.no_grad():
+        torchao = model(x)  # outside the context: torchao's own dispatch
+    assert (ours.float() - torchao.float()).norm() / torchao.float().norm() < 0.05
+    assert all(isinstance(p, Float8Tensor) for p in fp8_weights)

@@ -17,6 +17,7 @@ from lightning_utilities import apply_to_collection
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_nobp.kernels.fp8_linear import FP8LinearMode
 from lightning_nobp.lowbit.compute_dtype import resolve_compute_dtype, training_device
 from lightning_nobp.lowbit.convert import ConversionResult, convert_to_low_bit
 from lightning_nobp.lowbit.formats import check_format, is_low_bit
@@ -114,10 +115,14 @@ class LowBitPrecision(Precision):
 
     @contextmanager
     def forward_context(self) -> Generator[None, None, None]:
-        """No autograd graph, tensors created in the forward in ``compute_dtype``."""
+        """No autograd graph, tensors created in the forward in ``compute_dtype``; with fp8 weights, ``F.linear``
+        on them runs the FP8 matmul of ``lightning_nobp.kernels.fp8_linear`` (outside compiled code, whose member
+        layers call it directly)."""
         with ExitStack() as stack:
             stack.enter_context(torch.no_grad())
             stack.enter_context(_DtypeContextManager(self.compute_dtype))
+            if self.weights == "fp8_e4m3" and not torch.compiler.is_compiling():
+                stack.enter_context(FP8LinearMode())
             yield
 
     def convert_input(self, data: Any) -> Any:

@@ -5,7 +5,8 @@ The activation's rows are quantized to e4m3 with one power-free scale each (``am
 as one rowwise-scaled FP8 matmul (tensor cores on a GPU; ``torch._scaled_mm`` also runs on the CPU). Nothing of
 the weight's size is formed.
 
-Embedding lookups read the looked-up rows only (:func:`fp8_rows`).
+Embedding lookups read the looked-up rows only (:func:`fp8_rows`). Plain forwards (validation, testing, inference)
+reach the same op through :class:`FP8LinearMode`, which ``LowBitPrecision`` enters around every forward.
 
 ``lightning_nobp::fp8_linear`` is a ``torch.library`` custom op with a fake implementation and a ``vmap`` rule: a
 chunk of population members sharing the weight folds its member dimension into the rows, so the whole chunk is one
@@ -14,8 +15,12 @@ matmul with ``M = members x tokens`` (each row quantized on its own, so batching
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from lightning_nobp.lowbit.formats import Float8Tensor
 
@@ -29,16 +34,16 @@ def quantize_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
     Args:
         rows: ``[M, K]`` floating activations.
     """
-    values = rows.float()
-    scales = values.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / E4M3_MAX
-    codes = (values / scales).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    amax = torch.linalg.vector_norm(rows, float("inf"), dim=-1, keepdim=True, dtype=torch.float32)
+    scales = amax.clamp_min_(1e-12).div_(E4M3_MAX)
+    codes = torch.div(rows, scales).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)  # float32 division
     return codes, scales
 
 
-@torch.library.custom_op("lightning_nobp::fp8_linear", mutates_args=())
-def fp8_linear(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+def rowwise_fp8_linear(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     """``x W^T + b`` with ``W = scale * qdata`` (e4m3 rows), ``x`` quantized per row: one rowwise-scaled FP8
-    matmul over all leading dimensions of ``x``.
+    matmul over all leading dimensions of ``x``. The computation of the ``lightning_nobp::fp8_linear`` op, called
+    directly where nothing needs the op (a plain eager forward: no dispatcher round trip).
 
     Args:
         x: ``[..., K]`` activations (bf16 or float32; the output has their dtype).
@@ -53,11 +58,16 @@ def fp8_linear(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None) -> 
         codes,
         qdata.t(),
         scale_a=scales,
-        scale_b=scale.reshape(1, -1).float().contiguous(),
-        bias=None if bias is None else bias.to(out_dtype),
+        scale_b=scale.float().t(),  # [1, N]: a view of torchao's [N, 1] float32 scales
+        bias=bias if bias is None or bias.dtype == out_dtype else bias.to(out_dtype),
         out_dtype=out_dtype,
     )
-    return out.to(x.dtype).reshape(*x.shape[:-1], qdata.shape[0])
+    if out.dtype != x.dtype:
+        out = out.to(x.dtype)
+    return out.reshape(*x.shape[:-1], qdata.shape[0])
+
+
+fp8_linear = torch.library.custom_op("lightning_nobp::fp8_linear", rowwise_fp8_linear, mutates_args=())
 
 
 @fp8_linear.register_fake
@@ -87,13 +97,14 @@ def takes_fp8_linear(weight: Tensor, x: Tensor) -> bool:
     the fast path), and a floating input of the weight's width."""
     if Float8Tensor is None or not isinstance(weight, Float8Tensor):
         return False
-    if weight.qdata.dtype != torch.float8_e4m3fn or tuple(weight.scale.shape) != (weight.shape[0], 1):
+    qdata = weight.qdata  # the stored tensors' own shapes: a subclass's properties go through __torch_function__
+    rows, cols = qdata.shape
+    if qdata.dtype != torch.float8_e4m3fn or tuple(weight.scale.shape) != (rows, 1):
         return False
     wanted = getattr(weight, "act_quant_kwargs", None) is not None or x.is_cuda
-    if not wanted or x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.shape[-1] != weight.shape[1]:
+    if not wanted or x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.shape[-1] != cols:
         return False
     if x.is_cuda:  # FP8 tensor cores (compute capability 8.9 and newer) take sizes in multiples of 16
-        rows, cols = weight.shape
         return rows % 16 == 0 and cols % 16 == 0 and _has_fp8_tensor_cores(x.device)
     return True
 
@@ -123,3 +134,21 @@ def fp8_rows(weight: Tensor, indices: Tensor) -> Tensor:
     """The rows ``indices`` of an FP8 table, dequantized in the weight's dtype (``qdata[i] * scale[i]``): what
     ``F.embedding`` returns, without dequantizing the whole table first."""
     return (weight.qdata[indices].float() * weight.scale[indices].float()).to(weight.dtype)
+
+
+class FP8LinearMode(TorchFunctionMode):
+    """Route ``F.linear`` on e4m3 row-scaled ``Float8Tensor`` weights to :func:`fp8_linear` (where
+    :func:`takes_fp8_linear` holds), so a plain forward of a converted model runs the same FP8 matmul as the
+    population; every other call goes on unchanged. The weights stay torchao's tensors."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x = args[0] if args else kwargs["input"]
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            if takes_fp8_linear(weight, x):
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                if torch._C._functorch.is_functorch_wrapped_tensor(x):  # under vmap: the op, with its batching rule
+                    return fp8_linear(x, weight.qdata, weight.scale, bias)
+                return rowwise_fp8_linear(x, weight.qdata, weight.scale, bias)
+        return func(*args, **kwargs)
