@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 
 from lightning_nobp.algorithms import Algorithm, MeZO, derive_seed
 from lightning_nobp.fabric.precision import LowBitPrecision
+from lightning_nobp.pytorch.checkpoint_io import SealedCheckpointIO
 from lightning_nobp.lowbit.formats import inner_tensors, is_low_bit
 from lightning_nobp.engine import (
     DirectStep,
@@ -109,7 +110,8 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             accelerator=accelerator,
             parallel_devices=parallel_devices,
             cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
+            # fault tolerance: atomic, durable checkpoint writes with a verified content digest
+            checkpoint_io=checkpoint_io if checkpoint_io is not None else SealedCheckpointIO(),
             precision=precision,
             process_group_backend=process_group_backend,
             timeout=timeout,

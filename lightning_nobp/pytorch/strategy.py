@@ -46,6 +46,8 @@ from lightning_nobp.perturb.step_limit import DEFAULT_STEP_LIMIT
 from lightning_nobp.perturb import PopulationEstimator, RngSnapshot, scalar_loss
 from lightning_nobp.perturb.objective import reward_of
 from lightning_nobp.pytorch.logging import is_logging_step, log_step_metrics, loss_from_step_output, muted_logging
+from lightning_nobp.pytorch.checkpoint_io import SealedCheckpointIO
+from lightning_nobp.pytorch.run_consistency import check_ranks_agree, run_fingerprint
 
 MANUAL_BACKWARD_MESSAGE = (
     "NoBackpropStrategy trains without backpropagation, so `manual_backward(loss)` has nothing to do on its own."
@@ -160,7 +162,8 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             accelerator=accelerator,
             parallel_devices=parallel_devices,
             cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
+            # fault tolerance: atomic, durable checkpoint writes with a verified content digest (checkpoint_io.py)
+            checkpoint_io=checkpoint_io if checkpoint_io is not None else SealedCheckpointIO(),
             precision_plugin=precision_plugin,
             process_group_backend=process_group_backend,
             timeout=timeout,
@@ -272,6 +275,28 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         for optimizer, state in zip(self.optimizers, (restored or {}).get("input_subspaces", [])):
             if state is not None:
                 self.engine.estimator(optimizer, [self.lightning_module]).load_input_subspace_state(state)
+        self._check_ranks_agree()
+
+    # --- fault tolerance: ranks started differently are stopped before the first step (run_consistency.py) ---
+    def _check_ranks_agree(self) -> None:
+        """Raise on every rank if the processes differ in seed, settings, optimizers, weights or optimizer state."""
+        if self._single_process or not (dist.is_available() and dist.is_initialized()):
+            return
+        trainer = self.lightning_module.trainer
+        settings = {
+            "algorithm": self.algorithm,
+            "seed": self.seed,
+            "update": (self.engine.update, self.engine.direct_step, getattr(self.engine, "step_limit", None)),
+            "member_data": self.member_data,
+            "precision": self.precision_plugin,
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "gradient clipping": (trainer.gradient_clip_val, str(trainer.gradient_clip_algorithm)),
+            "max_steps, max_epochs": (trainer.max_steps, trainer.max_epochs),
+            "world_size": self.world_size,
+        }
+        check_ranks_agree(run_fingerprint(settings, self.lightning_module, self.optimizers))
+
+    # --- end of fault tolerance ---
 
     def on_train_end(self) -> None:
         super().on_train_end()

@@ -1,0 +1,1 @@
+"""Fault-injection suite: killed, resumed, disagreeing and numerically broken runs lose nothing."""
