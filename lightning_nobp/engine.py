@@ -402,7 +402,7 @@ class ForwardOnlyEngine:
         for param in estimator.params:
             if param.grad is None:
                 continue
-            factor = step_factor(param, lr_of[id(param)] * param.grad.float().norm(), self.step_limit)
+            factor = step_factor(param, lr_of[id(param)] * param.grad.norm(dtype=torch.float64), self.step_limit)
             if bool(factor < 1):
                 param.grad.mul_(factor.to(param.grad.dtype))
                 count += 1

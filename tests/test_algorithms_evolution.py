@@ -144,3 +144,16 @@ def test_asking_again_returns_the_same_population_until_a_setting_changes() -> N
     assert len(algorithm.__dict__["_asked"]) <= 16
     restored = pickle.loads(pickle.dumps(algorithm))
     assert "_asked" not in restored.__dict__ and restored.ask(11).members == first.members
+
+
+def test_tied_fitness_shares_its_mean_rank_on_both_shaping_routes() -> None:
+    from lightning_nobp.algorithms.shaping import centered_ranks, shape_fitness_masked
+
+    fitness = torch.tensor([1.0, 1.0, 2.0, 0.0])
+    expected = torch.tensor([1.5, 1.5, 3.0, 0.0]) / 3 - 0.5
+    assert torch.equal(centered_ranks(fitness), expected)
+    assert torch.equal(shape_fitness_masked(fitness, torch.ones(4, dtype=torch.bool), "centered_rank"), expected)
+    assert torch.equal(centered_ranks(torch.full((6,), 0.25)), torch.zeros(6))  # nothing to prefer: no step
+    usable = torch.tensor([True, True, False, True])
+    masked = shape_fitness_masked(fitness, usable, "centered_rank")
+    assert torch.equal(masked, torch.tensor([0.25, 0.25, 0.0, -0.5]))  # ranks 1.5, 1.5, 0 of three usable

@@ -8,12 +8,19 @@ from torch import Tensor
 FITNESS_SHAPINGS = ("centered_rank", "zscore", "sign", None)
 
 
+def average_ranks(keys: Tensor) -> Tensor:
+    """0-based ranks of ``keys``, tied keys sharing the mean of their ranks (all equal: all ``(n - 1) / 2``), so
+    members with the same fitness get the same weight; on the device, no host synchronisation."""
+    ordered = keys.sort().values
+    below = torch.searchsorted(ordered, keys)
+    up_to = torch.searchsorted(ordered, keys, right=True)
+    return (below + up_to - 1).to(keys.dtype) / 2
+
+
 def centered_ranks(fitness: Tensor) -> Tensor:
-    """Ranks scaled to [-0.5, 0.5] (ties broken by position): invariant to any monotone change of the loss."""
-    n = fitness.numel()
-    ranks = torch.empty_like(fitness)
-    ranks[fitness.argsort(stable=True)] = torch.arange(n, dtype=fitness.dtype, device=fitness.device)
-    return ranks / max(n - 1, 1) - 0.5
+    """Ranks scaled to [-0.5, 0.5] (ties share their mean rank, so an all-equal fitness gives zeros): invariant to
+    any monotone change of the loss."""
+    return average_ranks(fitness) / max(fitness.numel() - 1, 1) - 0.5
 
 
 def zscore(fitness: Tensor) -> Tensor:
@@ -48,10 +55,8 @@ def shape_fitness_masked(fitness: Tensor, usable: Tensor, shaping: str | None) -
     count = usable.sum().to(fitness.dtype)
     zeros = torch.zeros_like(fitness)
     if shaping == "centered_rank":
-        keyed = torch.where(usable, fitness, torch.full_like(fitness, float("inf")))
-        ranks = torch.empty_like(fitness)
-        ranks[keyed.argsort(stable=True)] = torch.arange(fitness.numel(), dtype=fitness.dtype, device=fitness.device)
-        return torch.where(usable, ranks / (count - 1).clamp_min(1) - 0.5, zeros)
+        keyed = torch.where(usable, fitness, torch.full_like(fitness, float("inf")))  # the unusable rank last
+        return torch.where(usable, average_ranks(keyed) / (count - 1).clamp_min(1) - 0.5, zeros)
     if shaping == "sign":
         return torch.where(usable, antithetic_signs(torch.where(usable, fitness, zeros)), zeros)
     values = torch.where(usable, fitness, zeros)
