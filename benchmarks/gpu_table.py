@@ -99,6 +99,12 @@ def benchmark_rows(out: Path) -> list[Row]:
                 )
         if "fp8_over_bf16_population_forward" in r:
             rows.append(("fp8 / bf16 population forward tokens/s", f"{r['fp8_over_bf16_population_forward']:.2f}", "-"))
+        for key, label in (
+            ("fp8_inference_over_bf16_inference", "fp8 inference / bf16 inference (goal >= 1.25)"),
+            ("fp8_population_over_bf16_inference", "fp8 population / bf16 inference (goal >= 1.35)"),
+        ):
+            if key in r:
+                rows.append((label, f"{r[key]:.2f}", r.get("baseline", "-")[:40]))
     return rows
 
 

@@ -16,6 +16,7 @@ For every format the GPT is converted by ``LowBitPrecision`` and the script meas
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -29,7 +30,9 @@ from devices import device_name, free_memory, peak_memory, reset_peak_memory, sy
 
 from lightning_nobp.algorithms import EggRoll  # noqa: E402
 from lightning_nobp.fabric.precision import LowBitPrecision  # noqa: E402
+from lightning_nobp.kernels.fp8_linear import FP8LinearMode  # noqa: E402
 from lightning_nobp.kernels.lowbit_update import UpdateTerms  # noqa: E402
+from lightning_nobp.lowbit.formats import Float8Tensor  # noqa: E402
 from lightning_nobp.kernels.triton_support import use_triton  # noqa: E402
 from lightning_nobp.lowbit import apply_low_bit_updates, is_low_bit, memory_report  # noqa: E402
 from lightning_nobp.lowbit.memory import storage_bytes  # noqa: E402
@@ -131,6 +134,29 @@ def measure_population(
     }
 
 
+def measure_inference(model: GPT, batch: int, seq_len: int, repeats: int, device: torch.device, compile: bool) -> dict:
+    """Plain inference (the loss of one batch) in tokens per second, eager and, with ``compile``, compiled; fp8
+    weights under ``FP8LinearMode`` (what ``LowBitPrecision``'s forward context runs)."""
+    tokens = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1), device=device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    fp8 = any(isinstance(p, Float8Tensor) for p in model.parameters())
+    routing = FP8LinearMode if fp8 else contextlib.nullcontext
+
+    def loss_fn() -> Tensor:
+        return model.loss(inputs, targets)
+
+    result: dict = {}
+    with torch.no_grad(), routing():
+        result["eager_tokens_per_s"] = batch * seq_len / timed(loss_fn, device, repeats)
+        if compile:
+            try:
+                compiled = torch.compile(loss_fn)
+                result["compiled_tokens_per_s"] = batch * seq_len / timed(compiled, device, repeats, warmup=2)
+            except Exception as error:  # noqa: BLE001 - recorded in the report instead
+                result["compiled_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    return result
+
+
 def measure_step_memory(model: GPT, population: int, batch: int, seq_len: int, device: torch.device) -> dict:
     """Peak memory of one whole step (population forward, tell, fused update) against plain inference."""
     if device.type != "cuda":
@@ -171,6 +197,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="default 2 CPU, 4 CUDA")
     parser.add_argument("--seq-len", type=int, default=None, help="default 64 CPU, 1024 CUDA")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time compiled inference (the GPU baseline)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/lowbit.json"))
     return parser.parse_args(argv)
 
@@ -193,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
             entry["fused_update"] = measure_update(model, population, args.repeats, device)
         if weights in ("bf16", "fp8_e4m3"):
             entry["population_forward"] = measure_population(model, population, batch, seq_len, args.repeats, device)
+            entry["inference"] = measure_inference(model, batch, seq_len, args.repeats, device, args.compile)
         if weights == "fp8_e4m3":
             entry["step_memory"] = measure_step_memory(model, population, batch, seq_len, device)
         result["formats"][weights] = entry
@@ -202,6 +230,13 @@ def main(argv: list[str] | None = None) -> dict:
     if "fp8_e4m3" in result["formats"]:
         fp8 = result["formats"]["fp8_e4m3"]["population_forward"]["population_tokens_per_s"]
         result["fp8_over_bf16_population_forward"] = fp8 / bf16
+        inference = {w: result["formats"][w]["inference"] for w in ("bf16", "fp8_e4m3")}
+        key = "compiled_tokens_per_s" if "compiled_tokens_per_s" in inference["bf16"] else "eager_tokens_per_s"
+        baseline = inference["bf16"][key]
+        result["baseline"] = f"bf16 inference ({key}), same token batch, same run"
+        if key in inference["fp8_e4m3"]:
+            result["fp8_inference_over_bf16_inference"] = inference["fp8_e4m3"][key] / baseline
+        result["fp8_population_over_bf16_inference"] = fp8 / baseline
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=float))
     print(f"wrote {args.out}")
