@@ -459,7 +459,9 @@ def _nobp(algorithm: Callable[[], Any], **strategy_options: Any) -> Callable[[],
     def make() -> Any:
         from lightning_nobp import NoBackpropStrategy
 
-        return NoBackpropStrategy(algorithm=algorithm(), **strategy_options)
+        # the CPU tunings the recipes opt into (process-wide while training runs)
+        options = {"reuse_cpu_memory": True, "freeze_startup_objects": True, **strategy_options}
+        return NoBackpropStrategy(algorithm=algorithm(), **options)
 
     return make
 

@@ -6,6 +6,9 @@ returns them to the kernel on ``free`` (``M_TRIM_THRESHOLD``), so the next step 
 again and the kernel zeroes it: on the 2-core CI machine this doubled the time of elementwise passes
 (``benchmarks/cpu_allocator.py`` measures it). Raising the mmap and trim thresholds keeps those pages in the
 heap for reuse, as jemalloc and tcmalloc do by default. Only glibc is tuned; elsewhere nothing changes.
+
+The tuning is process-wide, so the strategies apply it only when asked (``reuse_cpu_memory=True``) and undo it when
+training ends (:func:`restore_cpu_memory_defaults`: glibc's default thresholds back, the retained memory returned).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ MMAP_THRESHOLD_BYTES = 128 * 1024 * 1024
 RETAINED_BYTES = 512 * 1024 * 1024
 #: extra memory requested from the kernel each time the heap grows
 TOP_PAD_BYTES = 32 * 1024 * 1024
+
+#: glibc's defaults of the three settings (the mmap threshold's dynamic adjustment stays off once set)
+GLIBC_DEFAULT_BYTES = 128 * 1024
 
 _applied: bool | None = None
 
@@ -69,3 +75,21 @@ def keep_freed_cpu_memory(
     if _applied:
         log.debug("glibc malloc keeps up to %d MiB of freed memory for reuse", retained >> 20)
     return _applied
+
+
+def restore_cpu_memory_defaults() -> bool:
+    """Undo :func:`keep_freed_cpu_memory`: glibc's default thresholds (128 KiB) back, the freed memory the process
+    kept returned to the kernel (``malloc_trim``). A no-op where nothing was tuned.
+
+    Returns:
+        Whether the defaults were set back.
+    """
+    global _applied
+    libc = _glibc()
+    if not _applied or libc is None:
+        return False
+    options = (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, _M_TOP_PAD)
+    restored = all(libc.mallopt(ctypes.c_int(option), ctypes.c_int(GLIBC_DEFAULT_BYTES)) == 1 for option in options)
+    libc.malloc_trim(ctypes.c_size_t(0))
+    _applied = None  # the next keep_freed_cpu_memory() applies the tuning again
+    return restored

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_nobp.cpu_allocator import keep_freed_cpu_memory
+from lightning_nobp.cpu_allocator import keep_freed_cpu_memory, restore_cpu_memory_defaults
 from lightning_nobp.lowbit.formats import is_low_bit
 from lightning_nobp.algorithms import (
     Algorithm,
@@ -489,7 +489,8 @@ class ForwardOnlyStrategyMixin:
 
     engine: ForwardOnlyEngine
     _seed: int | None
-    reuse_cpu_memory: bool = True
+    reuse_cpu_memory: bool = False
+    _tuned_cpu_memory: bool = False
 
     @property
     def algorithm(self) -> Algorithm:
@@ -513,9 +514,15 @@ class ForwardOnlyStrategyMixin:
         return self._seed if self._seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def _prepare_cpu_memory(self, device: torch.device) -> None:
-        """On the CPU, keep freed memory in the process (see :mod:`lightning_nobp.cpu_allocator`)."""
+        """On the CPU and when asked, keep freed memory in the process (see :mod:`lightning_nobp.cpu_allocator`)."""
         if self.reuse_cpu_memory and device.type == "cpu":
-            keep_freed_cpu_memory()
+            self._tuned_cpu_memory = keep_freed_cpu_memory()
+
+    def _restore_cpu_memory(self) -> None:
+        """Give the process glibc's own ``malloc`` settings back (training ended)."""
+        if self._tuned_cpu_memory:
+            restore_cpu_memory_defaults()
+            self._tuned_cpu_memory = False
 
     @property
     def _single_process(self) -> bool:

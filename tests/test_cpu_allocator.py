@@ -1,4 +1,5 @@
-"""``reuse_cpu_memory``: the strategies tune glibc's malloc on the CPU (process-wide), and only when asked.
+"""``reuse_cpu_memory``: the strategies tune glibc's malloc on the CPU (process-wide) only when asked, and undo it
+when training ends.
 
 The setting cannot be undone in a process, so every check runs in a fresh interpreter and reads glibc's own
 ``mallinfo2`` / ``malloc_info`` back instead of trusting the return value.
@@ -73,8 +74,44 @@ def test_keep_freed_cpu_memory_keeps_large_blocks_for_reuse() -> None:
 
 
 @pytest.mark.parametrize("reuse", [True, False])
-def test_trainer_strategy_tunes_malloc_on_cpu_only_when_asked(reuse: bool) -> None:
+def test_trainer_strategy_tunes_malloc_on_cpu_only_when_asked_and_only_while_training(reuse: bool) -> None:
     setup = f"""
+    import lightning as L
+    from lightning_nobp import NoBackpropStrategy, cpu_allocator
+    from lightning_nobp.algorithms import EggRoll
+    from lightning_nobp.models import MLPClassifier
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Seen(L.Callback):
+        tuned = []
+        def on_train_batch_end(self, *args):
+            self.tuned.append(cpu_allocator._applied)
+
+    data = DataLoader(TensorDataset(torch.randn(32, 8), torch.randint(0, 3, (32,))), batch_size=16)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[Seen()],
+        strategy=NoBackpropStrategy(algorithm=EggRoll(population=4), reuse_cpu_memory={reuse}),
+    )
+    trainer.fit(MLPClassifier(in_features=8, hidden=8, num_classes=3), data)
+    assert Seen.tuned == [{True if reuse else None}], Seen.tuned
+    assert cpu_allocator._applied is None  # nothing left tuned after training
+    """
+    assert _probe(setup)["mmapped_while_alive"] >= 64 * 1024 * 1024  # glibc's own behaviour afterwards
+
+
+def test_fabric_strategy_tunes_malloc_on_cpu_only_when_asked() -> None:
+    setup = """
+    from lightning.fabric import Fabric
+    from lightning_nobp.fabric import NoBackpropStrategy
+    Fabric(accelerator="cpu", devices=1, strategy=NoBackpropStrategy({reuse})).launch()
+    """
+    assert _probe(setup.format(reuse="reuse_cpu_memory=True"))["heap_free_after"] >= 64 * 1024 * 1024
+    assert _probe(setup.format(reuse=""))["mmapped_while_alive"] >= 64 * 1024 * 1024  # the default leaves malloc
+
+
+def test_the_tuning_is_undone_when_training_ends() -> None:
+    setup = """
     import lightning as L
     from lightning_nobp import NoBackpropStrategy
     from lightning_nobp.algorithms import EggRoll
@@ -84,21 +121,12 @@ def test_trainer_strategy_tunes_malloc_on_cpu_only_when_asked(reuse: bool) -> No
     trainer = L.Trainer(
         accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False,
-        strategy=NoBackpropStrategy(algorithm=EggRoll(population=4), reuse_cpu_memory={reuse}),
+        strategy=NoBackpropStrategy(algorithm=EggRoll(population=4), reuse_cpu_memory=True),
     )
     trainer.fit(MLPClassifier(in_features=8, hidden=8, num_classes=3), data)
+    from lightning_nobp import cpu_allocator
+    assert cpu_allocator._applied is None  # restored at teardown
     """
     result = _probe(setup)
-    if reuse:
-        assert result["heap_free_after"] >= 64 * 1024 * 1024
-    else:
-        assert result["mmapped_while_alive"] >= 64 * 1024 * 1024
-
-
-def test_fabric_strategy_tunes_malloc_on_cpu() -> None:
-    setup = """
-    from lightning.fabric import Fabric
-    from lightning_nobp.fabric import NoBackpropStrategy
-    Fabric(accelerator="cpu", devices=1, strategy=NoBackpropStrategy()).launch()
-    """
-    assert _probe(setup)["heap_free_after"] >= 64 * 1024 * 1024
+    assert result["mmapped_while_alive"] >= 64 * 1024 * 1024  # large blocks are mmapped again
+    assert result["heap_free_after"] < 64 * 1024 * 1024

@@ -43,7 +43,7 @@ def _fit(strategy: NoBackpropStrategy, probe: FreezeCount) -> None:
 
 def test_objects_are_frozen_while_training_and_released_after() -> None:
     probe = FreezeCount()
-    _fit(NoBackpropStrategy(EggRoll(population=4)), probe)
+    _fit(NoBackpropStrategy(EggRoll(population=4), freeze_startup_objects=True), probe)
     assert len(probe.counts) == 3 and min(probe.counts) > 100_000  # the imported modules, functions, the model
     assert gc.get_freeze_count() == 0
 
@@ -51,10 +51,10 @@ def test_objects_are_frozen_while_training_and_released_after() -> None:
 def test_released_after_an_exception_and_untouched_when_switched_off() -> None:
     probe = FreezeCount(fail_at=1)
     with pytest.raises(RuntimeError, match="callback failed"):
-        _fit(NoBackpropStrategy(EggRoll(population=4)), probe)
+        _fit(NoBackpropStrategy(EggRoll(population=4), freeze_startup_objects=True), probe)
     assert probe.counts[0] > 0 and gc.get_freeze_count() == 0
     probe = FreezeCount()
-    _fit(NoBackpropStrategy(EggRoll(population=4), freeze_startup_objects=False), probe)
+    _fit(NoBackpropStrategy(EggRoll(population=4)), probe)  # the default: the collector is left alone
     assert probe.counts == [0, 0, 0]
 
 

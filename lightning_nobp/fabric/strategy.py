@@ -71,10 +71,10 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             learning rate tuned for backpropagation does not diverge on the forward-only estimate; steps within the
             bound are untouched, Adam's steps are left alone (``lightning_nobp.perturb.step_limit``). Logged as
             ``nobp/step_limited`` (tensors scaled down in the step); ``None`` turns it off.
-        reuse_cpu_memory: on the CPU, make glibc's ``malloc`` keep freed memory in the process (up to 512 MiB)
-            instead of returning it to the kernel, so the population's large activations are not page-faulted in
-            again at every step (EggRoll steps on the Fashion-MNIST MLP 1.3x faster at population 64, 1.7x at
-            256: ``benchmarks/cpu_allocator.py``). Process-wide and permanent; ``False`` leaves ``malloc`` alone.
+        reuse_cpu_memory: opt-in CPU tuning: while training runs, make glibc's ``malloc`` keep freed memory in the
+            process (up to 512 MiB) instead of returning it to the kernel, so the population's large activations
+            are not page-faulted in again at every step (faster steps on the CPU: ``benchmarks/cpu_allocator.py``
+            measures it). Process-wide while it lasts; glibc's defaults come back when training ends.
         seed: base seed of every perturbation. ``None`` takes ``PL_GLOBAL_SEED`` (set by ``seed_everything``), else 0.
         accelerator: see ``lightning.fabric.strategies.DDPStrategy``.
         parallel_devices: see ``DDPStrategy``.
@@ -96,7 +96,7 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         fused_kernels: bool | None = None,
         step_limit: float | None = DEFAULT_STEP_LIMIT,
         seed: int | None = None,
-        reuse_cpu_memory: bool = True,
+        reuse_cpu_memory: bool = False,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -169,6 +169,7 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         return module
 
     def teardown(self) -> None:
+        self._restore_cpu_memory()
         self.engine.release()  # the user's modules get their own forwards back
         super().teardown()
 

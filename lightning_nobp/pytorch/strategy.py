@@ -102,10 +102,10 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             forward cost. The official pass then runs on the whole batch at the unperturbed weights. A batch with
             fewer samples than pairs (a loader's last batch) is shared round-robin, one sample per pair, with one
             warning.
-        reuse_cpu_memory: on the CPU, make glibc's ``malloc`` keep freed memory in the process (up to 512 MiB)
-            instead of returning it to the kernel, so the population's large activations are not page-faulted in
-            again at every step (EggRoll steps on the Fashion-MNIST MLP 1.3x faster at population 64, 1.7x at
-            256: ``benchmarks/cpu_allocator.py``). Process-wide and permanent; ``False`` leaves ``malloc`` alone.
+        reuse_cpu_memory: opt-in CPU tuning: while training runs, make glibc's ``malloc`` keep freed memory in the
+            process (up to 512 MiB) instead of returning it to the kernel, so the population's large activations
+            are not page-faulted in again at every step (faster steps on the CPU: ``benchmarks/cpu_allocator.py``
+            measures it). Process-wide while it lasts; glibc's defaults come back when training ends.
         seed: base seed of every perturbation (counter-derived per step, member and parameter). ``None`` takes the
             seed of ``lightning.seed_everything`` (``PL_GLOBAL_SEED``), else 0.
         reuse_official_pass: evaluate the official ``training_step`` at the first member's perturbed weights and
@@ -117,11 +117,10 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             left (a population of 2). In a batched evaluation one more member costs less than perturbing the
             official pass (on 2 CPU cores, ``EggRoll()`` steps on digits 19.5 instead of 20.8 ms, ``MeZO()`` 12.0
             instead of 12.8 ms).
-        freeze_startup_objects: while training runs, keep Python's full garbage collections away from the objects
-            that existed when it started (``gc.freeze()`` in ``on_train_start``, ``gc.unfreeze()`` when training
-            ends; ``lightning_nobp.gc_freeze``). After importing Lightning a full collection visits some 520,000
-            objects (213 ms on 2 CPU cores, about one per 750 small steps); frozen, it visits what training
-            creates. Left alone when objects were frozen already; ``False`` never touches the collector.
+        freeze_startup_objects: opt-in: while training runs, keep Python's full garbage collections away from the
+            objects that existed when it started (``gc.freeze()`` in ``on_train_start``, ``gc.unfreeze()`` when
+            training ends; ``lightning_nobp.gc_freeze``): after importing Lightning a full collection visits some
+            520,000 objects, which small steps feel. Left alone when objects were frozen already.
         accelerator: see ``lightning.pytorch.strategies.DDPStrategy``.
         parallel_devices: see ``DDPStrategy``.
         cluster_environment: see ``DDPStrategy``.
@@ -146,9 +145,9 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         step_limit: float | None = DEFAULT_STEP_LIMIT,
         member_data: Literal["shared", "pair_slices"] = "shared",
         seed: int | None = None,
-        reuse_cpu_memory: bool = True,
+        reuse_cpu_memory: bool = False,
         reuse_official_pass: bool | None = None,
-        freeze_startup_objects: bool = True,
+        freeze_startup_objects: bool = False,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -304,6 +303,7 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
 
     def teardown(self) -> None:
         self._startup_objects.release()  # also after an exception, which skips on_train_end
+        self._restore_cpu_memory()
         self.engine.release()  # the user's modules get their own forwards back
         super().teardown()
 
