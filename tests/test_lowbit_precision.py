@@ -283,3 +283,15 @@ def test_fp8_weights_with_quantized_activations_carry_a_scaled_mm_configuration(
     assert (weight.mm_config is not None) is activation_quantization
     if activation_quantization:
         assert weight.mm_config.use_fast_accum
+
+
+@pytest.mark.parametrize("weights", ["nvfp4", "mxfp4"])
+def test_fp4_weights_say_once_what_they_do_without_an_fp4_matmul(weights: str) -> None:
+    from lightning_nobp.fabric import LowBitPrecision as FabricLowBitPrecision
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 32))
+    with pytest.warns(UserWarning, match="no FP4 matmul.*dequantizes"):
+        FabricLowBitPrecision(weights).convert_module(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        FabricLowBitPrecision("fp8_e4m3").convert_module(torch.nn.Linear(64, 64))  # FP8: nothing to say

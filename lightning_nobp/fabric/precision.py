@@ -14,6 +14,7 @@ import torch
 from lightning.fabric.plugins.precision import Precision
 from lightning.fabric.plugins.precision.utils import _convert_fp_tensor, _DtypeContextManager
 from lightning_utilities import apply_to_collection
+from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -96,7 +97,24 @@ class LowBitPrecision(Precision):
             self._quantize_activations(module),
             self.lattice_threshold,
         )
+        self._warn_without_fp4_matmul(module)
         return module
+
+    def _warn_without_fp4_matmul(self, module: nn.Module) -> None:
+        """Say once what FP4 weights do on a device without an FP4 matmul (anything but an NVIDIA Blackwell GPU)."""
+        if self.weights not in ("nvfp4", "mxfp4"):
+            return
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (10, 0):
+            return
+        rank_zero_warn(
+            f"lightning_nobp: {self.weights} weights on {device.type}: this device has no FP4 matmul (an NVIDIA"
+            " Blackwell GPU, compute capability 10.0, has one), so each layer dequantizes its weight to"
+            f" {self.compute_dtype} in the forward. The weights take about half a byte each in memory and train as"
+            " FP4, but forwards are no faster than bf16 (slower on the CPU). For speed on this device use"
+            " LowBitPrecision('fp8_e4m3') (FP8 tensor cores on compute capability 8.9 and newer).",
+            category=UserWarning,
+        )
 
     def point_optimizer_at_converted(self, optimizer: Optimizer) -> None:
         """Replace, in an optimizer built before :meth:`convert_module`, the parameters the conversion replaced."""
