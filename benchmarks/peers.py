@@ -71,9 +71,10 @@ class DatasetSpec:
         hidden: width of its hidden layer.
         batch_size: the user's batch (every method, EvoTorch's minibatch too).
         lr: the learning rate of the user's Adam (every Lightning method): what a backprop user picks for this
-            task (PEERS.md: 1e-2 on digits, 1e-3 on Fashion-MNIST).
+            task (1e-2 on digits, 1e-3 on Fashion-MNIST).
         thresholds: accuracies whose first crossing time is reported.
-        evotorch_stdev: initial search standard deviation of EvoTorch's SNES and PGPE (as measured in PEERS.md).
+        evotorch_stdev: initial search standard deviation of EvoTorch's SNES and PGPE (as tuned in earlier peer
+            measurements).
     """
 
     name: str

@@ -2,8 +2,8 @@
 
 A forward-only step is many small operations, so it creates and drops many Python objects; every few hundred
 steps CPython then runs a full collection, which visits every object of the process. After importing Lightning,
-torch and scikit-learn that is about 520,000 objects, and one collection took 213 ms on the 2-core CPU (about
-one per 750 digits ``EggRoll()`` steps: 0.28 ms a step, ``gc.callbacks`` timing in a ``/tmp`` script). The
+torch and scikit-learn that is about 520,000 objects, so each full collection stalls a step noticeably (figures
+in ``docs/results.md``). The
 objects that exist when training starts (modules, functions, the model) live as long as the run: ``gc.freeze``
 moves them out of the collector's sight, and the collections during training visit only what training creates.
 ``gc.unfreeze`` hands them back when training ends.

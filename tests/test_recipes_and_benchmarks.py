@@ -81,7 +81,7 @@ def test_gpu_table_reads_the_token_counts_from_the_recipe(tmp_path: Path) -> Non
     assert gpu_table.member_tokens(before) == (32 * 1024, 32, 2 * 1024)  # each pair scores its own 2 sequences
     table = gpu_table.format_table(gpu_table.benchmark_rows(out) + gpu_table.recipe_rows(out, before))
     assert "| step_cost inference" in table and "252,077" in table
-    assert re.search(r"179 steps in 194 s, training tokens/s\s*\|\s*30,250 ", table)  # the README's figure
+    assert re.search(r"179 steps in 194 s, training tokens/s\s*\|\s*30,250 ", table)  # the figure in docs/results.md
     assert re.search(r"population forward tokens/s \(median\)\s*\|\s*83,185 ", table)
     assert "179: 5.272" in table and re.search(r"held-out test bits/byte\s*\|\s*5.3840 ", table)
 

@@ -142,7 +142,7 @@ def test_smollm2_backprop_twin_matches_the_mezo_recipe() -> None:
 
 def test_fashion_recipes_are_twins_of_the_same_job() -> None:
     """The three Fashion-MNIST recipes train the same MLP on the same data for the same budget (what compare.py and
-    the README's rows put side by side); only the strategy, the precision and the optimizer differ."""
+    docs/results.md's rows put side by side); only the strategy, the precision and the optimizer differ."""
     recipes = {name: yaml.safe_load((RECIPES / f"{name}.yaml").read_text()) for name in FASHION}
     backprop = recipes["fashion-backprop"]
     assert "strategy" not in backprop["trainer"] and "plugins" not in backprop["trainer"]

@@ -1,7 +1,7 @@
 """Counter-based noise: every number a member's perturbation uses is a hash of (stream seed, position).
 
 A population of small weights needs many short streams per step (a 256-member EggRoll on a 64-128-10 MLP draws
-128 seeds x 4 parameters). Re-seeding a ``torch.Generator`` for each costs about 10 us on the CPU, more than the
+128 seeds x 4 parameters). Re-seeding a ``torch.Generator`` for each costs more on the CPU than the
 numbers themselves; here all streams of a parameter come from one vectorized computation instead: element ``k`` of
 stream ``s`` is the ``k``-th output of SplitMix64 started at ``s`` (the generator ``derive_seed`` is built on),
 turned into a standard normal by the Box-Muller transform, or into a random sign. Only integer arithmetic decides
@@ -10,7 +10,7 @@ with it.
 
 On the CPU the integer part runs in numpy (``uint64`` wraps and shifts logically, at a fraction of torch's cost per
 operation on small arrays), elsewhere in torch's ``int64``; the bits are the same, and the floating-point part is
-torch's on every device. Counter-based drawing costs a fixed ~0.3 ms per call however few streams it draws,
+torch's on every device. Counter-based drawing has a fixed cost per call however few streams it draws,
 so it pays for populations, not for one or a few directions a step: evolution strategies (``EggRoll``,
 ``OpenES``) draw their noise here, ``MeZO`` and ``ForwardGradient`` from a re-seeded ``torch.Generator``
 (``source="generator"``). Each algorithm keeps to one source, so a seed always gives the same noise.

@@ -221,8 +221,8 @@ class EvolutionStrategy(InputBases, Algorithm):
 
         With ``window``, a draw that is needed covers the noise of ``window(k)``'s steps at once, ``k`` as many steps
         as hold ``NOISE_WINDOW_BYTES`` (at most ``NOISE_WINDOW_STEPS``): the next steps of the window then find
-        theirs cached. A small model's draw costs about the same for 8 steps as for one (digits' MLP: 4.7 against
-        1.4 ms on 2 CPU cores). ``window(k)`` must return the same seeds, in the same order, on every step of a
+        theirs cached. A small model's draw for 8 steps costs far less than 8 draws of one step. ``window(k)`` must
+        return the same seeds, in the same order, on every step of a
         window, so that each noise is always drawn in the same company (an input-subspace projection is not
         bit-identical across companies): a resumed run then draws exactly what an uninterrupted one does.
         """

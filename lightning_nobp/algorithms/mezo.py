@@ -29,10 +29,10 @@ class MeZO(InputBases, Algorithm):
             ``1e-3`` suits fp32/bf16 models whose weights are of order 0.01 to 1.
         directions: random directions per micro-batch; their estimates are averaged (2 forwards each, evaluated
             together in one batched forward where the model allows it). With a user's Adam, the step size is set
-            by the lr, so averaging directions buys a cleaner step for little more time: 8 (the default) held
-            82.2 % on Fashion-MNIST in 3 minutes against 79.2 % for 1 (the MeZO paper's setting, still the choice
-            for a large model on a few hundred steps) and reached 95 % on digits in 3 s instead of never
-            (``benchmarks/peers.py``).
+            by the lr, so averaging directions buys a cleaner step for little more time: 8 (the default) did better
+            than 1 (the MeZO paper's setting, still the choice for a large model on a few hundred steps) on
+            Fashion-MNIST and digits at equal training time (``benchmarks/peers.py``; figures in
+            ``docs/results.md``).
         distribution: ``"gaussian"`` (MeZO's choice) or ``"rademacher"`` (entries +-1).
         input_subspace: for layers fed directly by the data (an MLP's first layer), project the rows of ``z``
             on the principal subspace of their inputs holding this fraction of the inputs' energy (estimated over

@@ -2,8 +2,8 @@
 
 A population's noise is drawn per parameter with one vectorized counter-based computation
 (``lightning_nobp.algorithms.counter_noise``), whose cost is nearly fixed (some forty tensor operations) for
-small parameters: a small model's step paid it once per parameter (four times for an MLP with two layers, about a
-tenth of a digits step on 2 CPU cores). Here the parameters' streams are hashed together: the stream keys of every
+small parameters: a small model's step paid it once per parameter (four times for an MLP with two layers, a
+noticeable part of a digits step). Here the parameters' streams are hashed together: the stream keys of every
 (parameter, seed) pair come from one computation, and parameters of similar length share one draw of the longest
 length. Element ``k`` of a stream depends on its key and ``k`` alone, so the first ``n`` numbers of a longer draw
 are exactly an ``n``-number draw: the noise is the same as drawing each parameter on its own.

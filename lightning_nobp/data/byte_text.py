@@ -181,7 +181,7 @@ class ByteTextDataModule(pl.LightningDataModule):
                     num_workers=self.optimize_workers,
                     mode="overwrite",
                     reorder_files=False,
-                    # fork: the workers start at once (spawn re-imports torch in each, ~10 s); they only copy bytes
+                    # fork: the workers start at once (spawn re-imports torch in each, slowly); they only copy bytes
                     start_method="fork" if "fork" in multiprocessing.get_all_start_methods() else None,
                 )
             finally:

@@ -38,7 +38,7 @@ class LowBitPrecision(Precision):
             weights stay in ``compute_dtype``.
         compute_dtype: dtype of the forward computation, of vectors (biases, norms) and of buffers. ``None``
             (default): ``torch.bfloat16`` on CUDA and on CPUs with native BF16 arithmetic, ``torch.float32`` on other
-            CPUs, where BF16 matrix products run about 25 times slower (the low-bit weights then dequantize to
+            CPUs, where BF16 matrix products take a much slower path (the low-bit weights then dequantize to
             float32 inside each layer; ``weights="bf16"`` always computes in BF16).
         activation_quantization: fp8 only: also quantize activations per row so ``F.linear`` runs
             ``torch._scaled_mm`` on fp8 tensor cores. ``None``: on when converting on a CUDA device with compute

