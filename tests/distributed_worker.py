@@ -32,6 +32,15 @@ class CountingClassifier(DigitsClassifier):
         return super().training_step(batch, batch_idx)
 
 
+class RewardClassifier(CountingClassifier):
+    """Trains on each sample's 0/1 accuracy as a reward (``{"reward": r}``), not on a loss."""
+
+    def training_step(self, batch, batch_idx):
+        self.evaluations += 1
+        x, y = batch
+        return {"reward": (self(x).argmax(-1) == y).float()}
+
+
 def parameter_digest(module: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, value in sorted(module.state_dict().items()):
@@ -51,11 +60,11 @@ def run_rank(local_rank: int, world_size: int, port: int, out_dir: str, steps: i
     )
     torch.set_num_threads(1)
     results = {}
-    for name, hidden in (("mezo", 16), ("mezo", 256), ("eggroll", 16), ("eggroll", 256)):
+    for name, hidden in (("mezo", 16), ("mezo", 256), ("eggroll", 16), ("eggroll", 256), ("eggroll-reward", 16)):
         pl.seed_everything(local_rank)  # different initial weights per rank: the strategy must align them
         os.environ["PL_GLOBAL_SEED"] = "0"
         train, _ = load_digits_split()
-        algorithm = MeZO(directions=2) if name == "mezo" else EggRoll(population=8)
+        algorithm = MeZO(directions=2) if name == "mezo" else EggRoll(population=8)  # eggroll and eggroll-reward
         # one member per evaluation, so the evaluations counted below show how the population was shared
         strategy = NoBackpropStrategy(algorithm=algorithm, seed=0, population_batching=False)
         trainer = pl.Trainer(
@@ -68,7 +77,7 @@ def run_rank(local_rank: int, world_size: int, port: int, out_dir: str, steps: i
             enable_progress_bar=False,
             enable_model_summary=False,
         )
-        model = CountingClassifier(hidden=hidden)
+        model = (RewardClassifier if name.endswith("reward") else CountingClassifier)(hidden=hidden)
         trainer.fit(model, DataLoader(train, batch_size=64, shuffle=True))
         results[f"{name}-{hidden}"] = {
             "evaluations": model.evaluations,

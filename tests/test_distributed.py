@@ -37,3 +37,7 @@ def test_two_processes_end_bit_identical_and_exchange_only_scalars(tmp_path: Pat
     # EggRoll: the 4 antithetic pairs are split between the ranks (4 members each, the first reused)
     assert rank0["mezo-16"]["evaluations"] == rank1["mezo-16"]["evaluations"] == 1 + steps * 4
     assert rank0["eggroll-16"]["evaluations"] == rank1["eggroll-16"]["evaluations"] == 1 + steps * 4
+    # a reward ({"reward": accuracy}) is shared and split exactly as a loss is; the ranks stay identical
+    reward = rank0["eggroll-reward-16"]
+    assert reward["communicated_bytes"] == steps * 8 * 4 and reward["evaluations"] == 1 + steps * 4
+    assert reward["digest"] != rank0["eggroll-16"]["digest"]  # it trained on the reward, not the loss
