@@ -50,7 +50,7 @@ def merged_weights(terms: Sequence[tuple[Population, Tensor]]) -> dict[int, floa
     return merged
 
 
-def limited(estimate: Tensor, factor: float | Tensor, normalize: bool) -> Tensor:
+def with_step_factor(estimate: Tensor, factor: float | Tensor, normalize: bool) -> Tensor:
     """An SGD step's estimate with the step limit's factor on it (a normalized step takes it after normalizing)."""
     return estimate if normalize or isinstance(factor, float) else estimate * factor
 
@@ -203,8 +203,8 @@ class EstimateWriter:
                         weight = reference_dequantize(layout) if settings.weight_decay else estimate
                         direction = self._adam(index, estimate, settings, states, weight, torch.bfloat16)
                     else:
-                        direction = self._momentum(index, limited(estimate, factor, normalize), settings, normalize,
-                                                   states, torch.bfloat16)  # fmt: skip
+                        bounded = with_step_factor(estimate, factor, normalize)
+                        direction = self._momentum(index, bounded, settings, normalize, states, torch.bfloat16)
                     direction = direction * factor if normalize else direction
                     update_terms, step = UpdateTerms(decay=update_terms.decay, dense=direction), -lr
                 else:
@@ -218,7 +218,7 @@ class EstimateWriter:
             squared = float(estimate.square().sum())
             squared_norm = squared_norm + squared
             factor = self._limit(index, settings, self._change_norm(estimate, lr, normalize))
-            estimate = limited(estimate, factor, normalize)
+            estimate = with_step_factor(estimate, factor, normalize)
             if settings.adam:
                 estimate = self._adam(index, estimate, settings, states, param.float(), param.dtype)
             elif settings.momentum:
