@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_nobp import NoBackpropStrategy
-from lightning_nobp.algorithms import EggRoll, MeZO
+from lightning_nobp.algorithms import EggRoll, ForwardGradient, MeZO
 
 from conftest import quiet_trainer_kwargs
 
@@ -56,8 +56,9 @@ def loader():
         # layer) and searches for data-fed layers (input subspaces: 2 forwards): none of these may touch them
         EggRoll(population=8, rank=1, sigma=1e-2),
         MeZO(eps=1e-3, directions=2),
+        ForwardGradient(directions=4),  # forward-mode JVPs: BatchNorm's in-place update would break them
     ],
-    ids=["eggroll", "mezo", "eggroll-defaults", "mezo-defaults"],
+    ids=["eggroll", "mezo", "eggroll-defaults", "mezo-defaults", "forward-gradient"],
 )
 def test_members_leave_running_statistics_to_the_official_pass(algorithm) -> None:
     torch.manual_seed(0)
@@ -72,6 +73,23 @@ def test_members_leave_running_statistics_to_the_official_pass(algorithm) -> Non
         assert torch.equal(buffer, expected), name
     assert int(module.net[1].num_batches_tracked) == 1
     assert strategy.engine._estimators  # the members were evaluated
+
+
+def test_a_reused_official_pass_never_writes_perturbed_statistics() -> None:
+    """MeZO with one direction reuses the official pass as a member where it spares a forward, except in a model
+    with running statistics: they must come from the unperturbed weights (as with backprop)."""
+    torch.manual_seed(0)
+    module = SmallCNN()
+    official = copy.deepcopy(module)
+    strategy = NoBackpropStrategy(algorithm=MeZO(eps=1e-2, directions=1, input_subspace=None))  # reuse: automatic
+    pl.Trainer(strategy=strategy, max_steps=1, **quiet_trainer_kwargs()).fit(module, loader())
+    with torch.no_grad():
+        official.train()
+        official(next(iter(loader()))[0])
+    for (name, buffer), expected in zip(module.named_buffers(), official.buffers()):
+        assert torch.equal(buffer, expected), name
+    plain = NoBackpropStrategy(algorithm=MeZO(directions=1))
+    assert plain.official_pass_is_a_member(2)  # without such layers the pass is reused (one forward less)
 
 
 class MetricInTrainingStep(SmallCNN):

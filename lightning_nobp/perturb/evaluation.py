@@ -113,6 +113,12 @@ class MemberEvaluation:
         #: whether the user's code evaluates under vmap: None until tried, then True or False
         self.batching: bool | None = None
 
+    def tracks_side_effects(self) -> bool:
+        """Whether a training forward changes state here: BatchNorm-style running statistics in training mode, or
+        torchmetrics objects (the official pass must then run at the unperturbed weights)."""
+        tracking = any(layer.training and layer.track_running_stats for layer in self.norms)
+        return tracking or bool(self.metrics)
+
     @contextlib.contextmanager
     def loss_context(self) -> Iterator[None]:
         """Where members' losses and the other extra forwards of a step are evaluated (the search for data-fed layers

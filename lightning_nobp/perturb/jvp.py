@@ -20,6 +20,7 @@ from lightning_nobp.algorithms.base import Population
 from lightning_nobp.perturb.estimator import LossFn, MemberInputs, PopulationEstimator, RngSnapshot
 from lightning_nobp.perturb.evaluation import first_member
 from lightning_nobp.perturb.member_layers import Perturbation
+from lightning_nobp.perturb.norm_statistics import metric_states_kept, running_statistics_frozen
 
 JVP_FAILED_MESSAGE = (
     "ForwardGradient evaluates training_step with forward-mode AD (torch.func.jvp), which failed: {error}."
@@ -150,6 +151,26 @@ def directional_derivatives(
     losses = torch.zeros(len(population), dtype=torch.float32)
     if not indices:
         return derivatives, losses
+    evaluation = estimator.evaluation
+    # running statistics and metric states stay as they are (the official pass updates them); jvp also refuses
+    # BatchNorm's in-place update of its statistics
+    with running_statistics_frozen(evaluation.norms), metric_states_kept(evaluation.metrics):
+        result = _jvp_results(estimator, population, loss_fn, indices, device, rng, batched, member_inputs)
+    derivatives[indices], losses[indices] = result
+    return derivatives, losses
+
+
+def _jvp_results(
+    estimator: PopulationEstimator,
+    population: Population,
+    loss_fn: LossFn,
+    indices: list[int],
+    device: torch.device,
+    rng: RngSnapshot | None,
+    batched: bool,
+    member_inputs: MemberInputs | None,
+) -> tuple[Tensor, Tensor]:
+    """The directional derivatives and losses of ``indices``: batched where possible, else one at a time."""
     result: tuple[Tensor, Tensor] | None = None
     if batched and estimator.batching is not False and len(indices) > 1:
         try:
@@ -171,5 +192,4 @@ def directional_derivatives(
             result = _loop(estimator, population, loss_fn, indices, device, rng, member_inputs)
         except (RuntimeError, NotImplementedError) as error:
             raise RuntimeError(JVP_FAILED_MESSAGE.format(error=str(error).splitlines()[0])) from error
-    derivatives[indices], losses[indices] = result
-    return derivatives, losses
+    return result

@@ -319,6 +319,8 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             return False
         if self.reuse_official_pass:
             return True
+        if estimator is not None and estimator.evaluation.tracks_side_effects():
+            return False  # running statistics and metric states must come from the unperturbed weights
         batched = self.engine.population_batching and (estimator is None or estimator.batching is not False)
         return not batched or members <= 2
 
