@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from lightning_nobp.algorithms.base import Population
+from lightning_nobp.perturb.batched_attention import MemberAttentionMode
 from lightning_nobp.perturb.inplace_activations import activations_after_linear, activations_in_place
 from lightning_nobp.perturb.member_layers import MemberLayers, Perturbation
 from lightning_nobp.perturb.member_noise import ChunkNoise, MemberNoise
@@ -109,6 +110,9 @@ class MemberEvaluation:
         self._softmax_context = loss_context(layers.owners.params)
         #: the recorder of per-row losses also does NarrowSoftmaxMode's work (CPU weights)
         self.narrow_softmax = self._softmax_context is NarrowSoftmaxMode
+        #: on the CPU, a batched population's attention runs as one fused call (perturb/batched_attention.py)
+        on_cpu = all(param.device.type == "cpu" for param in layers.owners.params)
+        self.attention_context = MemberAttentionMode if on_cpu else contextlib.nullcontext
         self.probed = False
         #: whether the user's code evaluates under vmap: None until tried, then True or False
         self.batching: bool | None = None
@@ -277,7 +281,7 @@ class MemberEvaluation:
             restore()
             tensors, tensor_dims = chunk_noise.flat()
             with torch.no_grad(), loss_context(), activations_in_place(self.in_place_activations), \
-                    running_statistics_frozen(self.norms):
+                    running_statistics_frozen(self.norms), self.attention_context():
                 in_dims = (None if inputs is None else 0, *tensor_dims)
                 losses, part_rows, mismatches = torch.func.vmap(member_loss, in_dims=in_dims, randomness="same")(
                     inputs, *tensors
