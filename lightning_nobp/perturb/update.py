@@ -10,7 +10,7 @@ noise formed inside it, no dense estimate, no host synchronisation), else with s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -48,6 +48,16 @@ def merged_weights(terms: Sequence[tuple[Population, Tensor]]) -> dict[int, floa
         for member, coefficient in zip(population.members, coefficients.tolist()):
             merged[member.noise_seed] = merged.get(member.noise_seed, 0.0) + coefficient * member.sign
     return merged
+
+
+def terms_change_norm(step: float | Tensor, squared: float | Tensor) -> Tensor:
+    """The norm of the change a step of ``step`` times terms of squared norm ``squared`` makes."""
+    return abs(step) * torch.as_tensor(squared).sqrt()
+
+
+def estimate_change_norm(estimate: Tensor, lr: float, normalize: bool) -> float | Tensor:
+    """The norm of the change an SGD step along ``estimate`` makes (normalized: ``lr * sqrt(numel)``)."""
+    return lr * math.sqrt(estimate.numel()) if normalize else lr * estimate.norm()
 
 
 def with_step_factor(estimate: Tensor, factor: float | Tensor, normalize: bool) -> Tensor:
@@ -88,17 +98,20 @@ class EstimateWriter:
         #: how many tensors the last direct update's step limit scaled down (a tensor: read it to log it)
         self.limited: int | Tensor = 0
 
-    @staticmethod
-    def _change_norm(estimate: Tensor, lr: float, normalize: bool) -> float | Tensor:
-        """The norm of the change an SGD step along ``estimate`` makes (normalized: ``lr * sqrt(numel)``)."""
-        return lr * math.sqrt(estimate.numel()) if normalize else lr * estimate.norm()
-
-    def _limit(self, index: int, settings: DirectHyperparameters, change_norm: float | Tensor) -> Tensor | float:
+    def _limit(
+        self, index: int, settings: DirectHyperparameters, change_norm: Callable[[], float | Tensor]
+    ) -> Tensor | float:
         """The factor the step limit puts on parameter ``index``'s step (1 without a limit, and for Adam),
-        counted in :attr:`limited` when below 1."""
+        counted in :attr:`limited` when below 1.
+
+        Args:
+            index: the parameter.
+            settings: its step settings.
+            change_norm: the norm of the change the step makes, computed only where a limit applies.
+        """
         if settings.step_limit is None or settings.adam:
             return 1.0
-        factor = step_factor(self.params[index], change_norm, settings.step_limit)
+        factor = step_factor(self.params[index], change_norm(), settings.step_limit)
         self.limited = self.limited + (factor < 1).to(torch.int64)
         return factor
 
@@ -183,7 +196,7 @@ class EstimateWriter:
                 squared = self._squared_norm(index, update_terms)
                 squared_norm = squared_norm + squared
                 step = -lr / rms(squared, param.numel()) if normalize else -lr
-                step = step * self._limit(index, settings, abs(step) * torch.as_tensor(squared).sqrt())
+                step = step * self._limit(index, settings, lambda: terms_change_norm(step, squared))
                 fused.append((param, update_terms.scaled(step), seed))
                 continue
             if index in self.low_bit:
@@ -198,7 +211,7 @@ class EstimateWriter:
                 if settings.stateful:  # the momentum or Adam direction, formed densely, replaces the terms
                     layout = layout_of(param)
                     estimate = added_terms(update_terms, torch.zeros(layout.rows, layout.cols, device=layout.device))
-                    factor = self._limit(index, settings, self._change_norm(estimate, lr, normalize))
+                    factor = self._limit(index, settings, lambda: estimate_change_norm(estimate, lr, normalize))
                     if settings.adam:
                         weight = reference_dequantize(layout) if settings.weight_decay else estimate
                         direction = self._adam(index, estimate, settings, states, weight, torch.bfloat16)
@@ -209,7 +222,7 @@ class EstimateWriter:
                     update_terms, step = UpdateTerms(decay=update_terms.decay, dense=direction), -lr
                 else:
                     step = -lr / rms(squared, param.numel()) if normalize else -lr
-                    step = step * self._limit(index, settings, abs(step) * torch.as_tensor(squared).sqrt())
+                    step = step * self._limit(index, settings, lambda: terms_change_norm(step, squared))
                 low_bit.append((param, update_terms.scaled(step), seed))
                 continue
             estimate = self._dense_estimate(index, merged)
@@ -217,7 +230,7 @@ class EstimateWriter:
                 estimate = rescaled(row_local[index], float(estimate.norm()), estimate)
             squared = float(estimate.square().sum())
             squared_norm = squared_norm + squared
-            factor = self._limit(index, settings, self._change_norm(estimate, lr, normalize))
+            factor = self._limit(index, settings, lambda: estimate_change_norm(estimate, lr, normalize))
             estimate = with_step_factor(estimate, factor, normalize)
             if settings.adam:
                 estimate = self._adam(index, estimate, settings, states, param.float(), param.dtype)
@@ -282,7 +295,7 @@ class EstimateWriter:
             squared = self._squared_norm(index, update_terms)
             squared_norm = squared_norm + squared
             step = -lr / rms(squared, param.numel()) if normalize else -lr
-            step = step * self._limit(index, settings, abs(step) * torch.as_tensor(squared).sqrt())
+            step = step * self._limit(index, settings, lambda: terms_change_norm(step, squared))
             fused.append((param, update_terms.scaled(step), derive_seed(rounding_seed, index)))
         grouped_dense_update_(fused)  # every weight in one launch per dtype
         return torch.as_tensor(squared_norm).sqrt()
