@@ -21,7 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_nobp.models.causal_lm_classifier import DEFAULT_CACHE, freeze_all_but, smollm2_folder
+from lightning_nobp.models.causal_lm_classifier import (
+    DEFAULT_CACHE,
+    freeze_all_but,
+    smollm2_folder,
+    trainable_optimizer,
+)
 
 
 class TextBitsPerByte(Metric):
@@ -149,9 +154,4 @@ class CausalLanguageModel(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:  # type: ignore[override]
         hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        if hp.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        if hp.optimizer == "adam":
-            return torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        return trainable_optimizer(self, hp.optimizer, hp.lr, hp.momentum, hp.weight_decay)

@@ -60,6 +60,28 @@ def smollm2_folder(cache_dir: Path = DEFAULT_CACHE) -> Path:
     return folder
 
 
+def trainable_optimizer(
+    module: torch.nn.Module, optimizer: str, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """The optimizer over ``module``'s trainable parameters (the ones :func:`freeze_all_but` left).
+
+    Args:
+        module: the model.
+        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"``.
+        lr: learning rate.
+        momentum: SGD's momentum.
+        weight_decay: weight decay.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer={optimizer!r}: choose 'sgd', 'adam' or 'adamw'")
+
+
 def freeze_all_but(module: torch.nn.Module, patterns: list[str]) -> list[str]:
     """Freeze every parameter of ``module`` whose name matches none of ``patterns``; return the trainable names.
 
@@ -182,11 +204,4 @@ class CausalLMClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:  # type: ignore[override]
         hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        if hp.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        if hp.optimizer == "adam":
-            return torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        raise ValueError(f"optimizer={hp.optimizer!r}: choose 'sgd', 'adam' or 'adamw'")
+        return trainable_optimizer(self, hp.optimizer, hp.lr, hp.momentum, hp.weight_decay)
