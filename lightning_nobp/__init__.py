@@ -6,8 +6,9 @@
 
 from lightning_nobp.__about__ import __version__
 from lightning_nobp.pytorch import LowBitPrecision, NoBackpropStrategy
+from lightning_nobp.callbacks import replay
 from lightning_nobp.registry import register_strategies
 
 register_strategies()
 
-__all__ = ["LowBitPrecision", "NoBackpropStrategy", "__version__"]
+__all__ = ["LowBitPrecision", "NoBackpropStrategy", "__version__", "replay"]

@@ -45,6 +45,9 @@ UPDATE_PATHS = ("grad", "direct")
 DirectStep = Literal["sgd", "normalized"]
 DIRECT_STEPS = ("sgd", "normalized")
 ROUNDING_STREAM = 0x5EED  # separates the stochastic-rounding seeds from the noise seeds
+#: what :meth:`ForwardOnlyEngine.write` tells its observers: optimizer, ``(population, coefficients)`` terms, step
+#: seed and the on-device gate (``None`` off the device)
+WriteObserver = Callable[[Optimizer, Sequence[tuple[Population, Tensor]], int, "Tensor | None"], None]
 
 
 #: the string aliases registered in the Trainer's and Fabric's strategy registries: name -> (algorithm, description)
@@ -169,6 +172,8 @@ class ForwardOnlyEngine:
         self.evaluating = False
         self._estimators: dict[int, PopulationEstimator] = {}
         self._learners: dict[int, LocalLearner] = {}
+        #: called with ``(optimizer, terms, step_seed, applies)`` by :meth:`write` before it writes (a seed log)
+        self.write_observers: list[WriteObserver] = []
 
     @property
     def local(self) -> bool:
@@ -367,6 +372,8 @@ class ForwardOnlyEngine:
         Returns:
             The norm of the estimate written (with ``.grad``: of each term, combined as if orthogonal).
         """
+        for observe in self.write_observers:
+            observe(optimizer, terms, step_seed, applies)
         if self.update == "grad":
             norms = [estimator.accumulate_gradient(population, coefficients) for population, coefficients in terms]
             return sum(n * n for n in norms) ** 0.5
