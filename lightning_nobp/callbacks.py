@@ -40,6 +40,9 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -207,12 +210,39 @@ def check_replayable(trainer: Trainer, module: LightningModule) -> ForwardOnlyEn
         )
     if not module.automatic_optimization:
         raise ValueError("SeedReplayLog records automatic optimization only (training_step returning the loss)")
-    if trainer.gradient_clip_val:
+    plugin = type(trainer.precision_plugin)
+    stock_clipping = (
+        not is_overridden("configure_gradient_clipping", module)
+        and plugin.clip_gradients is Precision.clip_gradients
+        and plugin.clip_grad_by_norm is Precision.clip_grad_by_norm
+        and plugin.clip_grad_by_value is Precision.clip_grad_by_value
+    )
+    if trainer.gradient_clip_val and not stock_clipping:
         raise ValueError(
-            "SeedReplayLog: gradient clipping (Trainer(gradient_clip_val=...)) is not recorded; leave it unset (the"
-            " strategy's step_limit bounds SGD's steps instead)"
+            "SeedReplayLog records Lightning's own gradient clipping (Trainer(gradient_clip_val=...)) only; this run"
+            " clips in an overridden configure_gradient_clipping or precision plugin: leave gradient_clip_val unset"
         )
     return engine
+
+
+def gradient_clipping(trainer: Trainer) -> list[Any] | None:
+    """``[clip value, "norm" or "value"]`` where the Trainer clips gradients, else ``None``."""
+    value = trainer.gradient_clip_val
+    if not value or float(value) <= 0:
+        return None
+    return [float(value), GradClipAlgorithmType(trainer.gradient_clip_algorithm or "norm").value]
+
+
+def _clip(optimizer: Optimizer, clipping: list[Any] | None) -> None:
+    """Lightning's gradient clipping (``Precision.clip_gradients``) over the optimizer's parameters."""
+    if clipping is None:
+        return
+    value, algorithm = clipping
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if algorithm == "value":
+        torch.nn.utils.clip_grad_value_(params, clip_value=value)
+    else:
+        torch.nn.utils.clip_grad_norm_(params, value)
 
 
 class SeedReplayLog(Callback):
@@ -220,7 +250,8 @@ class SeedReplayLog(Callback):
 
     Refuses, when fitting starts, algorithms whose estimate is not a function of seeds and scalars (per-row
     estimates, exact head gradient, per-row embeddings, input subspaces), local learning rules, manual optimization
-    and gradient clipping. Logs on global rank 0 only.
+    and gradient clipping other than Lightning's own (``Trainer(gradient_clip_val=...)`` is recorded). Logs on
+    global rank 0 only.
 
     Args:
         path: the log file (JSON lines; replaced by a new run, appended to by a run resumed from a checkpoint).
@@ -260,11 +291,13 @@ class SeedReplayLog(Callback):
         if trainer.global_step > 0:
             self._resume(trainer.global_step)
         else:
-            self._start(engine, optimizer, names)
+            self._start(engine, optimizer, names, gradient_clipping(trainer))
         self._engine = engine
         engine.write_observers.append(self._observe)
 
-    def _start(self, engine: ForwardOnlyEngine, optimizer: Optimizer, names: dict[int, str]) -> None:
+    def _start(
+        self, engine: ForwardOnlyEngine, optimizer: Optimizer, names: dict[int, str], clipping: list[Any] | None
+    ) -> None:
         cls = type(optimizer)
         header = {
             "format": FORMAT,
@@ -276,6 +309,7 @@ class SeedReplayLog(Callback):
             "direct_step": engine.direct_step,
             "step_limit": engine.step_limit,
             "fused_kernels": engine.fused_kernels,
+            "gradient_clip": clipping,
             "device": self._named[0][1].device.type,
             "torch": torch.__version__,
             "optimizer": {
@@ -521,6 +555,7 @@ def replay(model: nn.Module, path: str | os.PathLike[str], verify: bool = True) 
                     param.grad = None
                 engine.write(estimator, optimizer, terms, int(record["seed"]))
                 engine.limit_gradients(estimator, optimizer)
+                _clip(optimizer, header.get("gradient_clip"))
                 optimizer.step()
             else:
                 applies = torch.ones((), dtype=torch.bool, device=device) if on_device else None

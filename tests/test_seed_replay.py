@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_nobp
 from lightning_nobp import LowBitPrecision, NoBackpropStrategy
-from lightning_nobp.algorithms import EggRoll, MeZO, OpenES
+from lightning_nobp.algorithms import EggRoll, ForwardGradient, MeZO, OpenES
 from lightning_nobp.callbacks import BaseWeightsError, ReplayMismatchError, SeedReplayLog, read_log, weights_hash
 from lightning_nobp.lowbit import is_low_bit
 
@@ -58,9 +58,12 @@ def loader() -> DataLoader:
 
 
 def plain(name: str):
-    """MeZO, EggRoll or OpenES as published (no per-row estimates, no input subspace), set through attributes."""
+    """MeZO, EggRoll, OpenES or ForwardGradient as published (no per-row estimates, no input subspace), set through
+    attributes."""
     if name == "mezo":
         algorithm = MeZO(eps=1e-3, directions=2)
+    elif name == "fgrad":
+        algorithm = ForwardGradient()
     else:
         algorithm = EggRoll(population=8, rank=1, sigma=1e-2) if name == "eggroll" else OpenES(population=8, sigma=1e-2)
         algorithm.per_row_estimates = False
@@ -168,8 +171,9 @@ def test_replay_rebuilds_fp8_weights_updated_directly(tmp_path: Path, algorithm:
     assert_same(trained, model)
 
 
-def test_openes_replays_bit_for_bit(tmp_path: Path) -> None:
-    trained, log = fit(tmp_path, "openes", "direct", "sgd", "bf16")
+@pytest.mark.parametrize("algorithm", ["openes", "fgrad"])
+def test_openes_and_forward_gradients_replay_bit_for_bit(tmp_path: Path, algorithm: str) -> None:
+    trained, log = fit(tmp_path, algorithm, "direct", "sgd", "bf16")
     model = base_model("sgd", "bf16")
     lightning_nobp.replay(model, log)
     assert_same(trained, model)
@@ -191,6 +195,22 @@ def test_gradient_accumulation_and_skipped_steps_replay(tmp_path: Path, update: 
     result = lightning_nobp.replay(model, log)
     assert (result.steps, result.skipped) == (4, 2)
     assert_same(trained, model)
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_gradient_clipping_is_recorded_and_replayed(tmp_path: Path, algorithm: str) -> None:
+    clip = {"gradient_clip_val": 1e-3 if algorithm == "norm" else 1e-5, "gradient_clip_algorithm": algorithm}
+    trained, log = fit(tmp_path, "mezo", "grad", "sgd", "fp32", trainer_kwargs=clip, step_limit=None)
+    assert read_log(log)[0]["gradient_clip"] == [clip["gradient_clip_val"], algorithm]
+    model = base_model("sgd", "fp32")
+    lightning_nobp.replay(model, log)
+    assert_same(trained, model)
+    lines = log.read_text().splitlines()  # the same log without its clipping replays to other weights
+    header = json.loads(lines[0])
+    header["gradient_clip"] = None
+    log.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    with pytest.raises(ReplayMismatchError):
+        lightning_nobp.replay(base_model("sgd", "fp32"), log)
 
 
 def test_replay_refuses_other_base_weights(tmp_path: Path) -> None:
