@@ -44,6 +44,9 @@ class Tiny(pl.LightningModule):
         if self.optimizer_name == "adam":
             optimizer = torch.optim.Adam(self.parameters(), lr=1e-2)
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.8)  # a new lr every step
+        elif self.optimizer_name == "plain-sgd":  # no state: a direct step can run on the device, ungated by the host
+            optimizer = torch.optim.SGD(self.parameters(), lr=1e-2)
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.8)
         else:  # a new lr and a new momentum every step
             optimizer = torch.optim.SGD(self.parameters(), lr=2e-2, momentum=0.9)
             scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-2, total_steps=STEPS + 1)
@@ -92,6 +95,7 @@ def fit(
     weights: str,
     nan_batches: tuple[int, ...] = (),
     trainer_kwargs: dict | None = None,
+    fused_kernels: bool | None = None,
     **strategy,
 ) -> tuple[Tiny, Path]:
     pl.seed_everything(0)
@@ -101,8 +105,10 @@ def fit(
     log = tmp_path / "run.seeds.jsonl"
     precision = {"precision": "bf16-true"} if weights == "bf16" else {}
     plugins = {"plugins": [LowBitPrecision("fp8_e4m3")]} if weights == "fp8" else {}
+    no_backprop = NoBackpropStrategy(algorithm=plain(algorithm), update=update, **strategy)
+    no_backprop.engine.fused_kernels = fused_kernels
     trainer = pl.Trainer(
-        strategy=NoBackpropStrategy(algorithm=plain(algorithm), update=update, **strategy),
+        strategy=no_backprop,
         callbacks=[SeedReplayLog(log)],
         max_steps=STEPS,
         **precision,
@@ -211,6 +217,17 @@ def test_gradient_clipping_is_recorded_and_replayed(tmp_path: Path, algorithm: s
     log.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
     with pytest.raises(ReplayMismatchError):
         lightning_nobp.replay(base_model("sgd", "fp32"), log)
+
+
+@pytest.mark.parametrize("algorithm", ["mezo", "eggroll"])
+def test_fused_steps_without_host_synchronisation_replay(tmp_path: Path, algorithm: str) -> None:
+    """The fused kernels (their PyTorch twins on the CPU) with a stateless direct step: the update is gated on the
+    device (``applies``), and the replay takes the same path."""
+    trained, log = fit(tmp_path, algorithm, "direct", "plain-sgd", "bf16", fused_kernels=True)
+    assert read_log(log)[0]["fused_kernels"] is True
+    model = base_model("plain-sgd", "bf16")
+    lightning_nobp.replay(model, log)
+    assert_same(trained, model)
 
 
 def test_replay_refuses_other_base_weights(tmp_path: Path) -> None:
