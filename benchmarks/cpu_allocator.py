@@ -1,4 +1,4 @@
-"""How much keeping freed CPU memory in the process (``NoBackpropStrategy(reuse_cpu_memory=True)``) speeds up a step.
+"""How much keeping freed CPU memory in the process (``NoBackpropStrategy(cpu_tuning=CpuTuning())``) speeds up a step.
 
 The malloc setting is process-wide and one-way, so every measurement runs ``benchmarks/estimator_step.py`` in a
 fresh process, alternating the default allocator and the tuned one for several rounds (the machines are shared:

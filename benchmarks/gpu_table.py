@@ -38,7 +38,9 @@ def member_tokens(recipe: dict) -> tuple[int, int, int]:
     strategy = recipe["trainer"]["strategy"]["init_args"]
     population = int(strategy["algorithm"]["init_args"]["population"])
     step_tokens = int(data["batch_size"]) * int(data["block_size"])
-    if strategy.get("member_data", "shared") == "pair_slices":  # each antithetic pair scores its own slice
+    if (strategy.get("execution") or {}).get(
+        "member_data", "shared"
+    ) == "pair_slices":  # each antithetic pair scores its own slice
         return step_tokens, population, step_tokens * 2 // population
     return step_tokens, population, step_tokens
 

@@ -14,7 +14,7 @@ total over:
 * ``mezo``: one MeZO step as published (``MeZO(directions=1, input_subspace=None)``, ``update="direct"``): its two
   members evaluated as the strategy evaluates them,
   ``tell`` and the in-place update of every weight;
-* ``eggroll``: one EggRoll step (plain EGGROLL: ``per_row_estimates=False, input_subspace=None``; population
+* ``eggroll``: one EggRoll step (plain EGGROLL: ``extras=None``; population
   ``--population``, one batched chunk of ``--chunk`` members), ``tell`` and the in-place update.
 
 * ``mezo_defaults``: the same with ``MeZO()``'s defaults (8 directions, input subspaces, whose second moments
@@ -210,14 +210,7 @@ def measure(setup: Setup) -> dict:
         setup: the shared model and batch.
     """
     mezo = MeZO(directions=1, input_subspace=None)  # as published: one direction, isotropic noise
-    eggroll = EggRoll(
-        population=setup.population,
-        rank=1,
-        sigma=1e-3,
-        population_chunk=setup.chunk,
-        per_row_estimates=False,
-        input_subspace=None,
-    )
+    eggroll = EggRoll(population=setup.population, rank=1, sigma=1e-3, population_chunk=setup.chunk, extras=None)
     peaks = {
         "inference": peak_bytes(setup, inference(setup, 1)),
         "inference_chunk": peak_bytes(setup, inference(setup, setup.chunk)),

@@ -296,14 +296,7 @@ def time_population(model: GPT, setup: Setup, population: int, rank: int, infere
     """
     chunk = resolve_chunk(population, setup.chunk)
     # EGGROLL as published: no per-row estimates, no input subspaces
-    algorithm = EggRoll(
-        population=population,
-        rank=rank,
-        sigma=SIGMA,
-        population_chunk=chunk,
-        per_row_estimates=False,
-        input_subspace=None,
-    )
+    algorithm = EggRoll(population=population, rank=rank, sigma=SIGMA, population_chunk=chunk, extras=None)
     # the strategies' choice for the device: fused kernels (and a step without host reads) on CUDA
     options = EstimatorOptions.of(algorithm, compile=setup.compile, fused=setup.device.type == "cuda")
     estimator = PopulationEstimator(algorithm, [model], list(model.parameters()), options=options)

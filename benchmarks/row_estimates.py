@@ -7,7 +7,8 @@ through ``PopulationEstimator`` (batched, as the strategy does) and reports, per
 similarity with the true gradient of the same batch. JSON to ``--out``.
 
 ``--dataset shakespeare`` does the same for the Shakespeare FP8 recipe's GPT (one block of width 64, untied head,
-4 sequences of 64 bytes, ``EggRoll(population=512, sigma=0.01, per_row_embeddings=True)``, float32 weights) after
+4 sequences of 64 bytes, ``EggRoll(population=512, sigma=0.01,
+extras=EstimatorExtras(per_row_embeddings=True))``, float32 weights) after
 ``--warmup`` steps of backprop + AdamW on 32 sequences, and compares the per-row estimates with and without
 ``exact_head_gradient`` (whose head the members leave unperturbed).
 
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_nobp import EstimatorExtras
 from lightning_nobp.algorithms import EggRoll
 from lightning_nobp.perturb import EstimatorOptions, PopulationEstimator
 
@@ -106,7 +108,12 @@ def shakespeare(args: argparse.Namespace) -> dict:
             cosines(
                 net,
                 loss,
-                EggRoll(population=512, rank=1, sigma=0.01, per_row_embeddings=True, exact_head_gradient=exact),
+                EggRoll(
+                    population=512,
+                    rank=1,
+                    sigma=0.01,
+                    extras=EstimatorExtras(per_row_embeddings=True, exact_head_gradient=exact),
+                ),
                 seed,
             )
             for seed in range(args.trials)
@@ -157,7 +164,12 @@ def main() -> None:
         for per_row in (False, True):
             trials = torch.tensor(
                 [
-                    cosines(net, loss, EggRoll(population=args.population, per_row_estimates=per_row), seed)
+                    cosines(
+                        net,
+                        loss,
+                        EggRoll(population=args.population, extras=EstimatorExtras(per_row_estimates=per_row)),
+                        seed,
+                    )
                     for seed in range(args.trials)
                 ]
             )

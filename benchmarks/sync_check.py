@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     seq_len = min(args.seq_len, config.block_size)
     tokens = torch.randint(0, config.vocab_size, (args.batch_size, seq_len + 1), device=device)
     algorithms = {
-        "eggroll": EggRoll(population=8, rank=1, sigma=1e-3, per_row_estimates=False, input_subspace=None),
+        "eggroll": EggRoll(population=8, rank=1, sigma=1e-3, extras=None),
         "mezo": MeZO(directions=1, input_subspace=None),
     }
     report = {

@@ -5,10 +5,20 @@
 """
 
 from lightning_nobp.__about__ import __version__
+from lightning_nobp.algorithms.extras import EstimatorExtras
+from lightning_nobp.options import CpuTuning, ExecutionOptions
 from lightning_nobp.pytorch import LowBitPrecision, NoBackpropStrategy
 from lightning_nobp.callbacks import replay
 from lightning_nobp.registry import register_strategies
 
 register_strategies()
 
-__all__ = ["LowBitPrecision", "NoBackpropStrategy", "__version__", "replay"]
+__all__ = [
+    "CpuTuning",
+    "EstimatorExtras",
+    "ExecutionOptions",
+    "LowBitPrecision",
+    "NoBackpropStrategy",
+    "__version__",
+    "replay",
+]

@@ -7,7 +7,7 @@ again and the kernel zeroes it, which slows elementwise passes down markedly (``
 measures it; figures in ``docs/results.md``). Raising the mmap and trim thresholds keeps those pages in the
 heap for reuse, as jemalloc and tcmalloc do by default. Only glibc is tuned; elsewhere nothing changes.
 
-The tuning is process-wide, so the strategies apply it only when asked (``reuse_cpu_memory=True``) and undo it when
+The tuning is process-wide, so the strategies apply it only when asked (``cpu_tuning=CpuTuning()``) and undo it when
 training ends (:func:`restore_cpu_memory_defaults`: glibc's default thresholds back, the retained memory returned).
 """
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from lightning_nobp import ExecutionOptions
 from lightning_nobp import NoBackpropStrategy  # noqa: E402
 from lightning_nobp.algorithms import EggRoll, MeZO  # noqa: E402
 from lightning_nobp.data import load_digits_split  # noqa: E402
@@ -66,7 +67,9 @@ def run_rank(local_rank: int, world_size: int, port: int, out_dir: str, steps: i
         train, _ = load_digits_split()
         algorithm = MeZO(directions=2) if name == "mezo" else EggRoll(population=8)  # eggroll and eggroll-reward
         # one member per evaluation, so the evaluations counted below show how the population was shared
-        strategy = NoBackpropStrategy(algorithm=algorithm, seed=0, population_batching=False)
+        strategy = NoBackpropStrategy(
+            algorithm=algorithm, seed=0, execution=ExecutionOptions(population_batching=False)
+        )
         trainer = pl.Trainer(
             strategy=strategy,
             accelerator="cpu",

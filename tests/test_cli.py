@@ -73,6 +73,8 @@ def test_print_config_resolves_short_names_to_full_class_paths(capsys: pytest.Ca
     assert strategy["class_path"] == "lightning_nobp.NoBackpropStrategy"
     assert strategy["init_args"]["algorithm"]["class_path"] == "lightning_nobp.algorithms.EggRoll"
     assert strategy["init_args"]["algorithm"]["init_args"]["fitness_shaping"] == "centered_rank"
+    assert strategy["init_args"]["algorithm"]["init_args"]["extras"]["input_subspace"] == 0.97  # a group's default
+    assert strategy["init_args"]["cpu_tuning"] == {"reuse_memory": True, "freeze_startup_objects": True}
     assert printed["model"]["class_path"] == "lightning_nobp.models.MLPClassifier"
 
 
@@ -80,8 +82,9 @@ def test_help_shows_the_docstring_of_every_argument(capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         run_cli("fit", "--trainer.strategy.help", "NoBackpropStrategy")
     text = capsys.readouterr().out
-    assert "--trainer.strategy.member_data" in text
-    assert "split into one slice per noise" in text.replace("\n", " ").replace("  ", " ")
+    flat = " ".join(text.split())
+    assert "--trainer.strategy.execution" in text and "how the members are evaluated" in flat
+    assert "--trainer.strategy.cpu_tuning" in text and "opt-in process-wide CPU tunings" in flat
     with pytest.raises(SystemExit):
         run_cli("fit", "--model.help", "MLPClassifier")
     assert "width of each hidden layer" in capsys.readouterr().out

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 from lightning_nobp import NoBackpropStrategy
 from lightning_nobp.algorithms import EggRoll
 from lightning_nobp.models.gpt import GPT, GPTConfig
@@ -19,7 +20,7 @@ from lightning_nobp.perturb.estimator import EstimatorOptions
 from conftest import quiet_trainer_kwargs
 from user_models import DigitsClassifier, digits_loaders
 
-PLAIN = dict(per_row_estimates=False, input_subspace=None)
+PLAIN = dict(extras=None)  # the published method: no per-row estimates, no input subspace
 
 
 def mlp_and_loss() -> tuple[nn.Module, callable]:

@@ -1,5 +1,5 @@
-"""``reuse_cpu_memory``: the strategies tune glibc's malloc on the CPU (process-wide) only when asked, and undo it
-when training ends.
+"""``CpuTuning(reuse_memory=True)``: the strategies tune glibc's malloc on the CPU (process-wide) only when asked,
+and undo it when training ends.
 
 The setting cannot be undone in a process, so every check runs in a fresh interpreter and reads glibc's own
 ``mallinfo2`` / ``malloc_info`` back instead of trusting the return value.
@@ -77,7 +77,7 @@ def test_keep_freed_cpu_memory_keeps_large_blocks_for_reuse() -> None:
 def test_trainer_strategy_tunes_malloc_on_cpu_only_when_asked_and_only_while_training(reuse: bool) -> None:
     setup = f"""
     import lightning as L
-    from lightning_nobp import NoBackpropStrategy, cpu_allocator
+    from lightning_nobp import CpuTuning, NoBackpropStrategy, cpu_allocator
     from lightning_nobp.algorithms import EggRoll
     from lightning_nobp.models import MLPClassifier
     from torch.utils.data import DataLoader, TensorDataset
@@ -91,7 +91,9 @@ def test_trainer_strategy_tunes_malloc_on_cpu_only_when_asked_and_only_while_tra
     trainer = L.Trainer(
         accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[Seen()],
-        strategy=NoBackpropStrategy(algorithm=EggRoll(population=4), reuse_cpu_memory={reuse}),
+        strategy=NoBackpropStrategy(
+            algorithm=EggRoll(population=4), cpu_tuning=CpuTuning(reuse_memory={reuse}, freeze_startup_objects=False)
+        ),
     )
     trainer.fit(MLPClassifier(in_features=8, hidden=8, num_classes=3), data)
     assert Seen.tuned == [{True if reuse else None}], Seen.tuned
@@ -103,17 +105,18 @@ def test_trainer_strategy_tunes_malloc_on_cpu_only_when_asked_and_only_while_tra
 def test_fabric_strategy_tunes_malloc_on_cpu_only_when_asked() -> None:
     setup = """
     from lightning.fabric import Fabric
+    from lightning_nobp import CpuTuning
     from lightning_nobp.fabric import NoBackpropStrategy
     Fabric(accelerator="cpu", devices=1, strategy=NoBackpropStrategy({reuse})).launch()
     """
-    assert _probe(setup.format(reuse="reuse_cpu_memory=True"))["heap_free_after"] >= 64 * 1024 * 1024
+    assert _probe(setup.format(reuse="cpu_tuning=CpuTuning(reuse_memory=True)"))["heap_free_after"] >= 64 * 1024 * 1024
     assert _probe(setup.format(reuse=""))["mmapped_while_alive"] >= 64 * 1024 * 1024  # the default leaves malloc
 
 
 def test_the_tuning_is_undone_when_training_ends() -> None:
     setup = """
     import lightning as L
-    from lightning_nobp import NoBackpropStrategy
+    from lightning_nobp import CpuTuning, NoBackpropStrategy
     from lightning_nobp.algorithms import EggRoll
     from lightning_nobp.models import MLPClassifier
     from torch.utils.data import DataLoader, TensorDataset
@@ -121,7 +124,7 @@ def test_the_tuning_is_undone_when_training_ends() -> None:
     trainer = L.Trainer(
         accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False,
-        strategy=NoBackpropStrategy(algorithm=EggRoll(population=4), reuse_cpu_memory=True),
+        strategy=NoBackpropStrategy(algorithm=EggRoll(population=4), cpu_tuning=CpuTuning()),
     )
     trainer.fit(MLPClassifier(in_features=8, hidden=8, num_classes=3), data)
     from lightning_nobp import cpu_allocator

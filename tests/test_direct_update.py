@@ -205,7 +205,7 @@ def test_direct_adam_step_is_torchs_adam_on_the_estimate(name: str) -> None:
     models[1].load_state_dict(models[0].state_dict())
     x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
     optimizers = [getattr(torch.optim, name)(m.parameters(), lr=1e-2, weight_decay=0.1) for m in models]
-    algorithm = EggRoll(population=8, rank=1, sigma=1e-2, per_row_estimates=False, input_subspace=None)
+    algorithm = EggRoll(population=8, rank=1, sigma=1e-2, extras=None)
     estimators = [PopulationEstimator(algorithm, [m], list(m.parameters())) for m in models]
     for step in range(3):
         population = algorithm.ask(step)

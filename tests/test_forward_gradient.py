@@ -14,6 +14,7 @@ from lightning.fabric.strategies import STRATEGY_REGISTRY
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import nn
 
+from lightning_nobp import ExecutionOptions
 from lightning_nobp import NoBackpropStrategy
 from lightning_nobp.algorithms import ForwardGradient
 from lightning_nobp.data import load_digits_split
@@ -181,7 +182,9 @@ def test_each_direction_on_its_own_slice_of_the_batch(no_backprop: None) -> None
     pl.seed_everything(0)
     train, _ = digits_loaders()
     model = NoMomentum(lr=5e-3)
-    strategy = NoBackpropStrategy(algorithm=ForwardGradient(directions=4), member_data="pair_slices")
+    strategy = NoBackpropStrategy(
+        algorithm=ForwardGradient(directions=4), execution=ExecutionOptions(member_data="pair_slices")
+    )
     trainer = pl.Trainer(strategy=strategy, max_steps=3, **quiet_trainer_kwargs())
     before = [p.detach().clone() for p in model.parameters()]
     trainer.fit(model, train)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+
 from lightning_nobp.algorithms import EggRoll
 from lightning_nobp.kernels.fp8_linear import fp8_linear, quantize_rows
 from lightning_nobp.lowbit.convert import convert_to_low_bit
@@ -18,7 +19,7 @@ from lightning_nobp.lowbit.formats import Float8Tensor
 from lightning_nobp.models.gpt import GPT, GPTConfig
 from lightning_nobp.perturb import PopulationEstimator
 
-PLAIN = dict(per_row_estimates=False, input_subspace=None)
+PLAIN = dict(extras=None)  # the published method: no per-row estimates, no input subspace
 
 
 class OpCounts(TorchDispatchMode):

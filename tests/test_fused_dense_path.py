@@ -43,7 +43,7 @@ def stream_noise(algorithm, seed: int, index: int, param: torch.Tensor) -> torch
     "algorithm",
     [
         MeZO(eps=1e-2, directions=2, input_subspace=None),
-        OpenES(population=4, sigma=1e-2, per_row_estimates=False, input_subspace=None),
+        OpenES(population=4, sigma=1e-2, extras=None),
     ],
     ids=["mezo", "openes"],
 )
@@ -88,7 +88,7 @@ def test_fused_update_writes_the_streams_estimate() -> None:
 def test_fused_low_rank_update_equals_the_dense_one() -> None:
     """EggRoll's factors go into the kernel: the same update as forming A B^T densely (float32; no biases, whose
     noise would come from different sources on the two routes)."""
-    algorithm = EggRoll(population=8, rank=2, sigma=1e-2, per_row_estimates=False, input_subspace=None)
+    algorithm = EggRoll(population=8, rank=2, sigma=1e-2, extras=None)
     results = []
     for use_kernels in (False, True):
         model, loss = mlp(bias=False)
@@ -143,7 +143,7 @@ def test_an_update_of_every_weight_is_one_launch_per_dtype() -> None:
             self.names.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    algorithm = EggRoll(population=8, rank=1, sigma=1e-2, per_row_estimates=False, input_subspace=None)
+    algorithm = EggRoll(population=8, rank=1, sigma=1e-2, extras=None)
     model, loss = mlp(torch.bfloat16)
     estimator = fused(algorithm, model)
     population = algorithm.ask(4)
@@ -159,7 +159,7 @@ def test_an_update_of_every_weight_is_one_launch_per_dtype() -> None:
 def test_fused_momentum_on_float32_weights_keeps_its_buffer() -> None:
     """SGD momentum on the fused route: two steps equal the unfused route's, and the stored buffer is the
     momentum of the estimates (not the step: a float32 weight's direction is its buffer itself)."""
-    algorithm = EggRoll(population=8, rank=2, sigma=1e-2, per_row_estimates=False, input_subspace=None)
+    algorithm = EggRoll(population=8, rank=2, sigma=1e-2, extras=None)
     results, buffers = [], []
     for use_kernels in (False, True):
         model, loss = mlp(bias=False)

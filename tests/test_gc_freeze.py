@@ -1,4 +1,4 @@
-"""``NoBackpropStrategy(freeze_startup_objects=True)``: the objects of the process are frozen while training runs
+"""``NoBackpropStrategy(cpu_tuning=CpuTuning())``: the objects of the process are frozen while training runs
 (``gc.freeze``) and handed back when it ends, also after an exception; objects frozen by others are left alone."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import pytest
 from lightning.pytorch.callbacks import Callback
 
+from lightning_nobp import CpuTuning
 from lightning_nobp import NoBackpropStrategy
 from lightning_nobp.algorithms import EggRoll
 from lightning_nobp.gc_freeze import StartupObjectsFreeze
@@ -43,7 +44,7 @@ def _fit(strategy: NoBackpropStrategy, probe: FreezeCount) -> None:
 
 def test_objects_are_frozen_while_training_and_released_after() -> None:
     probe = FreezeCount()
-    _fit(NoBackpropStrategy(EggRoll(population=4), freeze_startup_objects=True), probe)
+    _fit(NoBackpropStrategy(EggRoll(population=4), cpu_tuning=CpuTuning(freeze_startup_objects=True)), probe)
     assert len(probe.counts) == 3 and min(probe.counts) > 100_000  # the imported modules, functions, the model
     assert gc.get_freeze_count() == 0
 
@@ -51,7 +52,7 @@ def test_objects_are_frozen_while_training_and_released_after() -> None:
 def test_released_after_an_exception_and_untouched_when_switched_off() -> None:
     probe = FreezeCount(fail_at=1)
     with pytest.raises(RuntimeError, match="callback failed"):
-        _fit(NoBackpropStrategy(EggRoll(population=4), freeze_startup_objects=True), probe)
+        _fit(NoBackpropStrategy(EggRoll(population=4), cpu_tuning=CpuTuning(freeze_startup_objects=True)), probe)
     assert probe.counts[0] > 0 and gc.get_freeze_count() == 0
     probe = FreezeCount()
     _fit(NoBackpropStrategy(EggRoll(population=4)), probe)  # the default: the collector is left alone

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_nobp import EstimatorExtras
 from lightning_nobp.algorithms import EggRoll, MeZO, OpenES
 from lightning_nobp.perturb import EstimatorOptions, PopulationEstimator
 from lightning_nobp.perturb.input_subspace import WHITENING, InputSubspaces, principal_basis
@@ -107,7 +108,7 @@ def test_a_step_uses_the_basis_it_started_with_and_the_next_one_the_new_basis() 
     def gradients(subspaces: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], EggRoll, nn.Sequential]:
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(40, 16), nn.ReLU(), nn.Linear(16, 3))
-        algorithm = EggRoll(population=8, input_subspace=0.9 if subspaces else None)
+        algorithm = EggRoll(population=8, extras=EstimatorExtras(input_subspace=0.9 if subspaces else None))
         estimator = (
             _estimator_with_subspaces(net, algorithm)
             if subspaces
@@ -172,7 +173,7 @@ def test_first_layer_estimate_is_closer_to_the_gradient_inside_the_subspace() ->
             torch.manual_seed(seed)
             net = nn.Sequential(nn.Linear(200, 32), nn.ReLU(), nn.Linear(32, 5))
             true = torch.autograd.grad(F.cross_entropy(net(x), y), net[0].weight)[0]
-            algorithm = EggRoll(population=64, input_subspace=0.97 if subspace else None)
+            algorithm = EggRoll(population=64, extras=EstimatorExtras(input_subspace=0.97 if subspace else None))
             if subspace:
                 algorithm.set_input_basis(net[0].weight, principal_basis(x.t() @ x / len(x), 0.97))
             net.requires_grad_(False)
@@ -188,7 +189,7 @@ def test_trainer_observes_the_first_layer_and_respects_the_option() -> None:
     for energy, expect_basis in ((0.97, True), (None, False)):
         pl.seed_everything(0)
         model = DigitsClassifier()
-        algorithm = EggRoll(population=8, input_subspace=energy)
+        algorithm = EggRoll(population=8, extras=EstimatorExtras(input_subspace=energy))
         strategy = NoBackpropStrategy(algorithm=algorithm)
         trainer = pl.Trainer(strategy=strategy, max_steps=5, **quiet_trainer_kwargs())
         trainer.fit(model, digits_loaders(batch_size=64)[0])
@@ -199,9 +200,16 @@ def test_trainer_observes_the_first_layer_and_respects_the_option() -> None:
 
 @pytest.mark.parametrize("value", [0.0, 1.5, -0.1, True, "0.9"])
 def test_bad_input_subspace_names_the_fix(value: object) -> None:
-    for algorithm_class in (EggRoll, OpenES, MeZO):
-        with pytest.raises(ValueError, match=rf"{algorithm_class.__name__}\(input_subspace=.*fraction in \(0, 1\]"):
-            algorithm_class(input_subspace=value)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"MeZO\(input_subspace=.*fraction in \(0, 1\]"):
+        MeZO(input_subspace=value)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"EstimatorExtras\(input_subspace=.*fraction in \(0, 1\]"):
+        EstimatorExtras(input_subspace=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("algorithm_class", [EggRoll, OpenES])
+def test_extras_must_be_an_option_group(algorithm_class: type) -> None:
+    with pytest.raises(TypeError, match="pass EstimatorExtras"):
+        algorithm_class(extras={"input_subspace": 0.9})
 
 
 def test_resuming_mid_observation_continues_exactly(tmp_path) -> None:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_nobp import EstimatorExtras
 from lightning_nobp.algorithms import EggRoll, OpenES
 from lightning_nobp.perturb import EstimatorOptions, PopulationEstimator, RowEstimateOptions
 from lightning_nobp.perturb.update import merged_weights
@@ -115,7 +116,12 @@ def _head_gradient_cosine(algorithm: EggRoll | OpenES, exact: bool, batched: boo
     net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 12))  # 12 outputs, 4 antithetic pairs
     x, y = torch.randn(64, 20), torch.randint(0, 12, (64,))
     true_head = torch.autograd.grad(F.cross_entropy(net(x), y), net[2].weight)[0]
-    estimator = PopulationEstimator(algorithm, [net], list(net.parameters()), options=EstimatorOptions(rows=RowEstimateOptions(enabled=True, max_outputs=12, exact_head=exact)))
+    estimator = PopulationEstimator(
+        algorithm,
+        [net],
+        list(net.parameters()),
+        options=EstimatorOptions(rows=RowEstimateOptions(enabled=True, max_outputs=12, exact_head=exact)),
+    )
     population = algorithm.ask(seed)
 
     def loss() -> torch.Tensor:
@@ -138,7 +144,7 @@ def _head_gradient_cosine(algorithm: EggRoll | OpenES, exact: bool, batched: boo
 def test_the_head_takes_its_exact_gradient_at_the_estimates_scale(algorithm: type, batched: bool) -> None:
     for seed in range(3):
         cosine, norm = _head_gradient_cosine(
-            algorithm(population=8, sigma=1e-2, exact_head_gradient=True), True, batched, seed
+            algorithm(population=8, sigma=1e-2, extras=EstimatorExtras(exact_head_gradient=True)), True, batched, seed
         )
         per_row, per_row_norm = _head_gradient_cosine(algorithm(population=8, sigma=1e-2), False, batched, seed)
         assert cosine > 0.999  # the gradient at the stored weights (the inputs come from a perturbed forward)
@@ -152,7 +158,12 @@ def _member_losses(algorithm: EggRoll | OpenES, train_head: bool, exact: bool, b
     net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 12))
     x, y = torch.randn(64, 20), torch.randint(0, 12, (64,))
     params = list(net.parameters()) if train_head else list(net[0].parameters())
-    estimator = PopulationEstimator(algorithm, [net], params, options=EstimatorOptions(rows=RowEstimateOptions(enabled=True, max_outputs=32, exact_head=exact)))
+    estimator = PopulationEstimator(
+        algorithm,
+        [net],
+        params,
+        options=EstimatorOptions(rows=RowEstimateOptions(enabled=True, max_outputs=32, exact_head=exact)),
+    )
     population = algorithm.ask(0)
 
     def loss() -> torch.Tensor:
@@ -168,7 +179,9 @@ def _member_losses(algorithm: EggRoll | OpenES, train_head: bool, exact: bool, b
 @pytest.mark.parametrize("algorithm", [EggRoll, OpenES])
 def test_members_do_not_perturb_a_head_that_takes_its_exact_gradient(algorithm: type, batched: bool) -> None:
     frozen_head = _member_losses(algorithm(population=8, sigma=0.1), False, False, batched)
-    exact = _member_losses(algorithm(population=8, sigma=0.1, exact_head_gradient=True), True, True, batched)
+    exact = _member_losses(
+        algorithm(population=8, sigma=0.1, extras=EstimatorExtras(exact_head_gradient=True)), True, True, batched
+    )
     per_row = _member_losses(algorithm(population=8, sigma=0.1), True, False, batched)
     torch.testing.assert_close(exact, frozen_head)  # the head's weight and bias are left as they are stored
     assert not torch.allclose(per_row, frozen_head, rtol=1e-3)  # an estimated head is perturbed
@@ -177,10 +190,15 @@ def test_members_do_not_perturb_a_head_that_takes_its_exact_gradient(algorithm: 
 @pytest.mark.parametrize("lost", ["record", "targets"])
 def test_an_unperturbed_head_is_left_alone_when_the_step_has_no_exact_gradient(lost: str) -> None:
     torch.manual_seed(0)
-    algorithm = EggRoll(population=8, sigma=0.1, exact_head_gradient=True)
+    algorithm = EggRoll(population=8, sigma=0.1, extras=EstimatorExtras(exact_head_gradient=True))
     net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 12))
     x, y = torch.randn(64, 20), torch.randint(0, 12, (64,))
-    estimator = PopulationEstimator(algorithm, [net], list(net.parameters()), options=EstimatorOptions(rows=RowEstimateOptions(enabled=True, max_outputs=32, exact_head=True)))
+    estimator = PopulationEstimator(
+        algorithm,
+        [net],
+        list(net.parameters()),
+        options=EstimatorOptions(rows=RowEstimateOptions(enabled=True, max_outputs=32, exact_head=True)),
+    )
     population = algorithm.ask(0)
 
     def loss() -> torch.Tensor:
@@ -199,10 +217,9 @@ def test_an_unperturbed_head_is_left_alone_when_the_step_has_no_exact_gradient(l
 
 
 def test_exact_head_gradient_needs_per_row_estimates() -> None:
-    for algorithm in (EggRoll, OpenES):
-        with pytest.raises(ValueError, match="per_row_estimates=True or exact_head_gradient=False"):
-            algorithm(per_row_estimates=False, exact_head_gradient=True)
-    assert "exact_head_gradient=True" in repr(EggRoll(exact_head_gradient=True))
+    with pytest.raises(ValueError, match="per_row_estimates=True or exact_head_gradient=False"):
+        EstimatorExtras(per_row_estimates=False, exact_head_gradient=True)
+    assert "exact_head_gradient=True" in repr(EggRoll(extras=EstimatorExtras(exact_head_gradient=True)))
 
 
 class TemperatureDigits(DigitsClassifier):
@@ -226,12 +243,12 @@ def _fit(model: pl.LightningModule, algorithm: EggRoll, **precision) -> NoBackpr
 
 def test_the_trainer_gives_the_head_its_exact_gradient(no_backprop: None) -> None:
     model = DigitsClassifier()
-    strategy = _fit(model, EggRoll(population=32, exact_head_gradient=True))
+    strategy = _fit(model, EggRoll(population=32, extras=EstimatorExtras(exact_head_gradient=True)))
     (estimator,) = strategy.engine._estimators.values()
     head_index = next(i for i, p in enumerate(estimator.params) if p is model.net[2].weight)
     assert estimator.rows.logit_layers == {head_index}
     with pytest.warns(UserWarning, match="no layer's output is the logits"):
-        strategy = _fit(TemperatureDigits(), EggRoll(population=32, exact_head_gradient=True))
+        strategy = _fit(TemperatureDigits(), EggRoll(population=32, extras=EstimatorExtras(exact_head_gradient=True)))
     (estimator,) = strategy.engine._estimators.values()
     assert estimator.rows.logit_layers == set()  # searched once, none: the head keeps its per-row estimate
 
@@ -241,7 +258,11 @@ def test_a_low_bit_head_takes_its_exact_gradient(no_backprop: None) -> None:
 
     model = DigitsClassifier(lr=3e-3, momentum=0.0)
     head_before = model.net[2].weight.detach().clone()
-    strategy = _fit(model, EggRoll(population=32, exact_head_gradient=True), plugins=[LowBitPrecision("fp8_e4m3")])
+    strategy = _fit(
+        model,
+        EggRoll(population=32, extras=EstimatorExtras(exact_head_gradient=True)),
+        plugins=[LowBitPrecision("fp8_e4m3")],
+    )
     (estimator,) = strategy.engine._estimators.values()
     assert len(estimator.rows.logit_layers) == 1
     head = model.net[2].weight.dequantize().float()

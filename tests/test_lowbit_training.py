@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from lightning_nobp import EstimatorExtras
 from lightning_nobp import LowBitPrecision, NoBackpropStrategy
 from lightning_nobp.algorithms import EggRoll
 from lightning_nobp.fabric import LowBitPrecision as FabricLowBitPrecision
@@ -28,7 +29,7 @@ def fit_digits(weights: str, **precision_kwargs) -> tuple[float, float, DigitsCl
     trainer = pl.Trainer(
         strategy=NoBackpropStrategy(
             # the bar compares weight formats with the same estimator: per-row estimates off for all of them
-            algorithm=EggRoll(population=512, sigma=1e-2, per_row_estimates=False),
+            algorithm=EggRoll(population=512, sigma=1e-2, extras=EstimatorExtras(per_row_estimates=False)),
             direct_step="normalized",
         ),
         plugins=[LowBitPrecision(weights, **precision_kwargs)],

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_nobp import ExecutionOptions
 from lightning_nobp import NoBackpropStrategy
 from lightning_nobp.algorithms import EggRoll, ForwardGradient, MeZO
 
@@ -50,7 +51,7 @@ def loader():
 @pytest.mark.parametrize(
     "algorithm",
     [
-        EggRoll(population=8, rank=1, sigma=1e-2, per_row_estimates=False, input_subspace=None),
+        EggRoll(population=8, rank=1, sigma=1e-2, extras=None),
         MeZO(eps=1e-3, directions=2, input_subspace=None),
         # at their defaults the first step also tests the layers (per-row estimates: 1 + 2 forwards per candidate
         # layer) and searches for data-fed layers (input subspaces: 2 forwards): none of these may touch them
@@ -64,7 +65,7 @@ def test_members_leave_running_statistics_to_the_official_pass(algorithm) -> Non
     torch.manual_seed(0)
     module = SmallCNN()
     official = copy.deepcopy(module)
-    strategy = NoBackpropStrategy(algorithm=algorithm, reuse_official_pass=False)
+    strategy = NoBackpropStrategy(algorithm=algorithm, execution=ExecutionOptions(reuse_official_pass=False))
     pl.Trainer(strategy=strategy, max_steps=1, **quiet_trainer_kwargs()).fit(module, loader())
     with torch.no_grad():  # what one backprop-style training forward of the batch does to the statistics
         official.train()
@@ -115,7 +116,8 @@ def test_members_leave_metric_states_to_the_official_pass(input_subspace: float 
     module = MetricInTrainingStep()
     initial = copy.deepcopy(module)
     strategy = NoBackpropStrategy(
-        algorithm=MeZO(eps=1e-3, directions=2, input_subspace=input_subspace), reuse_official_pass=False
+        algorithm=MeZO(eps=1e-3, directions=2, input_subspace=input_subspace),
+        execution=ExecutionOptions(reuse_official_pass=False),
     )
     pl.Trainer(strategy=strategy, max_steps=1, **quiet_trainer_kwargs()).fit(module, loader())
     assert module.train_acc._update_count == 1  # the official pass only (not 1 + 4 members)

@@ -264,7 +264,7 @@ def test_two_estimators_over_one_module_each_compute_their_own_members() -> None
     def loss() -> torch.Tensor:
         return F.cross_entropy(model(x), y)
 
-    algorithm = EggRoll(population=6, rank=1, sigma=0.05, per_row_estimates=False, input_subspace=None)
+    algorithm = EggRoll(population=6, rank=1, sigma=0.05, extras=None)
     population = algorithm.ask(2)
     first = PopulationEstimator(algorithm, [model], list(model.parameters()))
     alone = first.evaluate_batched(population, loss)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_nobp import EstimatorExtras, ExecutionOptions
 from lightning_nobp import NoBackpropStrategy
 from lightning_nobp.algorithms import EggRoll, MeZO, OpenES
 from lightning_nobp.perturb import PopulationEstimator
@@ -76,7 +77,7 @@ def test_batched_hidden_layers_compute_with_whole_member_weights_and_agree_with_
                           nn.Linear(12, 3, bias=bias))  # fmt: skip
     x, targets = torch.randn(32, 6), torch.randint(0, 3, (32,))
     stored = [p.detach().clone() for p in model.parameters()]
-    algorithm = EggRoll(population=8, rank=2, sigma=0.05, input_subspace=None)
+    algorithm = EggRoll(population=8, rank=2, sigma=0.05, extras=EstimatorExtras(input_subspace=None))
     estimator = PopulationEstimator(algorithm, [model], list(model.parameters()))
 
     def loss() -> torch.Tensor:
@@ -148,7 +149,9 @@ def test_batched_and_looped_training_end_at_the_same_weights() -> None:
         pl.seed_everything(0)
         loader, _ = digits_loaders()
         model = DigitsClassifier(lr=1e-3)
-        strategy = NoBackpropStrategy(algorithm=EggRoll(population=8, population_chunk=4), population_batching=batched)
+        strategy = NoBackpropStrategy(
+            algorithm=EggRoll(population=8, population_chunk=4), execution=ExecutionOptions(population_batching=batched)
+        )
         pl.Trainer(strategy=strategy, max_steps=5, **quiet_trainer_kwargs()).fit(model, loader)
         return [p.detach().clone() for p in model.parameters()]
 
@@ -178,7 +181,8 @@ def test_pair_slices_give_each_antithetic_pair_its_own_slice_of_the_batch(batche
     loader, _ = digits_loaders(batch_size=128)
     model = RecordsBatchSizes()
     strategy = NoBackpropStrategy(
-        algorithm=EggRoll(population=8, input_subspace=None), member_data="pair_slices", population_batching=batched
+        algorithm=EggRoll(population=8, extras=EstimatorExtras(input_subspace=None)),
+        execution=ExecutionOptions(member_data="pair_slices", population_batching=batched),
     )
     pl.Trainer(strategy=strategy, max_steps=2, **quiet_trainer_kwargs()).fit(model, loader)
     assert strategy.reuse_official_pass is False
@@ -197,7 +201,8 @@ def test_a_batch_shorter_than_the_pairs_shares_its_samples_round_robin(batched: 
     model = RecordsBatchSizes()
     before = [p.detach().clone() for p in model.parameters()]
     strategy = NoBackpropStrategy(
-        algorithm=EggRoll(population=8, input_subspace=None), member_data="pair_slices", population_batching=batched
+        algorithm=EggRoll(population=8, extras=EstimatorExtras(input_subspace=None)),
+        execution=ExecutionOptions(member_data="pair_slices", population_batching=batched),
     )
     with pytest.warns(UserWarning, match="share its samples, one each"):
         pl.Trainer(strategy=strategy, max_epochs=1, **quiet_trainer_kwargs()).fit(model, loader)
@@ -237,7 +242,7 @@ def test_pair_slices_match_a_loop_over_explicit_slices() -> None:
 
 def test_unknown_member_data_is_refused() -> None:
     with pytest.raises(ValueError, match="choose one of"):
-        NoBackpropStrategy(member_data="per_member")  # type: ignore[arg-type]
+        NoBackpropStrategy(execution=ExecutionOptions(member_data="per_member"))  # type: ignore[arg-type]
 
 
 def test_batched_evaluation_keeps_the_stacked_dense_noise_within_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:

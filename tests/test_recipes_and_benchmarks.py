@@ -77,7 +77,7 @@ def test_gpu_table_reads_the_token_counts_from_the_recipe(tmp_path: Path) -> Non
     recipe = yaml.safe_load((ROOT / "recipes" / "gpt-1b-eggroll-fp8.yaml").read_text())
     strategy = recipe["trainer"]["strategy"]["init_args"]
     before = {**recipe, "data": {"init_args": {"batch_size": 32, "block_size": 1024}}}
-    before["trainer"] = {"strategy": {"init_args": {**strategy, "member_data": "pair_slices"}}}
+    before["trainer"] = {"strategy": {"init_args": {**strategy, "execution": {"member_data": "pair_slices"}}}}
     assert gpu_table.member_tokens(before) == (32 * 1024, 32, 2 * 1024)  # each pair scores its own 2 sequences
     table = gpu_table.format_table(gpu_table.benchmark_rows(out) + gpu_table.recipe_rows(out, before))
     assert "| step_cost inference" in table and "252,077" in table
@@ -87,7 +87,7 @@ def test_gpu_table_reads_the_token_counts_from_the_recipe(tmp_path: Path) -> Non
 
     batch, block = recipe["data"]["init_args"]["batch_size"], recipe["data"]["init_args"]["block_size"]
     population = strategy["algorithm"]["init_args"]["population"]
-    assert strategy["member_data"] == "shared"
+    assert (strategy.get("execution") or {}).get("member_data", "shared") == "shared"
     assert gpu_table.member_tokens(recipe) == (batch * block, population, batch * block)
     rows = dict((what, speed) for what, speed, _ in gpu_table.recipe_rows(out, recipe))
     assert rows["gpt-1b fp8 recipe: 179 steps in 194 s, training tokens/s"] == f"{179 * batch * block / 193.9:,.0f}"

@@ -1,4 +1,4 @@
-"""Per-row estimates of a causal sequence model's embeddings (``EggRoll(per_row_embeddings=True)``)."""
+"""Per-row estimates of a causal sequence model's embeddings (``EstimatorExtras(per_row_embeddings=True)``)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_nobp import EstimatorExtras
 from lightning_nobp.algorithms import EggRoll, OpenES
 from lightning_nobp.perturb import EstimatorOptions, PopulationEstimator
 from lightning_nobp.perturb.row_estimate import embedding_row_gradient
@@ -156,7 +157,8 @@ def test_factor_and_dense_noise_give_the_same_estimate() -> None:
 
 def _estimated(algorithm: EggRoll | OpenES, model: TinySequenceModel, seed: int) -> PopulationEstimator:
     tokens, targets = _batch(seed)
-    estimator = PopulationEstimator(algorithm, [model], list(model.parameters()), options=EstimatorOptions.of(algorithm))
+    options = EstimatorOptions.of(algorithm)
+    estimator = PopulationEstimator(algorithm, [model], list(model.parameters()), options=options)
     population = algorithm.ask(seed)
     loss = lambda: _loss(model, tokens, targets)  # noqa: E731
     estimator.probe_parameter_reads(population, loss)
@@ -177,7 +179,13 @@ def test_per_row_embeddings_estimate_a_model_without_cross_position_paths_far_be
             model = TinySequenceModel("none")
             (true_token,) = torch.autograd.grad(_loss(model, tokens, targets), [model.wte.weight])
             estimator = _estimated(
-                algorithm(population=256, sigma=1e-3, per_row_embeddings=per_row, input_subspace=None), model, seed
+                algorithm(
+                    population=256,
+                    sigma=1e-3,
+                    extras=EstimatorExtras(per_row_embeddings=per_row, input_subspace=None),
+                ),
+                model,
+                seed,
             )
             names = {model.wte: "wte", model.wpe: "wpe", model.head: "head"}
             assert {names[layer.module] for layer in estimator.rows.row_local} == (
@@ -193,13 +201,14 @@ def test_per_row_embeddings_estimate_a_model_without_cross_position_paths_far_be
 def test_the_padding_row_is_never_estimated() -> None:
     torch.manual_seed(0)
     model = TinySequenceModel("causal", padding_idx=0)
-    estimator = _estimated(EggRoll(population=16, per_row_embeddings=True, input_subspace=None), model, 0)
+    estimator = _estimated(
+        EggRoll(population=16, extras=EstimatorExtras(per_row_embeddings=True, input_subspace=None)), model, 0
+    )
     assert model.wte in {layer.module for layer in estimator.rows.row_local}
     assert bool((model.wte.weight.grad[0] == 0).all())
     assert float(model.wte.weight.grad[1:].abs().sum()) > 0
 
 
-@pytest.mark.parametrize("algorithm", [EggRoll, OpenES])
-def test_per_row_embeddings_need_per_row_estimates(algorithm: type) -> None:
+def test_per_row_embeddings_need_per_row_estimates() -> None:
     with pytest.raises(ValueError, match="per_row_estimates=True"):
-        algorithm(per_row_estimates=False, per_row_embeddings=True)
+        EstimatorExtras(per_row_estimates=False, per_row_embeddings=True)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_nobp import EstimatorExtras, ExecutionOptions
 from lightning_nobp.algorithms import EggRoll, MeZO, OpenES, Population
 from lightning_nobp.perturb import EstimatorOptions, PopulationEstimator, RowEstimateOptions
 from lightning_nobp.perturb.direct_step import DirectHyperparameters
@@ -192,9 +193,9 @@ def test_the_trainer_uses_per_row_estimates_for_the_head_only_where_they_apply(n
     assert [layer.module for layer in estimator.rows.row_local] == [strategy.lightning_module.net[2]]
     # off when asked, with MeZO (no population), and when every pair sees its own samples
     for algorithm, kwargs in (
-        (EggRoll(population=32, per_row_estimates=False), {}),
+        (EggRoll(population=32, extras=EstimatorExtras(per_row_estimates=False)), {}),
         (MeZO(), {}),
-        (EggRoll(population=32), {"member_data": "pair_slices"}),
+        (EggRoll(population=32), {"execution": ExecutionOptions(member_data="pair_slices")}),
     ):
         strategy = _fit(algorithm, **kwargs)
         (estimator,) = strategy.engine._estimators.values()
@@ -204,16 +205,16 @@ def test_the_trainer_uses_per_row_estimates_for_the_head_only_where_they_apply(n
 def test_per_row_max_outputs_widens_which_layers_qualify(no_backprop: None) -> None:
     """The hidden layer (128 outputs) is row-local too, but wider than a population of 32's 16 pairs: it takes
     per-row estimates only when ``per_row_max_outputs`` allows it."""
-    strategy = _fit(EggRoll(population=32, per_row_max_outputs=128))
+    strategy = _fit(EggRoll(population=32, extras=EstimatorExtras(per_row_max_outputs=128)))
     (estimator,) = strategy.engine._estimators.values()
     net = strategy.lightning_module.net
     assert [layer.module for layer in estimator.rows.row_local] == [net[0], net[2]]
-    strategy = _fit(EggRoll(population=32, per_row_max_outputs=127))
+    strategy = _fit(EggRoll(population=32, extras=EstimatorExtras(per_row_max_outputs=127)))
     (estimator,) = strategy.engine._estimators.values()
     assert [layer.module for layer in estimator.rows.row_local] == [strategy.lightning_module.net[2]]
     for bad in (0, 2.5):
         with pytest.raises(ValueError, match="per_row_max_outputs"):
-            EggRoll(per_row_max_outputs=bad)
+            EggRoll(extras=EstimatorExtras(per_row_max_outputs=bad))
 
 
 class _HeadCalls(pl.Callback):
@@ -241,7 +242,9 @@ def test_the_official_pass_supplies_the_head_inputs(no_backprop: None) -> None:
     train, _ = digits_loaders(batch_size=128)
     counter = _HeadCalls()
     trainer = pl.Trainer(
-        strategy=NoBackpropStrategy(algorithm=EggRoll(population=32, input_subspace=None)),  # no observation passes
+        strategy=NoBackpropStrategy(
+            algorithm=EggRoll(population=32, extras=EstimatorExtras(input_subspace=None))
+        ),  # no observation passes
         callbacks=[counter],
         **quiet_trainer_kwargs(max_steps=4),
     )

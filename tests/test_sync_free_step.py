@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lightning_nobp import ExecutionOptions
 from lightning_nobp import NoBackpropStrategy
 from lightning_nobp.algorithms import EggRoll, MeZO, OpenES
 
@@ -47,7 +48,7 @@ class SGDDigits(DigitsClassifier):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, weight_decay=1e-4)
 
 
-PLAIN = dict(per_row_estimates=False, input_subspace=None)
+PLAIN = dict(extras=None)  # the published method: no per-row estimates, no input subspace
 
 
 @pytest.mark.parametrize(
@@ -64,7 +65,9 @@ def test_no_host_reads_inside_a_step(algorithm, direct_step) -> None:
     torch.manual_seed(0)
     module = SGDDigits(lr=1e-3)
     before = [p.detach().clone() for p in module.parameters()]
-    strategy = CountingStrategy(algorithm=algorithm, update="direct", direct_step=direct_step, fused_kernels=True)
+    strategy = CountingStrategy(
+        algorithm=algorithm, update="direct", direct_step=direct_step, execution=ExecutionOptions(fused_kernels=True)
+    )
     strategy.reads = []
     train, _ = digits_loaders(batch_size=64, shuffle=False)
     trainer = pl.Trainer(strategy=strategy, max_steps=3, log_every_n_steps=1000, **quiet_trainer_kwargs())
@@ -87,7 +90,9 @@ def test_a_step_with_a_non_finite_loss_is_skipped_on_the_device() -> None:
     torch.manual_seed(0)
     module = NaNAtFirstStep(lr=1e-3)
     strategy = NoBackpropStrategy(
-        algorithm=EggRoll(population=8, rank=1, sigma=1e-2, **PLAIN), update="direct", fused_kernels=True
+        algorithm=EggRoll(population=8, rank=1, sigma=1e-2, **PLAIN),
+        update="direct",
+        execution=ExecutionOptions(fused_kernels=True),
     )
     train, _ = digits_loaders(batch_size=64, shuffle=False)
     before = [p.detach().clone() for p in module.parameters()]

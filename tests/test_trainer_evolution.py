@@ -9,6 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_nobp import EstimatorExtras, ExecutionOptions
 from lightning_nobp import NoBackpropStrategy
 from lightning_nobp.algorithms import EggRoll, OpenES
 
@@ -81,7 +82,10 @@ def test_a_nan_member_drops_its_pair_and_the_step_goes_on() -> None:
     train, _ = digits_loaders(batch_size=256)
     model = NaNMember(poisoned_call=1 + 8 + 4)  # probe, step 0 (8 members), then member 3 of step 1
     # one member per call, so that the poisoned call is exactly one member
-    strategy = NoBackpropStrategy(algorithm=EggRoll(population=8, input_subspace=None), population_batching=False)
+    strategy = NoBackpropStrategy(
+        algorithm=EggRoll(population=8, extras=EstimatorExtras(input_subspace=None)),
+        execution=ExecutionOptions(population_batching=False),
+    )
     trainer = pl.Trainer(strategy=strategy, max_steps=3, log_every_n_steps=1, **quiet_trainer_kwargs())
     dropped: list[float] = []
 

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_nobp import EstimatorExtras, ExecutionOptions
 from lightning_nobp import NoBackpropStrategy
 from lightning_nobp.algorithms import MeZO
 
@@ -136,7 +137,9 @@ def test_nobp_metrics_reach_the_logger_and_progress_bar(tmp_path: Path) -> None:
     pl.seed_everything(0)
     train, _ = digits_loaders()
     trainer = pl.Trainer(
-        strategy=NoBackpropStrategy(algorithm=MeZO(directions=2), reuse_official_pass=False),
+        strategy=NoBackpropStrategy(
+            algorithm=MeZO(directions=2), execution=ExecutionOptions(reuse_official_pass=False)
+        ),
         max_epochs=1,
         log_every_n_steps=5,
         **quiet_trainer_kwargs(logger=pl.loggers.CSVLogger(tmp_path)),
@@ -255,8 +258,12 @@ def test_the_official_pass_is_a_member_only_where_it_spares_a_forward(
 
     pl.seed_everything(0)
     train, _ = digits_loaders()
-    chosen = EggRoll(population=8, input_subspace=None) if algorithm == "eggroll-8" else MeZO(directions=1)
-    strategy = NoBackpropStrategy(algorithm=chosen, population_batching=batching)
+    chosen = (
+        EggRoll(population=8, extras=EstimatorExtras(input_subspace=None))
+        if algorithm == "eggroll-8"
+        else MeZO(directions=1)
+    )
+    strategy = NoBackpropStrategy(algorithm=chosen, execution=ExecutionOptions(population_batching=batching))
     model = DigitsClassifier(lr=0.0)  # the weights stay where they started
     initial = {name: value.clone() for name, value in model.state_dict().items()}
     first = FirstStepLoss()
@@ -278,8 +285,12 @@ def test_the_official_pass_is_a_member_only_where_it_spares_a_forward(
 def test_reuse_official_pass_set_by_the_user_is_obeyed() -> None:
     from lightning_nobp.algorithms import EggRoll
 
-    assert NoBackpropStrategy(algorithm=EggRoll(population=64), reuse_official_pass=True).official_pass_is_a_member(64)
-    assert not NoBackpropStrategy(algorithm=MeZO(directions=1), reuse_official_pass=False).official_pass_is_a_member(2)
+    assert NoBackpropStrategy(
+        algorithm=EggRoll(population=64), execution=ExecutionOptions(reuse_official_pass=True)
+    ).official_pass_is_a_member(64)
     assert not NoBackpropStrategy(
-        algorithm=EggRoll(population=8), member_data="pair_slices", reuse_official_pass=True
+        algorithm=MeZO(directions=1), execution=ExecutionOptions(reuse_official_pass=False)
+    ).official_pass_is_a_member(2)
+    assert not NoBackpropStrategy(
+        algorithm=EggRoll(population=8), execution=ExecutionOptions(member_data="pair_slices", reuse_official_pass=True)
     ).official_pass_is_a_member(8)

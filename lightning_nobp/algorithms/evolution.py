@@ -24,7 +24,8 @@ from lightning_nobp.algorithms.base import (
     Population,
     weighted_factor_columns,
 )
-from lightning_nobp.algorithms.input_bases import InputBases, check_input_subspace
+from lightning_nobp.algorithms.extras import PLAIN, EstimatorExtras
+from lightning_nobp.algorithms.input_bases import InputBases
 from lightning_nobp.algorithms.noise_cache import NoiseCache
 from lightning_nobp.algorithms.noise_requests import NoiseRequest, draw_requests
 from lightning_nobp.algorithms.seeds import derive_seed, derive_seed_range
@@ -57,16 +58,7 @@ class EvolutionStrategy(InputBases, Algorithm):
         fitness_shaping: ``"centered_rank"``, ``"zscore"``, ``"sign"`` (antithetic only) or ``None``.
         population_chunk: members evaluated together in one batched forward (bounds activation memory); must
             divide the population. ``None`` evaluates all of a process's members at once.
-        per_row_estimates: estimate row-local layers from the members' per-row losses
-            (``lightning_nobp.perturb.row_estimate``).
-        input_subspace: perturb data-fed layers inside the principal subspace of their inputs that holds this
-            fraction of the inputs' energy (``lightning_nobp.perturb.input_subspace``); ``None``: everywhere.
-        per_row_embeddings: with ``per_row_estimates``, also estimate a causal sequence model's embeddings from
-            the per-row losses (``lightning_nobp.perturb.row_estimate``; biased).
-        per_row_max_outputs: widest layer output (or embedding dimension) estimated from per-row losses;
-            ``None``: ``population / 2``, the number of antithetic pairs.
-        exact_head_gradient: with ``per_row_estimates``, the row-local layer whose output is the logits of the
-            step's cross-entropy takes its exact gradient instead (``lightning_nobp.perturb.logit_layers``).
+        extras: what the estimate adds to the published method (:class:`EstimatorExtras`); ``None``: nothing.
     """
 
     #: a population's noise is drawn for all its seeds at once (``lightning_nobp.algorithms.counter_noise``)
@@ -79,13 +71,15 @@ class EvolutionStrategy(InputBases, Algorithm):
         antithetic: bool = True,
         fitness_shaping: str | None = "centered_rank",
         population_chunk: int | None = None,
-        per_row_estimates: bool = True,
-        input_subspace: float | None = None,
-        per_row_embeddings: bool = False,
-        per_row_max_outputs: int | None = None,
-        exact_head_gradient: bool = False,
+        extras: EstimatorExtras | None = None,
     ) -> None:
         owner = type(self).__name__
+        if not (extras is None or isinstance(extras, EstimatorExtras)):
+            raise TypeError(
+                f"{owner}(extras={extras!r}): pass EstimatorExtras(...) from lightning_nobp.algorithms, or None for"
+                " the published method"
+            )
+        extras = extras if extras is not None else PLAIN
         if not (isinstance(population, int) and population >= 2):
             raise ValueError(f"{owner}(population={population!r}): the population must be an integer >= 2")
         if antithetic and population % 2:
@@ -110,28 +104,25 @@ class EvolutionStrategy(InputBases, Algorithm):
         self.noise_cache = NoiseCache()
         self.population = population
         self.sigma = float(sigma)
-        if per_row_embeddings and not per_row_estimates:
-            raise ValueError(
-                f"{owner}(per_row_estimates=False, per_row_embeddings=True): embeddings are estimated from per-row"
-                " losses like row-local layers; set per_row_estimates=True or per_row_embeddings=False"
-            )
-        self.per_row_estimates = bool(per_row_estimates)
-        self.per_row_embeddings = bool(per_row_embeddings)
-        if per_row_max_outputs is not None and not (isinstance(per_row_max_outputs, int) and per_row_max_outputs >= 1):
-            raise ValueError(
-                f"{owner}(per_row_max_outputs={per_row_max_outputs!r}): a positive integer (the widest layer output"
-                " estimated from per-row losses), or None for population / 2"
-            )
-        self.per_row_max_outputs = per_row_max_outputs
-        if exact_head_gradient and not per_row_estimates:
-            raise ValueError(
-                f"{owner}(per_row_estimates=False, exact_head_gradient=True): the output layer's exact gradient"
-                " replaces its per-row estimate; set per_row_estimates=True or exact_head_gradient=False"
-            )
-        self.exact_head_gradient = bool(exact_head_gradient)
-        self.input_subspace = check_input_subspace(owner, input_subspace)
+        #: the research options on top of the published estimate (``PLAIN``: none)
+        self.extras = extras
+        self.per_row_estimates = extras.per_row_estimates
+        self.per_row_embeddings = extras.per_row_embeddings
+        self.per_row_max_outputs = extras.per_row_max_outputs
+        self.exact_head_gradient = extras.exact_head_gradient
+        self.input_subspace = extras.input_subspace
         self.antithetic = antithetic
         self.fitness_shaping = fitness_shaping
+
+    def _extras_repr(self) -> str:
+        current = EstimatorExtras(
+            self.per_row_estimates,
+            self.input_subspace,
+            self.per_row_embeddings,
+            self.per_row_max_outputs,
+            self.exact_head_gradient,
+        )
+        return "None" if current == PLAIN else repr(current)
 
     @property
     def shards_population(self) -> bool:
@@ -264,35 +255,8 @@ class OpenES(EvolutionStrategy):
         antithetic: evaluate ``+E`` and ``-E`` for every noise.
         fitness_shaping: ``"centered_rank"``, ``"zscore"``, ``"sign"`` or ``None``.
         population_chunk: members per batched forward; a divisor of the population (``None``: all).
-        per_row_estimates: estimate the gradient of row-local layers (a classifier's head, a language model's
-            output projection: an ``nn.Linear`` with at most ``population / 2`` outputs whose output row ``n``
-            changes loss row ``n`` only, tested once on the first batch) from the members' per-row losses
-            instead of their mean losses, at the scale of the estimate it replaces. Applies with antithetic
-            pairs on one process (``.grad`` and direct updates, low-bit weights included), when every member
-            sees the whole batch and the training step returns one ``cross_entropy``, ``nll_loss``,
-            ``mse_loss`` or ``binary_cross_entropy_with_logits``; other parameters and cases are unchanged.
-        input_subspace: for layers fed directly by the data (an MLP's first layer), draw the noise inside the
-            principal subspace of their inputs holding this fraction of the inputs' energy (estimated over the
-            first 16 batches), where the gradient lies; ``None`` draws it in every direction. One process only.
-        per_row_embeddings: with ``per_row_estimates``, also estimate the ``nn.Embedding`` weights of a causal
-            sequence model (token and position embeddings of a GPT: output row ``n`` moves loss row ``n`` and no
-            earlier one, tested once on the first batch) from the per-row losses: exact for the paths from an
-            embedding row to the losses of the positions that read it (the residual stream at the same position),
-            with the paths through attention to other positions' losses left out. A biased estimate with far less
-            noise than evolution strategies' for a ``vocab x dim`` table; off by default.
-        per_row_max_outputs: widest layer output (or embedding dimension) estimated from per-row losses.
-            ``None``: ``population / 2``, the number of antithetic pairs, where each row's output gradient is fully
-            determined; wider layers still get an unbiased per-row estimate, noisier per row but usually far less
-            noisy than evolution strategies' estimate of the whole weight.
-        exact_head_gradient: with ``per_row_estimates``, the output layer whose output is the logits of the
-            training step's ``F.cross_entropy`` (class-index targets, no label smoothing; tested once on the first
-            batch: a row of its output must reach the loss unchanged, a cast or reshape aside) learns from its
-            exact gradient, ``sum_n c_n (softmax(z_n) - onehot(y_n)) h_n^T`` from its inputs, the targets and its
-            stored weight (the delta rule of the output layer: no backward pass through the network), at the
-            scale of the estimate it replaces. The members then leave that layer unperturbed, so its share of
-            their loss changes no longer blurs the other layers' estimates. Worth most when the head has more
-            outputs than the population has antithetic pairs (a byte or token vocabulary): a per-row estimate then
-            sees only a projection of each row's gradient. Off by default.
+        extras: research options on top of the published estimate (:class:`EstimatorExtras`: per-row head
+            estimates, input subspace); ``None``: the method as published.
     """
 
     def __init__(
@@ -302,31 +266,14 @@ class OpenES(EvolutionStrategy):
         antithetic: bool = True,
         fitness_shaping: str | None = "zscore",
         population_chunk: int | None = None,
-        per_row_estimates: bool = True,
-        input_subspace: float | None = 0.97,
-        per_row_embeddings: bool = False,
-        per_row_max_outputs: int | None = None,
-        exact_head_gradient: bool = False,
+        extras: EstimatorExtras | None = EstimatorExtras(),
     ) -> None:
-        super().__init__(
-            population,
-            sigma,
-            antithetic,
-            fitness_shaping,
-            population_chunk,
-            per_row_estimates,
-            input_subspace,
-            per_row_embeddings,
-            per_row_max_outputs,
-            exact_head_gradient,
-        )
+        super().__init__(population, sigma, antithetic, fitness_shaping, population_chunk, extras)
 
     def __repr__(self) -> str:
         return (
             f"OpenES(population={self.population}, sigma={self.sigma}, antithetic={self.antithetic},"
-            f" fitness_shaping={self.fitness_shaping!r}, per_row_estimates={self.per_row_estimates},"
-            f" input_subspace={self.input_subspace}, per_row_embeddings={self.per_row_embeddings},"
-            f" per_row_max_outputs={self.per_row_max_outputs}, exact_head_gradient={self.exact_head_gradient})"
+            f" fitness_shaping={self.fitness_shaping!r}, extras={self._extras_repr()})"
         )
 
     def noise(self, noise_seed: int, param_index: int, param: Tensor) -> Tensor:
@@ -365,35 +312,8 @@ class EggRoll(EvolutionStrategy):
         antithetic: evaluate ``+E`` and ``-E`` for every noise (pairs share noise and data).
         fitness_shaping: ``"centered_rank"``, ``"zscore"``, ``"sign"`` or ``None``.
         population_chunk: members per batched forward; a divisor of the population (``None``: all).
-        per_row_estimates: estimate the gradient of row-local layers (a classifier's head, a language model's
-            output projection: an ``nn.Linear`` with at most ``population / 2`` outputs whose output row ``n``
-            changes loss row ``n`` only, tested once on the first batch) from the members' per-row losses
-            instead of their mean losses, at the scale of the estimate it replaces. Applies with antithetic
-            pairs on one process (``.grad`` and direct updates, low-bit weights included), when every member
-            sees the whole batch and the training step returns one ``cross_entropy``, ``nll_loss``,
-            ``mse_loss`` or ``binary_cross_entropy_with_logits``; other parameters and cases are unchanged.
-        input_subspace: for layers fed directly by the data (an MLP's first layer), draw ``B`` inside the
-            principal subspace of their inputs holding this fraction of the inputs' energy (estimated over the
-            first 16 batches), where the gradient lies; ``None`` draws it in every direction. One process only.
-        per_row_embeddings: with ``per_row_estimates``, also estimate the ``nn.Embedding`` weights of a causal
-            sequence model (token and position embeddings of a GPT: output row ``n`` moves loss row ``n`` and no
-            earlier one, tested once on the first batch) from the per-row losses: exact for the paths from an
-            embedding row to the losses of the positions that read it (the residual stream at the same position),
-            with the paths through attention to other positions' losses left out. A biased estimate with far less
-            noise than evolution strategies' for a ``vocab x dim`` table; off by default.
-        per_row_max_outputs: widest layer output (or embedding dimension) estimated from per-row losses.
-            ``None``: ``population / 2``, the number of antithetic pairs, where each row's output gradient is fully
-            determined; wider layers still get an unbiased per-row estimate, noisier per row but usually far less
-            noisy than evolution strategies' estimate of the whole weight.
-        exact_head_gradient: with ``per_row_estimates``, the output layer whose output is the logits of the
-            training step's ``F.cross_entropy`` (class-index targets, no label smoothing; tested once on the first
-            batch: a row of its output must reach the loss unchanged, a cast or reshape aside) learns from its
-            exact gradient, ``sum_n c_n (softmax(z_n) - onehot(y_n)) h_n^T`` from its inputs, the targets and its
-            stored weight (the delta rule of the output layer: no backward pass through the network), at the
-            scale of the estimate it replaces. The members then leave that layer unperturbed, so its share of
-            their loss changes no longer blurs the other layers' estimates. Worth most when the head has more
-            outputs than the population has antithetic pairs (a byte or token vocabulary): a per-row estimate then
-            sees only a projection of each row's gradient. Off by default.
+        extras: research options on top of the published estimate (:class:`EstimatorExtras`: per-row head
+            estimates, input subspace); ``None``: the method as published.
     """
 
     def __init__(
@@ -404,24 +324,9 @@ class EggRoll(EvolutionStrategy):
         antithetic: bool = True,
         fitness_shaping: str | None = "centered_rank",
         population_chunk: int | None = None,
-        per_row_estimates: bool = True,
-        input_subspace: float | None = 0.97,
-        per_row_embeddings: bool = False,
-        per_row_max_outputs: int | None = None,
-        exact_head_gradient: bool = False,
+        extras: EstimatorExtras | None = EstimatorExtras(),
     ) -> None:
-        super().__init__(
-            population,
-            sigma,
-            antithetic,
-            fitness_shaping,
-            population_chunk,
-            per_row_estimates,
-            input_subspace,
-            per_row_embeddings,
-            per_row_max_outputs,
-            exact_head_gradient,
-        )
+        super().__init__(population, sigma, antithetic, fitness_shaping, population_chunk, extras)
         if not (isinstance(rank, int) and rank >= 1):
             raise ValueError(f"EggRoll(rank={rank!r}): the rank must be an integer >= 1")
         self.rank = rank
@@ -429,10 +334,7 @@ class EggRoll(EvolutionStrategy):
     def __repr__(self) -> str:
         return (
             f"EggRoll(population={self.population}, rank={self.rank}, sigma={self.sigma},"
-            f" antithetic={self.antithetic}, fitness_shaping={self.fitness_shaping!r},"
-            f" per_row_estimates={self.per_row_estimates}, input_subspace={self.input_subspace},"
-            f" per_row_embeddings={self.per_row_embeddings}, per_row_max_outputs={self.per_row_max_outputs},"
-            f" exact_head_gradient={self.exact_head_gradient})"
+            f" antithetic={self.antithetic}, fitness_shaping={self.fitness_shaping!r}, extras={self._extras_repr()})"
         )
 
     def factors(self, noise_seed: int, param_index: int, param: Tensor) -> tuple[Tensor, Tensor]:

@@ -22,6 +22,8 @@ from torch.optim import Optimizer
 
 from lightning_nobp.algorithms import Algorithm, MeZO, derive_seed
 from lightning_nobp.fabric.precision import LowBitPrecision
+from lightning_nobp.gc_freeze import StartupObjectsFreeze
+from lightning_nobp.options import CpuTuning, ExecutionOptions, check_group
 from lightning_nobp.pytorch.checkpoint_io import SealedCheckpointIO
 from lightning_nobp.lowbit.formats import inner_tensors, is_low_bit
 from lightning_nobp.engine import (
@@ -55,27 +57,18 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             ``None`` (default): ``"direct"`` when ``LowBitPrecision`` stores weights in low bit, else ``"grad"``.
         direct_step: ``"sgd"`` or ``"normalized"`` (each tensor's estimate divided by its root-mean-square, so
             ``lr`` is the typical change of one weight per step, with no optimizer state).
-        population_batching: evaluate the population's members together in one batched forward
-            (``torch.func.vmap`` over the user's code; activation memory grows with the members per chunk, see
-            ``population_chunk`` of the ES algorithms). Falls back to one member at a time, with one warning, when
-            the code cannot be batched (``.item()``, data-dependent control flow).
         compile: evaluate the batched population under ``torch.compile`` (the closure traced through the member
             layers). ``None`` (default): on when the parameters are on a CUDA device. Falls back to eager
             evaluation, with one warning that names the reason, when the closure cannot be compiled.
-        fused_kernels: bf16 and float32 weights take the fused kernels (``lightning_nobp.kernels.dense_update``):
-            dense noise from Philox streams with one layer's perturbed copy per member (MeZO and OpenES at
-            inference memory), one pass per weight for the update, and, for a direct update without momentum,
-            per-row estimates or input subspaces, a step with no host synchronisation. ``None`` (default): on when
-            the parameters are on a CUDA device (on the CPU the kernels' PyTorch twins run, slower).
         step_limit: bound on each step's change of each tensor, relative to the tensor's norm (a trust ratio): a
             learning rate tuned for backpropagation does not diverge on the forward-only estimate; steps within the
             bound are untouched, Adam's steps are left alone (``lightning_nobp.perturb.step_limit``). Logged as
             ``nobp/step_limited`` (tensors scaled down in the step); ``None`` turns it off.
-        reuse_cpu_memory: opt-in CPU tuning: while training runs, make glibc's ``malloc`` keep freed memory in the
-            process (up to 512 MiB) instead of returning it to the kernel, so the population's large activations
-            are not page-faulted in again at every step (faster steps on the CPU: ``benchmarks/cpu_allocator.py``
-            measures it). Process-wide while it lasts; glibc's defaults come back when training ends.
         seed: base seed of every perturbation. ``None`` takes ``PL_GLOBAL_SEED`` (set by ``seed_everything``), else 0.
+        execution: how the members are evaluated (:class:`~lightning_nobp.ExecutionOptions`: batching, fused
+            kernels); ``None``: the defaults. A Fabric closure is evaluated on the whole batch, without reuse.
+        cpu_tuning: opt-in process-wide CPU tunings from module setup to teardown (:class:`~lightning_nobp.CpuTuning`);
+            ``None``: none.
         accelerator: see ``lightning.fabric.strategies.DDPStrategy``.
         parallel_devices: see ``DDPStrategy``.
         cluster_environment: see ``DDPStrategy``.
@@ -91,12 +84,11 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         algorithm: Algorithm | None = None,
         update: UpdatePath | None = None,
         direct_step: DirectStep = "sgd",
-        population_batching: bool = True,
         compile: bool | None = None,
-        fused_kernels: bool | None = None,
         step_limit: float | None = DEFAULT_STEP_LIMIT,
         seed: int | None = None,
-        reuse_cpu_memory: bool = False,
+        execution: ExecutionOptions | None = None,
+        cpu_tuning: CpuTuning | None = None,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -117,9 +109,20 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             timeout=timeout,
             start_method=start_method,
         )
+        check_group("NoBackpropStrategy", "execution", execution, ExecutionOptions)
+        check_group("NoBackpropStrategy", "cpu_tuning", cpu_tuning, CpuTuning)
+        execution = execution if execution is not None else ExecutionOptions()
+        if execution.member_data != "shared" or execution.reuse_official_pass:
+            raise ValueError(
+                f"{execution!r}: Fabric's NoBackpropStrategy evaluates the closure on the whole batch and never"
+                " reuses it; member_data='pair_slices' and reuse_official_pass=True are Trainer options. Leave"
+                " them at their defaults."
+            )
+        self.execution = execution
+        self.cpu_tuning = cpu_tuning
         self.engine = ForwardOnlyEngine(
-            algorithm if algorithm is not None else MeZO(), update, population_batching, direct_step, compile,
-            fused_kernels, step_limit,
+            algorithm if algorithm is not None else MeZO(), update, execution.population_batching, direct_step,
+            compile, execution.fused_kernels, step_limit,
         )
         if self.engine.local:
             raise ValueError(
@@ -127,7 +130,8 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
                 " Fabric closure cannot provide: use the Trainer's NoBackpropStrategy for local learning."
             )
         self._seed = seed
-        self.reuse_cpu_memory = reuse_cpu_memory
+        self.reuse_cpu_memory = cpu_tuning is not None and cpu_tuning.reuse_memory
+        self._startup_objects = StartupObjectsFreeze()
         #: optimizer steps taken so far; part of every perturbation's seed (save it to resume bit-exactly)
         self.steps = 0
         #: the estimate's statistics of the last step (``projected_grad``, ``loss_spread``, ...), for logging
@@ -166,9 +170,12 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         self._modules.append(module)
         self.engine.resolve_update(self._modules)
         self.engine.reset()
+        if self.cpu_tuning is not None and self.cpu_tuning.freeze_startup_objects:
+            self._startup_objects.freeze()
         return module
 
     def teardown(self) -> None:
+        self._startup_objects.release()
         self._restore_cpu_memory()
         self.engine.release()  # the user's modules get their own forwards back
         super().teardown()

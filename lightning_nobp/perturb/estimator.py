@@ -38,6 +38,12 @@ from lightning_nobp.perturb.row_estimates import RowEstimateOptions, RowEstimate
 from lightning_nobp.perturb.update import EstimateWriter
 
 
+def _plain_spelling(algorithm: Algorithm) -> str:
+    """How the user asks for ``algorithm`` without per-row estimates and input subspaces."""
+    name = type(algorithm).__name__
+    return f"{name}(..., extras=None)" if hasattr(algorithm, "extras") else f"{name}(..., input_subspace=None)"
+
+
 @dataclass(frozen=True)
 class EstimatorOptions:
     """What an estimator does besides the algorithm's plain estimate (the engine derives them from the algorithm).
@@ -96,7 +102,7 @@ class EstimatorOptions:
                     " need every member's losses and inputs on one process; each process sees only its members and"
                     " the scalar fitness values are all they exchange), so the estimate is the plain one and"
                     " differs from a one-process run. Set them off explicitly to silence this"
-                    f" ({type(algorithm).__name__}(per_row_estimates=False, input_subspace=None)).",
+                    f" ({_plain_spelling(algorithm)}).",
                     stacklevel=2,
                 )
         return cls(rows=rows, input_subspace=energy if one_process else None, compile=compile, fused=fused)

@@ -35,6 +35,7 @@ from lightning_nobp.algorithms import Algorithm, MeZO, Population, derive_seed
 from lightning_nobp.algorithms.local import LocalLearning
 from lightning_nobp.fabric.precision import LowBitPrecision
 from lightning_nobp.gc_freeze import StartupObjectsFreeze
+from lightning_nobp.options import CpuTuning, ExecutionOptions, check_group
 from lightning_nobp.engine import (
     DirectStep,
     ForwardOnlyEngine,
@@ -57,7 +58,6 @@ MANUAL_BACKWARD_MESSAGE = (
 )
 
 PROGRESS_BAR_METRICS = frozenset({"nobp/projected_grad", "nobp/skipped_steps"})
-MEMBER_DATA = ("shared", "pair_slices")
 MANUAL_STEP_STREAM = 1 << 32  # separates manual-optimization step seeds from the automatic ones
 #: the checkpoint key of the estimators' own state (the input subspaces of data-fed layers)
 CHECKPOINT_KEY = "lightning_nobp"
@@ -79,47 +79,20 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         direct_step: the direct path's step: ``"sgd"`` (``w -= lr * estimate``) or ``"normalized"`` (each
             tensor's estimate divided by its root-mean-square, so ``lr`` is the typical change of one weight per
             step, as with Adam, with no optimizer state: the usual choice for evolution strategies).
-        population_batching: evaluate the population's members together in one batched forward
-            (``torch.func.vmap`` over the user's code; activation memory grows with the members per chunk, see
-            ``population_chunk`` of the ES algorithms). Falls back to one member at a time, with one warning, when
-            the code cannot be batched (``.item()``, data-dependent control flow).
         compile: evaluate the batched population under ``torch.compile`` (one graph per chunk size: the user's
             ``training_step`` traced through the member layers, each layer's shared product fused with its members'
             low-rank corrections). ``None`` (default): on when the parameters are on a CUDA device. Falls back to
             eager evaluation, with one warning that names the reason, when ``training_step`` cannot be compiled.
-        fused_kernels: bf16 and float32 weights take the fused kernels (``lightning_nobp.kernels.dense_update``):
-            dense noise from Philox streams with one layer's perturbed copy per member (MeZO and OpenES at
-            inference memory), one pass per weight for the update, and, for a direct update without momentum,
-            per-row estimates or input subspaces, a step with no host synchronisation. ``None`` (default): on when
-            the parameters are on a CUDA device (on the CPU the kernels' PyTorch twins run, slower).
         step_limit: bound on each step's change of each tensor, relative to the tensor's norm (a trust ratio): a
             learning rate tuned for backpropagation does not diverge on the forward-only estimate; steps within the
             bound are untouched, Adam's steps are left alone (``lightning_nobp.perturb.step_limit``). Logged as
             ``nobp/step_limited`` (tensors scaled down in the step); ``None`` turns it off.
-        member_data: ``"shared"``: every member is evaluated on the whole batch. ``"pair_slices"``: the batch (a
-            tensor or a tuple/list/dict of tensors sharing their first dimension) is split into one slice per noise
-            group (antithetic pair), and each pair is evaluated on its own slice: more data per step for the same
-            forward cost. The official pass then runs on the whole batch at the unperturbed weights. A batch with
-            fewer samples than pairs (a loader's last batch) is shared round-robin, one sample per pair, with one
-            warning.
-        reuse_cpu_memory: opt-in CPU tuning: while training runs, make glibc's ``malloc`` keep freed memory in the
-            process (up to 512 MiB) instead of returning it to the kernel, so the population's large activations
-            are not page-faulted in again at every step (faster steps on the CPU: ``benchmarks/cpu_allocator.py``
-            measures it). Process-wide while it lasts; glibc's defaults come back when training ends.
         seed: base seed of every perturbation (counter-derived per step, member and parameter). ``None`` takes the
             seed of ``lightning.seed_everything`` (``PL_GLOBAL_SEED``), else 0.
-        reuse_official_pass: evaluate the official ``training_step`` at the first member's perturbed weights and
-            reuse its loss as that member's fitness (one forward less per step: 2 instead of 3 for a one-direction
-            MeZO; the logged training loss is then measured at ``theta + eps*z``). ``False`` runs the official pass
-            at the unperturbed weights (the logged loss is the model's own) and evaluates every member apart.
-            ``None`` (default): reuse only where it spares a whole forward, i.e. when the members are evaluated one
-            at a time (``population_batching=False``, or code ``vmap`` cannot batch) or when one member would be
-            left (a population of 2). In a batched evaluation one more member costs less than perturbing the
-            official pass.
-        freeze_startup_objects: opt-in: while training runs, keep Python's full garbage collections away from the
-            objects that existed when it started (``gc.freeze()`` in ``on_train_start``, ``gc.unfreeze()`` when
-            training ends; ``lightning_nobp.gc_freeze``): after importing Lightning a full collection visits some
-            520,000 objects, which small steps feel. Left alone when objects were frozen already.
+        execution: how the members are evaluated (:class:`~lightning_nobp.ExecutionOptions`: batching, fused
+            kernels, member data, official-pass reuse); ``None``: the defaults.
+        cpu_tuning: opt-in process-wide CPU tunings while training runs (:class:`~lightning_nobp.CpuTuning`);
+            ``None``: none.
         accelerator: see ``lightning.pytorch.strategies.DDPStrategy``.
         parallel_devices: see ``DDPStrategy``.
         cluster_environment: see ``DDPStrategy``.
@@ -138,15 +111,11 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         algorithm: Algorithm | LocalLearning | None = None,
         update: UpdatePath | None = None,
         direct_step: DirectStep = "sgd",
-        population_batching: bool = True,
         compile: bool | None = None,
-        fused_kernels: bool | None = None,
         step_limit: float | None = DEFAULT_STEP_LIMIT,
-        member_data: Literal["shared", "pair_slices"] = "shared",
         seed: int | None = None,
-        reuse_cpu_memory: bool = False,
-        reuse_official_pass: bool | None = None,
-        freeze_startup_objects: bool = False,
+        execution: ExecutionOptions | None = None,
+        cpu_tuning: CpuTuning | None = None,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -167,19 +136,22 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             timeout=timeout,
             start_method=start_method,
         )
+        check_group("NoBackpropStrategy", "execution", execution, ExecutionOptions)
+        check_group("NoBackpropStrategy", "cpu_tuning", cpu_tuning, CpuTuning)
+        execution = execution if execution is not None else ExecutionOptions()
+        self.execution = execution
+        self.cpu_tuning = cpu_tuning
         self.engine = ForwardOnlyEngine(
-            algorithm if algorithm is not None else MeZO(), update, population_batching, direct_step, compile,
-            fused_kernels, step_limit,
+            algorithm if algorithm is not None else MeZO(), update, execution.population_batching, direct_step,
+            compile, execution.fused_kernels, step_limit,
         )
         #: True while the members are evaluated with the module's logging muted
         self._logging_muted = False
-        if member_data not in MEMBER_DATA:
-            raise ValueError(f"member_data={member_data!r}: choose one of {MEMBER_DATA}")
-        self.member_data = member_data
+        self.member_data = execution.member_data
         self._seed = seed
-        self.reuse_cpu_memory = reuse_cpu_memory
-        self.reuse_official_pass = reuse_official_pass if member_data == "shared" else False
-        self.freeze_startup_objects = freeze_startup_objects
+        self.reuse_cpu_memory = cpu_tuning is not None and cpu_tuning.reuse_memory
+        self.reuse_official_pass = execution.reuse_official_pass if execution.member_data == "shared" else False
+        self.freeze_startup_objects = cpu_tuning is not None and cpu_tuning.freeze_startup_objects
         self._startup_objects = StartupObjectsFreeze()
         self._window: list[tuple[Population, Tensor]] = []  # direct path: the accumulation window's estimates
         self._window_poisoned = False
@@ -366,7 +338,7 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
         if not leaves or not all(isinstance(leaf, Tensor) and leaf.dim() >= 1 for leaf in leaves):
             raise TypeError(
                 "member_data='pair_slices' splits the batch along its first dimension: the batch must be a tensor"
-                " or a tuple/list/dict of tensors. Use member_data='shared' for other batches."
+                " or a tuple/list/dict of tensors. Use ExecutionOptions(member_data='shared') for other batches."
             )
         samples = leaves[0].shape[0]
         size = samples // count
