@@ -5,6 +5,7 @@
 """
 
 from lightning_nobp.__about__ import __version__
+from lightning_nobp.generation import generate_population
 from lightning_nobp.algorithms.extras import EstimatorExtras
 from lightning_nobp.options import CpuTuning, ExecutionOptions
 from lightning_nobp.pytorch import LowBitPrecision, NoBackpropStrategy
@@ -20,5 +21,6 @@ __all__ = [
     "LowBitPrecision",
     "NoBackpropStrategy",
     "__version__",
+    "generate_population",
     "replay",
 ]

@@ -147,6 +147,63 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(batch, time, width)
         return self.resid_dropout(self.proj(y))
 
+    def forward_cached(self, x: Tensor, cache: KVPair | None, readable: Tensor) -> tuple[Tensor, KVPair]:
+        """The attention of new positions over the cached keys and values plus their own (a decode step).
+
+        Args:
+            x: the new positions' inputs ``(batch, new, width)``.
+            cache: the earlier positions' keys and values ``(batch, heads, past, head_size)`` each, or ``None``.
+            readable: ``(batch, new, past + new)`` booleans, true where a new position may read a key.
+
+        Returns:
+            The output ``(batch, new, width)`` and the keys and values of every position so far.
+        """
+        batch, time, width = x.shape
+        q, k, v = self.qkv(x).split(width, dim=2)
+        q, k, v = (t.view(batch, time, self.n_head, width // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = torch.cat((cache[0], k), dim=2), torch.cat((cache[1], v), dim=2)
+        keys = k.shape[2]
+        dropout = self.dropout if self.training else 0.0
+        mask: Tensor = readable[:, None]  # (batch, 1, new, keys): the same for every head
+        if self.alibi_slope is not None:  # key j's distance from query i (absolute indices of the sequence)
+            bias = alibi_bias_from(self.alibi_slope, self.n_head, keys - time, time, keys, x.device, q.dtype)
+            mask = bias.masked_fill(~mask, float("-inf"))
+        if self.attention == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        else:
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+            scores = scores + mask if mask.dtype != torch.bool else scores.masked_fill(~mask, float("-inf"))
+            weights = F.dropout(scores.softmax(-1), dropout, self.training)
+            y = weights @ v
+        y = y.transpose(1, 2).reshape(batch, time, width)
+        return self.resid_dropout(self.proj(y)), (k, v)
+
+
+KVPair = tuple[Tensor, Tensor]
+"""One attention layer's cached keys and values, ``(batch, heads, positions, head_size)`` each."""
+
+
+def alibi_bias_from(
+    slope: float, heads: int, first: int, queries: int, keys: int, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """ALiBi's score bias for queries at sequence indices ``first .. first + queries - 1`` over keys ``0 .. keys - 1``
+    (``(heads, queries, keys)``; future keys get 0), the rectangle of :func:`alibi_bias` a cached decode needs.
+
+    Args:
+        slope: the first head's slope.
+        heads: attention heads.
+        first: the sequence index of the first query.
+        queries: how many queries.
+        keys: how many keys.
+        device: where to build it.
+        dtype: its dtype.
+    """
+    slopes = slope * torch.pow(2.0, -8.0 * torch.arange(heads, device=device, dtype=torch.float32) / heads)
+    query_index = torch.arange(first, first + queries, device=device)
+    distance = (query_index.view(-1, 1) - torch.arange(keys, device=device).view(1, -1)).clamp_min(0)
+    return (slopes.view(heads, 1, 1) * distance.to(torch.float32)).neg_().to(dtype)
+
 
 def _future_keys(time: int, device: torch.device) -> Tensor:
     """``(time, time)`` booleans, true where key ``j`` comes after query ``i`` (what causal attention hides)."""
@@ -205,6 +262,13 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
+    def forward_cached(self, x: Tensor, cache: KVPair | None, readable: Tensor) -> tuple[Tensor, KVPair]:
+        """:meth:`forward` for new positions over cached keys and values (see
+        :meth:`CausalSelfAttention.forward_cached`)."""
+        attended, cache = self.attn.forward_cached(self.ln_1(x), cache, readable)
+        x = x + attended
+        return x + self.mlp(self.ln_2(x)), cache
+
 
 class GPT(nn.Module):
     """Decoder-only transformer language model over ``config.vocab_size`` tokens.
@@ -258,6 +322,34 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.ln_f(x))
+
+    def forward_cached(
+        self, idx: Tensor, positions: Tensor, readable: Tensor, cache: list[KVPair] | None = None
+    ) -> tuple[Tensor, list[KVPair]]:
+        """Next-token logits of new tokens given the keys and values of the earlier ones (a KV-cached decode step).
+
+        With no cache and every position readable causally, this computes what :meth:`forward` does; rows may be
+        left-padded (their padding is unreadable in ``readable`` and their positions count real tokens only).
+        ``lightning_nobp.generation.generate_population`` drives it.
+
+        Args:
+            idx: the new token ids ``(batch, new)``.
+            positions: their position indices ``(batch, new)`` (into the position embedding).
+            readable: ``(batch, new, past + new)`` booleans, true where a new token may read a key; every new token
+                must be able to read at least one key (a padding position reads itself).
+            cache: every layer's keys and values of the earlier tokens, as returned by the previous call.
+
+        Returns:
+            Logits ``(batch, new, vocab_size)`` and every layer's keys and values including the new tokens.
+        """
+        if int(positions.max()) >= self.config.block_size:
+            raise ValueError(f"GPT: position {int(positions.max())} exceeds block_size={self.config.block_size}")
+        x = self.drop(self.wte(idx) + self.wpe(positions))
+        caches: list[KVPair] = []
+        for index, block in enumerate(self.blocks):
+            x, layer_cache = block.forward_cached(x, None if cache is None else cache[index], readable)
+            caches.append(layer_cache)
+        return self.lm_head(self.ln_f(x)), caches
 
     def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
         """Mean cross-entropy of the next-token prediction.
