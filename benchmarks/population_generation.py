@@ -7,8 +7,8 @@ tokens. Plain generation decodes the ``B`` prompts repeated ``P`` times at the m
 that calls ``generate_population`` is evaluated by the strategy: batched (``PopulationEstimator.evaluate_batched``,
 one ``torch.func.vmap``-ed decode for every member) and, for reference, one member at a time
 (``PopulationEstimator.evaluate``). Tokens/s counts generated tokens (``P * B * N``) over the whole call, prompt
-prefill included; each figure is the best of ``--repeats`` timed calls after one warm-up call. Prints JSON and
-writes it to ``--out``.
+prefill included; each figure is the best of ``--repeats`` timed calls after one warm-up call, the three modes
+taking turns. Prints JSON and writes it to ``--out``.
 
     python benchmarks/population_generation.py --device cpu
     python benchmarks/population_generation.py --device cpu --models gpt-small --population 8
@@ -55,17 +55,20 @@ def build(name: str, device: torch.device) -> tuple[nn.Module, int]:
     return model.to(device).eval(), vocab
 
 
-def best_time(run: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """The shortest of ``repeats`` timed calls of ``run`` after one warm-up call."""
-    run()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
+def best_times(runs: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
+    """The shortest of ``repeats`` timed calls of every run, after one warm-up call each; the runs take turns, so
+    a slow spell of a shared machine touches all of them alike."""
+    for run in runs.values():
         run()
-        synchronize(device)
-        times.append(time.perf_counter() - started)
-    return min(times)
+    synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            synchronize(device)
+            times[name].append(time.perf_counter() - started)
+    return {name: min(spent) for name, spent in times.items()}
 
 
 def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
@@ -84,9 +87,13 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     estimator.probe_parameter_reads(members, member_decode)
     repeated = prompt_ids.repeat(population, 1)
     tokens = population * prompts * new
-    plain = best_time(lambda: generate_population(model, repeated, max_new_tokens=new), args.repeats, device)
-    batched = best_time(lambda: estimator.evaluate_batched(members, member_decode), args.repeats, device)
-    looped = best_time(lambda: estimator.evaluate(members, member_decode), args.repeats, device)
+    runs = {
+        "plain": lambda: generate_population(model, repeated, max_new_tokens=new),
+        "batched": lambda: estimator.evaluate_batched(members, member_decode),
+        "looped": lambda: estimator.evaluate(members, member_decode),
+    }
+    seconds = best_times(runs, args.repeats, device)
+    plain, batched, looped = seconds["plain"], seconds["batched"], seconds["looped"]
     estimator.close()
     return {
         "model": name,

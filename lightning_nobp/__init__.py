@@ -5,7 +5,7 @@
 """
 
 from lightning_nobp.__about__ import __version__
-from lightning_nobp.generation import generate_population
+from lightning_nobp.generation import generate_population, score_completions
 from lightning_nobp.algorithms.extras import EstimatorExtras
 from lightning_nobp.options import CpuTuning, ExecutionOptions
 from lightning_nobp.pytorch import LowBitPrecision, NoBackpropStrategy
@@ -23,4 +23,5 @@ __all__ = [
     "__version__",
     "generate_population",
     "replay",
+    "score_completions",
 ]

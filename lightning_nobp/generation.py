@@ -18,6 +18,9 @@ greedily or by sampling. Sampling is Gumbel-max with noise from counter-based Ph
 numbers: members' samples differ through their perturbations only, so their rewards compare the perturbations,
 not sampling luck). Every row runs ``max_new_tokens`` steps under ``vmap`` (a batched population cannot leave the
 loop early); evaluated alone, the loop ends once every row has stopped.
+
+:func:`score_completions` scores the completions with Python code (decoded text, string comparisons), which
+cannot read a batched member's tokens itself: it hands each member's rows to that code outside ``vmap``.
 """
 
 from __future__ import annotations
@@ -39,10 +42,13 @@ DecodeStep = Callable[[Tensor, Tensor, Tensor, object], tuple[Tensor, object]]
 """``step(ids, positions, attention_mask, cache) -> (last logits [batch, vocab], cache)``."""
 
 
-def _gpt_step(model: nn.Module) -> DecodeStep:
-    """The decode step of the project's GPT: its KV-cached forward with left padding made unreadable."""
+def _gpt_step(model: nn.Module, capacity: int) -> DecodeStep:
+    """The decode step of the project's GPT: its KV-cached forward (a cache of ``capacity`` positions) with left
+    padding made unreadable."""
+    from lightning_nobp.models.gpt import KVCache
 
     def step(ids: Tensor, positions: Tensor, mask: Tensor, cache: object) -> tuple[Tensor, object]:
+        cache = KVCache(capacity) if cache is None else cache
         new, keys = ids.shape[1], mask.shape[1]
         query_index = torch.arange(keys - new, keys, device=ids.device)
         key_index = torch.arange(keys, device=ids.device)
@@ -79,11 +85,12 @@ def _hugging_face_step(model: nn.Module) -> DecodeStep:
     return step
 
 
-def decode_step(model: nn.Module) -> DecodeStep:
+def decode_step(model: nn.Module, capacity: int) -> DecodeStep:
     """The KV-cached decode step of ``model``: the project's GPT or a Hugging Face causal LM.
 
     Args:
         model: a :class:`~lightning_nobp.models.gpt.GPT` or a ``transformers`` causal LM (``PreTrainedModel``).
+        capacity: the most positions the decode holds (prompt plus new tokens).
 
     Raises:
         TypeError: the model is neither.
@@ -91,7 +98,7 @@ def decode_step(model: nn.Module) -> DecodeStep:
     from lightning_nobp.models.gpt import GPT
 
     if isinstance(model, GPT):
-        return _gpt_step(model)
+        return _gpt_step(model, capacity)
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover - transformers is a dependency of the LLM extras only
@@ -168,7 +175,7 @@ def generate_population(
     _check_left_padded(mask)
     if temperature > 0 and seed is None:
         seed = int(torch.randint(0, 2**62, ()))
-    step = decode_step(model)
+    step = decode_step(model, ids.shape[1] + max_new_tokens)
     stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=ids.device)
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
     logits, cache = step(ids, positions, mask, None)
@@ -192,3 +199,61 @@ def generate_population(
         logits, cache = step(token[:, None], next_position, mask, cache)
         next_position = next_position + 1
     return torch.stack(tokens, dim=1)
+
+
+RowScore = Callable[[Tensor], "Tensor | Sequence[float]"]
+"""``score(completions [batch, new]) -> one value per row``: any Python code (``.tolist()``, a tokenizer's
+``decode``, string comparisons)."""
+
+#: the scoring functions of the calls of :func:`score_completions` under way, by key
+_SCORES: dict[int, RowScore] = {}
+
+
+@torch.library.custom_op("lightning_nobp::score_rows", mutates_args=())
+def _score_rows(completions: Tensor, key: int) -> Tensor:
+    """One value per row of ``completions`` from the scoring function registered under ``key`` (float32)."""
+    scores = _SCORES[key](completions)
+    values = torch.as_tensor(scores, dtype=torch.float32).to(completions.device)
+    if values.shape != (completions.shape[0],):
+        raise ValueError(
+            f"score_completions: the scoring function returned shape {tuple(values.shape)} for"
+            f" {completions.shape[0]} rows: return one value per row"
+        )
+    return values
+
+
+@_score_rows.register_fake
+def _(completions, key):  # type: ignore[no-untyped-def]
+    return completions.new_empty((completions.shape[0],), dtype=torch.float32)
+
+
+@_score_rows.register_vmap
+def _(info, in_dims, completions, key):  # type: ignore[no-untyped-def]
+    if in_dims[0] is None:  # the same completions for every member
+        return _score_rows(completions, key), None
+    members = completions.movedim(in_dims[0], 0)
+    return torch.stack([_score_rows(member, key) for member in members]), 0
+
+
+def score_completions(completions: Tensor, score: RowScore) -> Tensor:
+    """Per-row rewards of generated tokens computed by any Python code, also inside a batched population.
+
+    Under ``torch.func.vmap`` (a batched population's evaluation) Python cannot read a member's tokens
+    (``.tolist()`` raises, and the strategy falls back to one member at a time). This call hands the tokens of
+    every member of the batch to ``score`` outside ``vmap``, one member's ``[batch, new]`` rows at a time, and
+    gives each member its values back; evaluated alone it calls ``score`` once.
+
+    Args:
+        completions: token ids ``[batch, new]`` (what :func:`generate_population` returned).
+        score: returns one value per row (a tensor or a sequence of numbers), e.g. the exact match of the decoded
+            text with each prompt's answer.
+
+    Returns:
+        float32 ``[batch]``.
+    """
+    key = id(score)
+    _SCORES[key] = score
+    try:
+        return _score_rows(completions, key)
+    finally:
+        _SCORES.pop(key, None)

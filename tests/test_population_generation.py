@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 from torch._C._functorch import is_functorch_wrapped_tensor
 
-from lightning_nobp import NoBackpropStrategy, generate_population
-from lightning_nobp.algorithms import EggRoll
+from lightning_nobp import NoBackpropStrategy, generate_population, score_completions
+from lightning_nobp.algorithms import Algorithm, EggRoll, MeZO, OpenES
 from lightning_nobp.models.gpt import GPT, GPTConfig
 from lightning_nobp.perturb import PopulationEstimator, RngSnapshot
 
@@ -92,7 +92,7 @@ def test_gpt_cached_forward_of_a_whole_sequence_equals_its_forward() -> None:
     causal = torch.ones(7, 7, dtype=torch.bool).tril().expand(3, 7, 7)
     logits, cache = model.forward_cached(ids, torch.arange(7).expand(3, 7), causal)
     torch.testing.assert_close(logits, model(ids), rtol=1e-5, atol=1e-5)
-    assert len(cache) == 2 and cache[0][0].shape == (3, 2, 7, 16)
+    assert cache.length == 7 and len(cache.layers) == 2 and cache.layers[0][0].shape == (3, 2, 7, 16)
 
 
 def test_sampling_is_reproducible_from_its_seed() -> None:
@@ -110,12 +110,12 @@ def test_sampling_is_reproducible_from_its_seed() -> None:
 
 
 def member_outputs(
-    model: nn.Module, temperature: float, seed: int | None = 5
+    model: nn.Module, temperature: float, seed: int | None = 5, algorithm: Algorithm | None = None
 ) -> tuple[list[Tensor], Tensor, Tensor, Tensor, Tensor]:
     """Each member's completions (members one at a time), the unperturbed ones, the fitness of a loss that hashes
     the completions (looped and batched), and that hash of each member's own completions."""
     ids, mask = left_padded(PROMPTS)
-    algorithm = EggRoll(population=6, rank=1, sigma=0.5)
+    algorithm = algorithm or EggRoll(population=4, rank=1, sigma=0.5)
     estimator = PopulationEstimator(algorithm, [model], list(model.parameters()))
     weights = torch.randn(len(PROMPTS), 6, generator=torch.Generator().manual_seed(1))
 
@@ -150,6 +150,17 @@ def test_members_generate_at_their_own_perturbation_in_one_batched_decode(name: 
     assert all(not torch.equal(m, unperturbed) for m in members)
     torch.testing.assert_close(batched, looped)  # the batched decode gives each member what it gives alone
     torch.testing.assert_close(looped, own)  # the strategy's evaluation of a member generates what it does alone
+
+
+@pytest.mark.parametrize(
+    "algorithm", [MeZO(eps=0.3, directions=2), OpenES(population=4, sigma=0.3)], ids=["mezo", "openes"]
+)
+def test_dense_noise_members_generate_at_their_own_perturbation_too(algorithm: Algorithm) -> None:
+    torch.manual_seed(0)
+    members, unperturbed, looped, batched, own = member_outputs(tiny_gpt(), 0.0, algorithm=algorithm)
+    assert all(not torch.equal(m, unperturbed) for m in members)
+    torch.testing.assert_close(batched, looped)
+    torch.testing.assert_close(looped, own)
 
 
 def test_seedless_sampling_shares_its_noise_between_a_batched_and_a_looped_evaluation() -> None:
@@ -230,6 +241,87 @@ def test_training_on_a_generated_exact_match_reward_improves_the_held_out_reward
     after = float(module.reward(*held_out).mean())
     print(f"held-out exact match {before:.3f} -> {after:.3f}")
     assert after >= before + 0.1
+
+
+def as_text(tokens: list[int]) -> str:
+    """A toy detokenizer: token ``t`` is the letter ``chr(97 + t)``, padding (0) is dropped."""
+    return "".join(chr(97 + token) for token in tokens if token != 0)
+
+
+class LlamaExactMatch(pl.LightningModule):
+    """A tiny Hugging Face Llama rewarded by the exact match of the text of a sampled, left-padded,
+    stop-token-ended continuation with each prompt's answer (strings compared in Python)."""
+
+    def __init__(self, answers: list[str]) -> None:
+        super().__init__()
+        self.lm = tiny_llama()
+        self.answers = answers
+        self.batched_calls = 0
+
+    def exact_match(self, rows: Tensor) -> list[float]:
+        return [float(as_text(row) == answer) for row, answer in zip(rows.tolist(), self.answers)]
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        ids, mask = batch
+        completions = generate_population(
+            self.lm, ids, mask, max_new_tokens=3, stop_tokens=[2], temperature=0.7, seed=11, pad_token_id=0
+        )
+        self.batched_calls += int(is_functorch_wrapped_tensor(completions))
+        return {"reward": score_completions(completions, self.exact_match)}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def test_a_hugging_face_model_generates_in_the_trainer_with_the_members_batched(no_backprop: None) -> None:
+    pl.seed_everything(0)
+    module = LlamaExactMatch([])
+    ids, mask = left_padded(PROMPTS)
+    # the unperturbed model's own sample: the members' perturbations change some of it, so their rewards differ
+    sample = generate_population(module.lm, ids, mask, max_new_tokens=3, stop_tokens=[2], temperature=0.7, seed=11)
+    module.answers = [as_text(row) for row in sample.tolist()]
+    assert float(score_completions(sample, module.exact_match).mean()) == 1.0
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids, mask), batch_size=4)
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer = pl.Trainer(
+        strategy=NoBackpropStrategy(algorithm=plain_eggroll(8, 0.1)), max_steps=2,
+        **quiet_trainer_kwargs(log_every_n_steps=1),
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fall back to one member at a time
+        trainer.fit(module, loader)
+    assert module.batched_calls == 2  # each step's members: one batched decode, their texts scored in Python
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))  # the reward moved the weights
+    assert 0.0 <= float(trainer.callback_metrics["nobp/reward"]) <= 1.0
+
+
+def test_python_scores_of_a_batched_population_equal_those_of_its_members_one_at_a_time() -> None:
+    torch.manual_seed(0)
+    model = tiny_gpt()
+    ids, mask = left_padded(PROMPTS)
+    algorithm = EggRoll(population=4, rank=1, sigma=0.5)
+    estimator = PopulationEstimator(algorithm, [model], list(model.parameters()))
+    seen: list[tuple[int, ...]] = []
+
+    def letters(rows: Tensor) -> list[float]:  # Python on the tokens: impossible on a batched tensor itself
+        seen.append(tuple(rows.shape))
+        return [float(len(set(as_text(row)))) for row in rows.tolist()]
+
+    def loss() -> Tensor:
+        return score_completions(generate_population(model, ids, mask, max_new_tokens=5), letters).mean()
+
+    population = algorithm.ask(2)
+    estimator.probe_parameter_reads(population, loss)
+    looped = estimator.evaluate(population, loss)
+    seen.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batched = estimator.evaluate_batched(population, loss)
+    torch.testing.assert_close(batched, looped)
+    assert seen == [(4, 5)] * 4  # one member's rows per call
+    assert len(set(looped.tolist())) > 1
+    with pytest.raises(ValueError, match="one value per row"):
+        score_completions(torch.zeros(3, 2, dtype=torch.long), lambda rows: [1.0])
 
 
 def test_malformed_calls_are_refused() -> None:

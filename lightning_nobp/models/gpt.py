@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 _PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),
@@ -147,22 +148,22 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(batch, time, width)
         return self.resid_dropout(self.proj(y))
 
-    def forward_cached(self, x: Tensor, cache: KVPair | None, readable: Tensor) -> tuple[Tensor, KVPair]:
+    def forward_cached(self, x: Tensor, cache: KVCache, layer: int, readable: Tensor) -> Tensor:
         """The attention of new positions over the cached keys and values plus their own (a decode step).
 
         Args:
             x: the new positions' inputs ``(batch, new, width)``.
-            cache: the earlier positions' keys and values ``(batch, heads, past, head_size)`` each, or ``None``.
+            cache: the decode's keys and values; this layer's new ones are written into it.
+            layer: this layer's index in ``cache``.
             readable: ``(batch, new, past + new)`` booleans, true where a new position may read a key.
 
         Returns:
-            The output ``(batch, new, width)`` and the keys and values of every position so far.
+            The output ``(batch, new, width)``.
         """
         batch, time, width = x.shape
         q, k, v = self.qkv(x).split(width, dim=2)
         q, k, v = (t.view(batch, time, self.n_head, width // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if cache is not None:
-            k, v = torch.cat((cache[0], k), dim=2), torch.cat((cache[1], v), dim=2)
+        k, v = cache.extend(layer, k, v)
         keys = k.shape[2]
         dropout = self.dropout if self.training else 0.0
         mask: Tensor = readable[:, None]  # (batch, 1, new, keys): the same for every head
@@ -177,11 +178,56 @@ class CausalSelfAttention(nn.Module):
             weights = F.dropout(scores.softmax(-1), dropout, self.training)
             y = weights @ v
         y = y.transpose(1, 2).reshape(batch, time, width)
-        return self.resid_dropout(self.proj(y)), (k, v)
+        return self.resid_dropout(self.proj(y))
 
 
 KVPair = tuple[Tensor, Tensor]
 """One attention layer's cached keys and values, ``(batch, heads, positions, head_size)`` each."""
+
+
+class KVCache:
+    """Every attention layer's keys and values of a decode, in buffers sized for the whole decode: a decode step
+    writes its token's keys and values in place instead of copying the cache (under ``torch.func.vmap`` the buffers
+    are batched over the members like the keys written into them).
+
+    Args:
+        capacity: the most positions the decode holds (prompt plus generated tokens).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        #: positions written by the completed forwards
+        self.length = 0
+        #: every layer's key and value buffers ``(batch, heads, capacity, head_size)``
+        self.layers: list[KVPair] = []
+
+    def extend(self, layer: int, keys: Tensor, values: Tensor) -> KVPair:
+        """Write the new positions' ``keys`` and ``values`` after the cached ones of ``layer``; returns the keys and
+        values of every position so far (views of the buffers).
+
+        Args:
+            layer: the attention layer's index.
+            keys: the new positions' keys ``(batch, heads, new, head_size)``.
+            values: their values, shaped alike.
+        """
+        start, end = self.length, self.length + keys.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KVCache: {end} positions exceed its capacity of {self.capacity}")
+        if layer == len(self.layers):  # the layer's first forward: buffers for the whole decode
+            free = keys.new_zeros(*keys.shape[:2], self.capacity - end, keys.shape[3])
+            self.layers.append((torch.cat((keys, free), dim=2), torch.cat((values, free.to(values.dtype)), dim=2)))
+        else:
+            stored_keys, stored_values = self.layers[layer]
+            if is_functorch_wrapped_tensor(keys) and not is_functorch_wrapped_tensor(stored_keys):
+                # a member's keys into buffers the members share (the layers before were unperturbed): out of place
+                stored_keys = torch.cat((stored_keys[:, :, :start], keys, stored_keys[:, :, end:]), dim=2)
+                stored_values = torch.cat((stored_values[:, :, :start], values, stored_values[:, :, end:]), dim=2)
+                self.layers[layer] = (stored_keys, stored_values)
+            else:
+                stored_keys[:, :, start:end] = keys
+                stored_values[:, :, start:end] = values
+        stored_keys, stored_values = self.layers[layer]
+        return stored_keys[:, :, :end], stored_values[:, :, :end]
 
 
 def alibi_bias_from(
@@ -262,12 +308,11 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
-    def forward_cached(self, x: Tensor, cache: KVPair | None, readable: Tensor) -> tuple[Tensor, KVPair]:
+    def forward_cached(self, x: Tensor, cache: KVCache, layer: int, readable: Tensor) -> Tensor:
         """:meth:`forward` for new positions over cached keys and values (see
         :meth:`CausalSelfAttention.forward_cached`)."""
-        attended, cache = self.attn.forward_cached(self.ln_1(x), cache, readable)
-        x = x + attended
-        return x + self.mlp(self.ln_2(x)), cache
+        x = x + self.attn.forward_cached(self.ln_1(x), cache, layer, readable)
+        return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
@@ -324,12 +369,12 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
     def forward_cached(
-        self, idx: Tensor, positions: Tensor, readable: Tensor, cache: list[KVPair] | None = None
-    ) -> tuple[Tensor, list[KVPair]]:
+        self, idx: Tensor, positions: Tensor, readable: Tensor, cache: KVCache | None = None
+    ) -> tuple[Tensor, KVCache]:
         """Next-token logits of new tokens given the keys and values of the earlier ones (a KV-cached decode step).
 
-        With no cache and every position readable causally, this computes what :meth:`forward` does; rows may be
-        left-padded (their padding is unreadable in ``readable`` and their positions count real tokens only).
+        With an empty cache and every position readable causally, this computes what :meth:`forward` does; rows
+        may be left-padded (their padding is unreadable in ``readable`` and their positions count real tokens only).
         ``lightning_nobp.generation.generate_population`` drives it.
 
         Args:
@@ -337,19 +382,20 @@ class GPT(nn.Module):
             positions: their position indices ``(batch, new)`` (into the position embedding).
             readable: ``(batch, new, past + new)`` booleans, true where a new token may read a key; every new token
                 must be able to read at least one key (a padding position reads itself).
-            cache: every layer's keys and values of the earlier tokens, as returned by the previous call.
+            cache: the keys and values of the earlier tokens, written into by this call (``None``: a new cache
+                that holds just these tokens).
 
         Returns:
-            Logits ``(batch, new, vocab_size)`` and every layer's keys and values including the new tokens.
+            Logits ``(batch, new, vocab_size)`` and the cache, now holding the new tokens too.
         """
         if int(positions.max()) >= self.config.block_size:
             raise ValueError(f"GPT: position {int(positions.max())} exceeds block_size={self.config.block_size}")
+        cache = KVCache(idx.shape[1]) if cache is None else cache
         x = self.drop(self.wte(idx) + self.wpe(positions))
-        caches: list[KVPair] = []
-        for index, block in enumerate(self.blocks):
-            x, layer_cache = block.forward_cached(x, None if cache is None else cache[index], readable)
-            caches.append(layer_cache)
-        return self.lm_head(self.ln_f(x)), caches
+        for layer, block in enumerate(self.blocks):
+            x = block.forward_cached(x, cache, layer, readable)
+        cache.length += idx.shape[1]
+        return self.lm_head(self.ln_f(x)), cache
 
     def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
         """Mean cross-entropy of the next-token prediction.
