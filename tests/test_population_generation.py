@@ -20,8 +20,9 @@ from conftest import quiet_trainer_kwargs
 transformers = pytest.importorskip("transformers")
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11], [3]]
-#: the acceptance run: EggRoll's noise scale and optimizer steps (measured: held-out exact match 0.0 -> 0.23)
-SIGMA, STEPS = 0.2, 25
+#: the acceptance run: EggRoll's noise scale and optimizer steps (measured: held-out exact match 0.0 -> 0.25 with
+#: seed 0; 0.11 to 0.25 with seeds 0 to 3)
+SIGMA, STEPS = 0.2, 40
 
 
 def tiny_gpt(**overrides: object) -> GPT:
