@@ -1,10 +1,11 @@
-"""Host cost of one FP8 linear call against a bf16 one, on shapes small enough that the host dominates.
+"""Host cost of one FP8 (and int8) linear call against a bf16 one, on shapes small enough that the host dominates.
 
 Times, per call (median of ``--repeats`` loops of ``--calls`` calls each): ``F.linear`` on a bf16 weight, the
 package's ``lightning_nobp::fp8_linear`` on a torchao ``Float8Tensor``'s stored data (activations quantized per row,
-one ``torch._scaled_mm``), the same ``nn.Linear`` called under ``FP8LinearMode`` (what a plain forward under
+one ``torch._scaled_mm``), the same ``nn.Linear`` called under ``LowBitLinearMode`` (what a plain forward under
 ``LowBitPrecision("fp8_e4m3")`` runs: validation, testing, inference), and ``F.linear`` on the same ``Float8Tensor``
-through torchao's own dispatch. Writes JSON with the ratios against bf16 from the same run.
+through torchao's own dispatch; then the same for an int8 ``Int8Tensor`` (``lightning_nobp::int8_linear``: one
+``torch._int_mm`` on the stored codes). Writes JSON with the ratios against bf16 from the same run.
 
     python benchmarks/fp8_linear.py --out benchmarks/results/fp8_linear.json
 """
@@ -21,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_nobp.kernels.fp8_linear import FP8LinearMode, fp8_linear
+from lightning_nobp.kernels.fp8_linear import fp8_linear
+from lightning_nobp.kernels.int8_linear import int8_linear
+from lightning_nobp.kernels.lowbit_linear import LowBitLinearMode
 from lightning_nobp.lowbit.convert import convert_to_low_bit
 
 from reports import write_report
@@ -64,8 +67,16 @@ def main(argv: list[str] | None = None) -> dict:
             ),
             "torchao_fp8_linear": per_call_seconds(lambda: F.linear(x, weight, bias), args.calls, args.repeats),
         }
-        with FP8LinearMode():
+        with LowBitLinearMode():
             seconds["fp8_plain_forward"] = per_call_seconds(lambda: fp8(x), args.calls, args.repeats)
+        int8 = nn.Linear(args.features, args.features)
+        convert_to_low_bit(int8, "int8", compute_dtype=torch.bfloat16, activation_quantization=True)
+        codes, scales, int8_bias = int8.weight.qdata, int8.weight.scale, int8.bias
+        seconds["int8_linear_op"] = per_call_seconds(
+            lambda: int8_linear(x, codes, scales, int8_bias), args.calls, args.repeats
+        )
+        with LowBitLinearMode():
+            seconds["int8_plain_forward"] = per_call_seconds(lambda: int8(x), args.calls, args.repeats)
     report = {
         "torch": torch.__version__,
         "device": "cpu",
@@ -75,6 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
         "fp8_op_over_bf16": seconds["fp8_linear_op"] / seconds["bf16_linear"],
         "torchao_fp8_over_bf16": seconds["torchao_fp8_linear"] / seconds["bf16_linear"],
         "fp8_plain_forward_over_bf16": seconds["fp8_plain_forward"] / seconds["bf16_linear"],
+        "int8_op_over_bf16": seconds["int8_linear_op"] / seconds["bf16_linear"],
+        "int8_plain_forward_over_bf16": seconds["int8_plain_forward"] / seconds["bf16_linear"],
     }
     return write_report(report, args.out)
 

@@ -32,8 +32,8 @@ timeout 40 python benchmarks/sync_check.py --device cuda --preset gpt-1b --seq-l
   || echo "sync_check failed or timed out"
 timeout 35 python benchmarks/step_cost.py --device cuda --preset gpt-1b --batch-size 8 --out "$out/step_cost.json" \
   || echo "step_cost failed or timed out"
-# FP8 inference and population forward against compiled bf16 inference; the grouped low-bit update's bandwidth
-timeout 90 python benchmarks/lowbit.py --device cuda --formats fp8_e4m3,nvfp4 --compile --repeats 3 \
+# FP8 and int8 inference and population forward against compiled bf16 inference; the grouped update's bandwidth
+timeout 120 python benchmarks/lowbit.py --device cuda --formats fp8_e4m3,int8,nvfp4 --compile --repeats 3 \
   --out "$out/lowbit.json" || echo "lowbit failed or timed out"
 # the headline recipe: 1.1B parameters, fp8 weights, EggRoll, for 1 minute of training (then the test plays)
 timeout 110 python -m lightning_nobp.cli fit -c recipes/gpt-1b-eggroll-fp8.yaml --trainer.max_time 00:00:00:40 \

@@ -104,6 +104,8 @@ def benchmark_rows(out: Path) -> list[Row]:
         for key, label in (
             ("fp8_inference_over_bf16_inference", "fp8 inference / bf16 inference (goal >= 1.25)"),
             ("fp8_population_over_bf16_inference", "fp8 population / bf16 inference (goal >= 1.35)"),
+            ("int8_inference_over_bf16_inference", "int8 inference / bf16 inference"),
+            ("int8_population_over_bf16_inference", "int8 population / bf16 inference"),
         ):
             if key in r:
                 rows.append((label, f"{r[key]:.2f}", r.get("baseline", "-")[:40]))

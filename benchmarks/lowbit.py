@@ -30,9 +30,9 @@ from devices import device_name, free_memory, peak_memory, reset_peak_memory, sy
 
 from lightning_nobp.algorithms import EggRoll  # noqa: E402
 from lightning_nobp.fabric.precision import LowBitPrecision  # noqa: E402
-from lightning_nobp.kernels.fp8_linear import FP8LinearMode  # noqa: E402
+from lightning_nobp.kernels.lowbit_linear import LowBitLinearMode  # noqa: E402
 from lightning_nobp.kernels.lowbit_update import UpdateTerms  # noqa: E402
-from lightning_nobp.lowbit.formats import Float8Tensor  # noqa: E402
+from lightning_nobp.lowbit.formats import Float8Tensor, Int8Tensor  # noqa: E402
 from lightning_nobp.kernels.triton_support import use_triton  # noqa: E402
 from lightning_nobp.lowbit import apply_low_bit_updates, is_low_bit, memory_report  # noqa: E402
 from lightning_nobp.lowbit.memory import storage_bytes  # noqa: E402
@@ -135,12 +135,12 @@ def measure_population(
 
 
 def measure_inference(model: GPT, batch: int, seq_len: int, repeats: int, device: torch.device, compile: bool) -> dict:
-    """Plain inference (the loss of one batch) in tokens per second, eager and, with ``compile``, compiled; fp8
-    weights under ``FP8LinearMode`` (what ``LowBitPrecision``'s forward context runs)."""
+    """Plain inference (the loss of one batch) in tokens per second, eager and, with ``compile``, compiled; fp8 and
+    int8 weights under ``LowBitLinearMode`` (what ``LowBitPrecision``'s forward context runs)."""
     tokens = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1), device=device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    fp8 = any(isinstance(p, Float8Tensor) for p in model.parameters())
-    routing = FP8LinearMode if fp8 else contextlib.nullcontext
+    quantized = any(isinstance(p, (Float8Tensor, Int8Tensor)) for p in model.parameters())
+    routing = LowBitLinearMode if quantized else contextlib.nullcontext
 
     def loss_fn() -> Tensor:
         return model.loss(inputs, targets)
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
         entry: dict = {"bytes_per_weight": report.as_metrics(prefix="")}
         if weights != "bf16":
             entry["fused_update"] = measure_update(model, population, args.repeats, device)
-        if weights in ("bf16", "fp8_e4m3"):
+        if weights in ("bf16", "fp8_e4m3", "int8"):
             entry["population_forward"] = measure_population(model, population, batch, seq_len, args.repeats, device)
             entry["inference"] = measure_inference(model, batch, seq_len, args.repeats, device, args.compile)
         if weights == "fp8_e4m3":
@@ -237,6 +237,16 @@ def main(argv: list[str] | None = None) -> dict:
         if key in inference["fp8_e4m3"]:
             result["fp8_inference_over_bf16_inference"] = inference["fp8_e4m3"][key] / baseline
         result["fp8_population_over_bf16_inference"] = fp8 / baseline
+    if "int8" in result["formats"] and "population_forward" in result["formats"]["int8"]:
+        int8 = result["formats"]["int8"]
+        result["int8_over_bf16_population_forward"] = int8["population_forward"]["population_tokens_per_s"] / bf16
+        inference = result["formats"]["bf16"]["inference"]
+        key = "compiled_tokens_per_s" if "compiled_tokens_per_s" in inference else "eager_tokens_per_s"
+        if key in int8["inference"]:
+            result["int8_inference_over_bf16_inference"] = int8["inference"][key] / inference[key]
+        result["int8_population_over_bf16_inference"] = int8["population_forward"]["population_tokens_per_s"] / (
+            inference[key]
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=float))
     print(f"wrote {args.out}")

@@ -18,12 +18,15 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_nobp.kernels.fp8_linear import FP8LinearMode
+from lightning_nobp.kernels.lowbit_linear import LowBitLinearMode
 from lightning_nobp.lowbit.compute_dtype import resolve_compute_dtype, training_device
 from lightning_nobp.lowbit.convert import ConversionResult, convert_to_low_bit
 from lightning_nobp.lowbit.formats import check_format, is_low_bit
 
 _PRECISION_NAMES = {torch.bfloat16: "bf16-true", torch.float16: "16-true", torch.float32: "32-true"}
+
+#: formats whose linear layers can run a quantized matmul on the stored data (``kernels/lowbit_linear.py``)
+QUANTIZED_MATMUL_FORMATS = ("fp8_e4m3", "int8", "int8_lattice")
 
 
 class LowBitPrecision(Precision):
@@ -40,9 +43,9 @@ class LowBitPrecision(Precision):
             (default): ``torch.bfloat16`` on CUDA and on CPUs with native BF16 arithmetic, ``torch.float32`` on other
             CPUs, where BF16 matrix products take a much slower path (the low-bit weights then dequantize to
             float32 inside each layer; ``weights="bf16"`` always computes in BF16).
-        activation_quantization: fp8 only: also quantize activations per row so ``F.linear`` runs
-            ``torch._scaled_mm`` on fp8 tensor cores. ``None``: on when converting on a CUDA device with compute
-            capability 8.9 or newer.
+        activation_quantization: fp8 and int8: also quantize activations per row so ``F.linear`` runs
+            ``torch._scaled_mm`` on fp8 tensor cores (``torch._int_mm`` on int8 ones). ``None``: on when converting
+            on a CUDA device (fp8: compute capability 8.9 or newer).
         lattice_threshold: ``"int8_lattice"`` only: a weight moves one grid step where its standardized update
             exceeds this many standard deviations.
     """
@@ -72,12 +75,13 @@ class LowBitPrecision(Precision):
         self.conversion: ConversionResult | None = None
 
     def _quantize_activations(self, module: nn.Module) -> bool:
+        quantizable = self.weights in QUANTIZED_MATMUL_FORMATS
         if self.activation_quantization is not None:
-            return self.activation_quantization and self.weights == "fp8_e4m3"
+            return self.activation_quantization and quantizable
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
-        return (
-            self.weights == "fp8_e4m3" and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-        )
+        if not quantizable or device.type != "cuda":
+            return False
+        return self.weights != "fp8_e4m3" or torch.cuda.get_device_capability(device) >= (8, 9)
 
     def convert_module(self, module: nn.Module) -> nn.Module:
         """Convert ``module``'s weights in place (and return it): low-bit weights, compute-dtype vectors.
@@ -139,8 +143,8 @@ class LowBitPrecision(Precision):
         with ExitStack() as stack:
             stack.enter_context(torch.no_grad())
             stack.enter_context(_DtypeContextManager(self.compute_dtype))
-            if self.weights == "fp8_e4m3" and not torch.compiler.is_compiling():
-                stack.enter_context(FP8LinearMode())
+            if self.weights in QUANTIZED_MATMUL_FORMATS and not torch.compiler.is_compiling():
+                stack.enter_context(LowBitLinearMode())
             yield
 
     def convert_input(self, data: Any) -> Any:

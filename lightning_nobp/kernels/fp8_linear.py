@@ -6,7 +6,8 @@ as one rowwise-scaled FP8 matmul (tensor cores on a GPU; ``torch._scaled_mm`` al
 the weight's size is formed.
 
 Embedding lookups read the looked-up rows only (:func:`fp8_rows`). Plain forwards (validation, testing, inference)
-reach the same op through :class:`FP8LinearMode`, which ``LowBitPrecision`` enters around every forward.
+reach the same op through :class:`~lightning_nobp.kernels.lowbit_linear.LowBitLinearMode`, which ``LowBitPrecision``
+enters around every forward.
 
 ``lightning_nobp::fp8_linear`` is a ``torch.library`` custom op with a fake implementation and a ``vmap`` rule: a
 chunk of population members sharing the weight folds its member dimension into the rows, so the whole chunk is one
@@ -15,12 +16,8 @@ matmul with ``M = members x tokens`` (each row quantized on its own, so batching
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 from lightning_nobp.lowbit.formats import Float8Tensor
 
@@ -134,21 +131,3 @@ def fp8_rows(weight: Tensor, indices: Tensor) -> Tensor:
     """The rows ``indices`` of an FP8 table, dequantized in the weight's dtype (``qdata[i] * scale[i]``): what
     ``F.embedding`` returns, without dequantizing the whole table first."""
     return (weight.qdata[indices].float() * weight.scale[indices].float()).to(weight.dtype)
-
-
-class FP8LinearMode(TorchFunctionMode):
-    """Route ``F.linear`` on e4m3 row-scaled ``Float8Tensor`` weights to :func:`fp8_linear` (where
-    :func:`takes_fp8_linear` holds), so a plain forward of a converted model runs the same FP8 matmul as the
-    population; every other call goes on unchanged. The weights stay torchao's tensors."""
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func is F.linear:
-            x = args[0] if args else kwargs["input"]
-            weight = args[1] if len(args) > 1 else kwargs["weight"]
-            if takes_fp8_linear(weight, x):
-                bias = args[2] if len(args) > 2 else kwargs.get("bias")
-                if torch._C._functorch.is_functorch_wrapped_tensor(x):  # under vmap: the op, with its batching rule
-                    return fp8_linear(x, weight.qdata, weight.scale, bias)
-                return rowwise_fp8_linear(x, weight.qdata, weight.scale, bias)
-        return func(*args, **kwargs)

@@ -67,7 +67,8 @@ def convert_to_low_bit(
         ignore_modules: qualified module names or ``fnmatch`` patterns (``"head"``, ``"blocks.*.attn"``) whose
             weights stay in the compute dtype.
         compute_dtype: dtype of the forward and of every tensor that is not low-bit.
-        activation_quantization: fp8: quantize activations per row so ``F.linear`` runs ``torch._scaled_mm``.
+        activation_quantization: fp8 and int8: quantize activations per row so ``F.linear`` runs ``torch._scaled_mm``
+            (fp8) or ``torch._int_mm`` (int8).
         lattice_threshold: ``int8_lattice`` only: see :data:`LATTICE_ATTRIBUTE`.
     """
     check_format(weights)

@@ -50,6 +50,7 @@ from torchao.quantization import Float8Tensor, Int8Tensor  # noqa: E402
 from torchao.quantization.granularity import PerRow  # noqa: E402
 from torchao.quantization.quantize_.common import KernelPreference  # noqa: E402
 from torchao.quantization.quantize_.workflows.float8.float8_tensor import QuantizeTensorToFloat8Kwargs  # noqa: E402
+from torchao.quantization.quantize_.workflows.int8.int8_tensor import QuantizeTensorToInt8Kwargs  # noqa: E402
 
 #: formats of ``LowBitPrecision(weights=...)``; ``int8_lattice`` stores like ``int8`` and moves by grid steps
 FORMATS = ("fp8_e4m3", "int8", "int8_lattice", "nvfp4", "mxfp4", "bf16")
@@ -108,7 +109,7 @@ def quantize_weight(
         weight: the floating-point ``[N, K]`` weight.
         name: ``"fp8_e4m3"``, ``"int8"``, ``"int8_lattice"``, ``"nvfp4"`` or ``"mxfp4"``.
         compute_dtype: the dtype the weight dequantizes to in the forward.
-        activation_quantization: fp8 only: quantize activations per row too, so ``F.linear`` runs
+        activation_quantization: fp8 and int8: quantize activations per row too, so ``F.linear`` runs
             ``torch._scaled_mm`` (fast on GPUs with fp8 tensor cores, slow on CPU).
     """
     kind = STORAGE_KIND[check_format(name)]
@@ -134,7 +135,8 @@ def wrap_layout(layout: LowBitLayout, compute_dtype: torch.dtype, activation_qua
             dtype=compute_dtype,
         )  # fmt: skip
     if layout.kind == "int8":
-        return Int8Tensor(layout.qdata, layout.scale, block_size=[1, cols], dtype=compute_dtype)
+        act = QuantizeTensorToInt8Kwargs(granularity=PerRow()) if activation_quantization else None
+        return Int8Tensor(layout.qdata, layout.scale, block_size=[1, cols], dtype=compute_dtype, act_quant_kwargs=act)
     if layout.kind == "nvfp4":
         return NVFP4Tensor(layout.qdata, layout.scale, 16, compute_dtype, per_tensor_scale=layout.per_tensor_scale)
     act = QuantizeTensorToMXKwargs(

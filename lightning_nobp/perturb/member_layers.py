@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._C._functorch import is_batchedtensor
 
-from lightning_nobp.kernels.fp8_linear import fp8_linear, fp8_row_lookup, fp8_rows, takes_fp8_linear
+from lightning_nobp.kernels.fp8_linear import fp8_row_lookup, fp8_rows, takes_fp8_linear
+from lightning_nobp.kernels.int8_linear import takes_int8_linear
+from lightning_nobp.kernels.lowbit_linear import shared_weight_linear
 from lightning_nobp.lowbit.formats import is_low_bit
 from lightning_nobp.perturb.owners import ParameterOwners, ParameterReadProbe, takes_low_rank_correction
 
@@ -210,11 +212,12 @@ def _linear(owner: MemberForward, p: Perturbation, x: Tensor) -> Tensor:
         return F.linear(x, weight, bias)
     a, b = factors
     shift = p.delta(bias_index, bias) if bias_index is not None and p.perturbs(bias_index) else None
-    fp8 = takes_fp8_linear(weight, x)  # the shared product on the stored FP8 data: one rowwise-scaled FP8 matmul
-    if not fp8 and not torch.compiler.is_compiling() and per_member_weight_is_cheaper(module, x):
+    # the shared product on the stored FP8 or int8 data: one rowwise-scaled quantized matmul
+    quantized = takes_fp8_linear(weight, x) or takes_int8_linear(weight, x)
+    if not quantized and not torch.compiler.is_compiling() and per_member_weight_is_cheaper(module, x):
         whole = perturbed_value(weight, a.float() @ b.float().transpose(-1, -2))
         return F.linear(x, whole, bias if shift is None else perturbed_value(bias, shift))
-    output = fp8_linear(x, weight.qdata, weight.scale, bias) if fp8 else F.linear(x, weight, bias)
+    output = shared_weight_linear(x, weight, bias) if quantized else F.linear(x, weight, bias)
     if a.shape[-1] == 1 and x.dim() > 1:
         # rank 1: x b as a matrix-vector product (one product for a whole batched population), then (x b) a^T in one
         # fused pass; contiguous() puts a batched population's member dimension first in memory, so the output is

@@ -20,7 +20,7 @@ class LowBitPrecision(_FabricLowBitPrecision, Precision):
         ignore_modules: qualified module names or ``fnmatch`` patterns whose weights stay in ``compute_dtype``.
         compute_dtype: dtype of the forward, of vectors (biases, norms) and of buffers; ``None``: BF16 where the
             device multiplies it natively (CUDA, CPUs with AVX-512 BF16 or AMX), float32 on other CPUs.
-        activation_quantization: fp8: quantize activations per row for ``torch._scaled_mm``; ``None``: on CUDA
-            devices with compute capability 8.9 or newer.
+        activation_quantization: fp8 and int8: quantize activations per row for ``torch._scaled_mm`` (fp8) or
+            ``torch._int_mm`` (int8); ``None``: on CUDA devices (fp8: compute capability 8.9 or newer).
         lattice_threshold: ``"int8_lattice"``: standardized-update threshold for a one-step move.
     """
