@@ -172,7 +172,9 @@ def generate_population(
     ids = prompt_ids.long()
     rows = ids.shape[0]
     mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(ids.device).bool()
-    _check_left_padded(mask)
+    compiling = torch.compiler.is_compiling()  # no data-dependent checks or early exit in a compiled graph
+    if not compiling:
+        _check_left_padded(mask)
     if temperature > 0 and seed is None:
         seed = int(torch.randint(0, 2**62, ()))
     step = decode_step(model, ids.shape[1] + max_new_tokens)
@@ -192,7 +194,7 @@ def generate_population(
         finished = finished | (token[:, None] == stops).any(-1)
         if index + 1 == max_new_tokens:
             break
-        if not is_functorch_wrapped_tensor(finished) and bool(finished.all()):  # alone: stop once every row has
+        if not (compiling or is_functorch_wrapped_tensor(finished)) and bool(finished.all()):  # alone: stop once
             tokens += [torch.full_like(token, pad_token_id)] * (max_new_tokens - index - 1)
             break
         mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)

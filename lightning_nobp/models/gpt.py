@@ -218,8 +218,10 @@ class KVCache:
             self.layers.append((torch.cat((keys, free), dim=2), torch.cat((values, free.to(values.dtype)), dim=2)))
         else:
             stored_keys, stored_values = self.layers[layer]
-            if is_functorch_wrapped_tensor(keys) and not is_functorch_wrapped_tensor(stored_keys):
-                # a member's keys into buffers the members share (the layers before were unperturbed): out of place
+            compiling = torch.compiler.is_compiling()
+            if compiling or (is_functorch_wrapped_tensor(keys) and not is_functorch_wrapped_tensor(stored_keys)):
+                # a member's keys into buffers the members share (the layers before were unperturbed), or a compiled
+                # graph (which cannot ask): out of place
                 stored_keys = torch.cat((stored_keys[:, :, :start], keys, stored_keys[:, :, end:]), dim=2)
                 stored_values = torch.cat((stored_values[:, :, :start], values, stored_values[:, :, end:]), dim=2)
                 self.layers[layer] = (stored_keys, stored_values)
@@ -388,7 +390,7 @@ class GPT(nn.Module):
         Returns:
             Logits ``(batch, new, vocab_size)`` and the cache, now holding the new tokens too.
         """
-        if int(positions.max()) >= self.config.block_size:
+        if not torch.compiler.is_compiling() and int(positions.max()) >= self.config.block_size:
             raise ValueError(f"GPT: position {int(positions.max())} exceeds block_size={self.config.block_size}")
         cache = KVCache(idx.shape[1]) if cache is None else cache
         x = self.drop(self.wte(idx) + self.wpe(positions))
