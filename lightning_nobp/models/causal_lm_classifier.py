@@ -11,7 +11,7 @@ import fnmatch
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -19,6 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_nobp.pytorch import NoBackpropStrategy
+
+#: what ``CausalLMClassifier`` can train on
+FITNESSES = ("cross_entropy", "accuracy")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE = Path.home() / ".cache" / "lightning_nobp" / "models"
 SMOLLM2_HINT = (
@@ -125,6 +129,8 @@ class CausalLMClassifier(pl.LightningModule):
         trainable: glob patterns (``fnmatch``) of the parameter names to fine-tune, e.g. ``["lm.model.norm.*",
             "lm.model.layers.*.input_layernorm.*"]``; every other parameter is frozen (``requires_grad=False``,
             left out of the optimizer, so no-backprop strategies neither perturb nor update it). ``None``: all.
+        fitness: what training optimises: ``"cross_entropy"`` of the class logits (a loss), or ``"accuracy"``, each
+            sentence's 0/1 correctness of the argmax (a reward with no gradient: ``NoBackpropStrategy`` only).
     """
 
     held_out_metric = "test_acc"
@@ -140,9 +146,12 @@ class CausalLMClassifier(pl.LightningModule):
         max_length: int = 96,
         cache_dir: str = str(DEFAULT_CACHE),
         trainable: list[str] | None = None,
+        fitness: Literal["cross_entropy", "accuracy"] = "cross_entropy",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if fitness not in FITNESSES:
+            raise ValueError(f"fitness={fitness!r}: choose one of {FITNESSES}")
         if len(label_words) < 2:
             raise ValueError(f"label_words={label_words!r}: give one word per class, at least two")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -182,9 +191,21 @@ class CausalLMClassifier(pl.LightningModule):
         # differences a zeroth-order estimate measures
         return final.float() @ head.float().T
 
-    def training_step(self, batch: tuple[list[str], Tensor], batch_idx: int) -> Tensor:
+    def on_fit_start(self) -> None:
+        if self.hparams.fitness == "accuracy" and not isinstance(self.trainer.strategy, NoBackpropStrategy):
+            raise ValueError(
+                "fitness='accuracy' has no gradient to backpropagate: train with NoBackpropStrategy, or use"
+                " fitness='cross_entropy'"
+            )
+
+    def training_step(self, batch: tuple[list[str], Tensor], batch_idx: int) -> Tensor | dict[str, Tensor]:
         prompts, labels = batch
-        loss = F.cross_entropy(self(prompts), labels)
+        logits = self(prompts)
+        if self.hparams.fitness == "accuracy":
+            correct = (logits.argmax(-1) == labels).float()  # one 0/1 reward per sentence
+            self.log("train_acc", correct.mean(), prog_bar=True, batch_size=len(prompts))
+            return {"reward": correct}
+        loss = F.cross_entropy(logits, labels)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(prompts))
         return loss
 
