@@ -1,5 +1,6 @@
-"""An FP8 population (weights stored as torchao Float8Tensor, activations quantized per row) evaluated batched:
-every Linear's shared product is one rowwise-scaled FP8 matmul on the stored data, no weight-shaped copy."""
+"""An FP8 (or int8) population (weights stored as torchao Float8Tensor or Int8Tensor, activations quantized per row)
+evaluated batched: every Linear's shared product is one rowwise-scaled quantized matmul on the stored data, no
+weight-shaped copy."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lightning_nobp.algorithms import EggRoll
 from lightning_nobp.kernels.fp8_linear import fp8_linear, quantize_rows
 from lightning_nobp.lowbit.convert import convert_to_low_bit
-from lightning_nobp.lowbit.formats import Float8Tensor
+from lightning_nobp.lowbit.formats import Float8Tensor, Int8Tensor
 from lightning_nobp.models.gpt import GPT, GPTConfig
 from lightning_nobp.perturb import PopulationEstimator
 
@@ -53,26 +54,35 @@ def gpt() -> tuple[nn.Module, callable]:
     return model, lambda: model.loss(tokens[:, :-1], tokens[:, 1:])
 
 
+#: format -> (its torchao tensor, the op every Linear of a batched population runs once)
+QUANTIZED_MATMULS = {
+    "fp8_e4m3": (Float8Tensor, "lightning_nobp.fp8_linear.default"),
+    "int8": (Int8Tensor, "lightning_nobp.int8_linear.default"),
+}
+
+
+@pytest.mark.parametrize("weights", sorted(QUANTIZED_MATMULS))
 @pytest.mark.parametrize("build", [mlp, gpt], ids=["mlp", "gpt"])
-def test_fp8_population_is_batched_on_fp8_matmuls(build) -> None:
+def test_a_quantized_population_is_batched_on_quantized_matmuls(build, weights: str) -> None:
     model, loss = build()
-    convert_to_low_bit(model, "fp8_e4m3", compute_dtype=torch.bfloat16, activation_quantization=True)
-    fp8_weights = [p for p in model.parameters() if isinstance(p, Float8Tensor)]
-    fp8_linears = [m for m in model.modules() if isinstance(m, nn.Linear) and isinstance(m.weight, Float8Tensor)]
-    assert fp8_linears
+    convert_to_low_bit(model, weights, compute_dtype=torch.bfloat16, activation_quantization=True)
+    stored, op = QUANTIZED_MATMULS[weights]
+    low_bit = [p for p in model.parameters() if isinstance(p, stored)]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and isinstance(m.weight, stored)]
+    assert linears
     algorithm = EggRoll(population=8, rank=1, sigma=1e-2, population_chunk=8, **PLAIN)
     estimator = PopulationEstimator(algorithm, [model], list(model.parameters()))
     population = algorithm.ask(1)
-    counts = OpCounts({tuple(p.shape) for p in fp8_weights})
+    counts = OpCounts({tuple(p.shape) for p in low_bit})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback to the member loop
         with counts:
             batched = estimator.evaluate_members(population, loss)
     assert estimator.batching is True
-    assert counts.ops.get("lightning_nobp.fp8_linear.default", 0) == len(fp8_linears)  # one matmul per layer
+    assert counts.ops.get(op, 0) == len(linears)  # one matmul per layer
     assert counts.weight_shaped == 0  # no dense perturbed or dequantized weight
     looped = estimator.evaluate(population, loss)
-    torch.testing.assert_close(batched, looped, rtol=1e-3, atol=1e-3)  # the same rows, the same FP8 rounding
+    torch.testing.assert_close(batched, looped, rtol=1e-3, atol=1e-3)  # the same rows, the same rounding
     assert batched.unique().numel() == len(population)
 
 

@@ -1,46 +1,19 @@
-"""An int8 population (weights stored as torchao Int8Tensor, activations quantized per row) evaluated batched: every
-Linear's shared product is one integer matmul (``torch._int_mm``) on the stored data, no weight-shaped copy."""
+"""Int8 weights (torchao Int8Tensor, activations quantized per row) on the integer matmul ``torch._int_mm``: the op
+against exact arithmetic, plain forwards under the precision, checkpoints. The batched population:
+``tests/test_fp8_population.py``."""
 
 from __future__ import annotations
 
 import io
-import warnings
 
-import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from test_fp8_population import OpCounts, gpt, mlp
+from test_fp8_population import OpCounts, mlp
 
-from lightning_nobp.algorithms import EggRoll
 from lightning_nobp.kernels.int8_linear import int8_linear, quantize_rows_int8, rowwise_int8_linear
 from lightning_nobp.lowbit.convert import convert_to_low_bit
 from lightning_nobp.lowbit.formats import Int8Tensor
-from lightning_nobp.perturb import PopulationEstimator
-
-
-@pytest.mark.parametrize("build", [mlp, gpt], ids=["mlp", "gpt"])
-def test_int8_population_is_batched_on_integer_matmuls(build) -> None:
-    model, loss = build()
-    convert_to_low_bit(model, "int8", compute_dtype=torch.bfloat16, activation_quantization=True)
-    int8_weights = [p for p in model.parameters() if isinstance(p, Int8Tensor)]
-    int8_linears = [m for m in model.modules() if isinstance(m, nn.Linear) and isinstance(m.weight, Int8Tensor)]
-    assert int8_linears
-    algorithm = EggRoll(population=8, rank=1, sigma=1e-2, population_chunk=8, extras=None)
-    estimator = PopulationEstimator(algorithm, [model], list(model.parameters()))
-    population = algorithm.ask(1)
-    counts = OpCounts({tuple(p.shape) for p in int8_weights})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no fallback to the member loop
-        with counts:
-            batched = estimator.evaluate_members(population, loss)
-    assert estimator.batching is True
-    assert counts.ops.get("lightning_nobp.int8_linear.default", 0) == len(int8_linears)  # one matmul per layer
-    assert counts.weight_shaped == 0  # no dense perturbed or dequantized weight
-    looped = estimator.evaluate(population, loss)
-    torch.testing.assert_close(batched, looped, rtol=1e-3, atol=1e-3)
-    assert batched.unique().numel() == len(population)
 
 
 def test_the_integer_product_is_exact_and_close_to_the_float_one() -> None:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_nobp.kernels.shared_weight_vmap import register_shared_weight_vmap
 from lightning_nobp.lowbit.formats import Int8Tensor
 
 INT8_MAX = 127.0
@@ -77,17 +78,7 @@ def _(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], qdata.shape[0]))
 
 
-@int8_linear.register_vmap
-def _(info, in_dims, x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None):  # type: ignore[no-untyped-def]
-    x_dim, qdata_dim, scale_dim, bias_dim = in_dims
-    if qdata_dim is not None or scale_dim is not None:
-        raise NotImplementedError("int8_linear under vmap: the members share the weight (a batched weight is not int8)")
-    x = x.unsqueeze(0).expand(info.batch_size, *x.shape) if x_dim is None else x.movedim(x_dim, 0)
-    if bias_dim is None:
-        return int8_linear(x, qdata, scale, bias), 0
-    batched_bias = bias.movedim(bias_dim, 0)  # type: ignore[union-attr]
-    out = int8_linear(x, qdata, scale, None)
-    return out + batched_bias.view(batched_bias.shape[0], *([1] * (out.dim() - 2)), -1).to(out.dtype), 0
+register_shared_weight_vmap(int8_linear, "int8_linear")
 
 
 def takes_int8_linear(weight: Tensor, x: Tensor) -> bool:
