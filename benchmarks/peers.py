@@ -1,33 +1,39 @@
-"""Side-by-side against the peers: accuracy against training wall-clock for backprop, our algorithms and EvoTorch.
+"""Side-by-side against the peers: validation accuracy against training time, test accuracy at the end.
 
-Every method trains the same MLP from the same initial weights for the same training wall-clock budget, each in
-its own fresh process (clean peak memory, no state shared between methods):
+Every method trains the same MLP from the same initial weights for the same training budget, each run in its own
+fresh process (clean peak memory, no state shared between methods), once per seed of ``--seeds``:
 
 * ``backprop``: Lightning's default strategy, the user's Adam (lr 1e-2 digits, 1e-3 Fashion-MNIST) and batch.
-* ``mezo``, ``eggroll``, ``openes``: the same unmodified ``MLPClassifier`` with the same optimizer and batch, only
-  the Trainer line changed to ``NoBackpropStrategy(algorithm=MeZO())`` (resp. ``EggRoll()``, ``OpenES()``) with
-  the algorithms' *default* hyperparameters.
-* ``evotorch-snes``, ``evotorch-pgpe``: EvoTorch's ``SNES`` / ``PGPE`` on a ``SupervisedNE`` problem over the same
+* ``mezo-plain``, ``eggroll-plain``: the published methods through ``NoBackpropStrategy``: MeZO with one SPSA
+  direction and full-space noise, EGGROLL (rank-1 antithetic, centered ranks) without the package's extras.
+* ``mezo``, ``eggroll``, ``openes``: the algorithms' defaults, with the extras their labels name (MeZO averages 8
+  directions; all draw the first layer's noise in its input subspace, a biased estimate; EggRoll and OpenES
+  estimate the head from per-row losses).
+* ``plain-es``: a hand-written rank-1 antithetic ES loop in plain PyTorch (``benchmarks/plain_es.py``, no
+  Lightning), same MLP, initial weights, batch, optimizer and budget: the framework's overhead, visible.
+* ``evotorch-snes`` (``evotorch-pgpe``): EvoTorch's ``SNES`` (``PGPE``) on a ``SupervisedNE`` problem over the same
   network, centred on the same initial weights (``pip install -e ".[bench]"``; skipped with a message without it).
+  ``--search-evotorch`` first picks SNES's stdev and popsize by a small search on the validation split.
 
-Every method's process runs with the malloc settings ``NoBackpropStrategy`` makes on the CPU
-(``lightning_nobp.cpu_allocator``), so the table compares methods, not allocators.
+A validation split (15 % of the training split, fixed seed) is carved off the training data; every curve, every
+threshold and the EvoTorch search use it, and the test split is evaluated once, when a run ends. The clock counts
+training only: evaluations at checkpoints (log-spaced first, then every ``budget / 60`` s) and the one step whose
+FLOPs are counted are taken off it. Reported per run: validation accuracy at 10/30/60/120/180 s, the mean over the
+last third of the budget, the sustained time to each threshold (the first checkpoint from which the moving mean
+of the last 5 validation accuracies stays at or above it until the end), the final test accuracy, achieved
+FLOP/s (``torch.utils.flop_counter.FlopCounterMode`` over one real step, or one EvoTorch generation, per training
+row, times the rows trained, over the training time: matrix products only, elementwise work not counted),
+sample-forwards/s (one sample through the network once: not equal work, backprop's backward pass is not counted)
+and the peak resident memory above its level when training started. Every column's mean and spread over seeds
+goes to ``peers_<dataset>.json`` (with every run and a description of the machine) and a plot of the mean
+validation curves to ``peers_<dataset>.png`` in ``--out``; ``benchmarks/report.py`` renders the docs from it.
 
-The clock counts training only: a callback (Lightning) or the generation loop (EvoTorch) evaluates the test split
-at checkpoints (log-spaced first, then every ``budget / 60`` s) and that time is taken off the clock. Reported per
-method: accuracy at 10/30/60/120/180 s (those within the budget), time to the dataset's accuracy thresholds
-(80/85% Fashion-MNIST, 95/97% digits), the mean accuracy over the last third of the budget (120-180 s for 180 s),
-sample-forwards per second (one sample through the network once; backprop's backward pass is not counted) and
-the process's peak resident memory above its level when training started (after imports, setup and the first
-evaluation). Writes ``peers_<dataset>.json`` and
-``peers_<dataset>.png`` (accuracy against log wall-clock, one line per method) to ``--out``.
-
-    python benchmarks/peers.py --dataset digits --budget 60
-    python benchmarks/peers.py --dataset fashion --budget 180
-    python benchmarks/peers.py --smoke            # every method for about a second on digits
+    python benchmarks/peers.py --dataset digits --budget 40 --clock cpu --threads 1 --jobs 2 --seeds 0,1,2 \
+        --search-evotorch 10 --out benchmarks/measured/cpu-2026-12-06/peers
+    python benchmarks/peers.py --smoke            # every default method for about a second on digits
 
 Adding a method is one entry in ``METHODS``: a ``LightningMethod`` (any strategy and Trainer plugins, e.g. a
-low-bit precision plugin) or an ``EvoTorchMethod``.
+low-bit precision plugin), an ``EvoTorchMethod`` or a ``PlainESMethod``.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import logging
 import multiprocessing
 import os
 import platform
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -58,6 +65,11 @@ REPORT_TIMES = (10.0, 30.0, 60.0, 120.0, 180.0)
 #: what the training clock counts: wall-clock seconds, or this process's CPU seconds (robust on shared machines)
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+#: share of the training split held out for validation (curves, thresholds, the EvoTorch search), and its seed
+VALIDATION_FRACTION = 0.15
+VALIDATION_SEED = 12345
+#: checkpoints in the moving mean of the sustained thresholds
+SUSTAIN_WINDOW = 5
 
 
 # ---------------------------------------------------------------------------------------------------- datasets
@@ -72,9 +84,8 @@ class DatasetSpec:
         batch_size: the user's batch (every method, EvoTorch's minibatch too).
         lr: the learning rate of the user's Adam (every Lightning method): what a backprop user picks for this
             task (1e-2 on digits, 1e-3 on Fashion-MNIST).
-        thresholds: accuracies whose first crossing time is reported.
-        evotorch_stdev: initial search standard deviation of EvoTorch's SNES and PGPE (as tuned in earlier peer
-            measurements).
+        thresholds: validation accuracies whose sustained time is reported.
+        evotorch_stdev: initial search standard deviation of EvoTorch's SNES and PGPE without a search.
     """
 
     name: str
@@ -85,15 +96,17 @@ class DatasetSpec:
     thresholds: tuple[float, ...]
     evotorch_stdev: float
 
-    def load(self) -> tuple[TensorDataset, TensorDataset]:
-        """The train and test splits, as in-memory float features and int64 labels."""
+    def load(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
+        """The train, validation and test splits, as in-memory float features and int64 labels."""
         if self.name == "digits":
             from lightning_nobp.data import load_digits_split
 
-            return load_digits_split()
-        from lightning_nobp.data import load_fashion_mnist
+            train, test = load_digits_split()
+        else:
+            from lightning_nobp.data import load_fashion_mnist
 
-        return load_fashion_mnist("train"), load_fashion_mnist("test")
+            train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
+        return (*split_validation(train), test)
 
     def available(self) -> str | None:
         """``None`` when the data can be read, else the reason it cannot (with the fix)."""
@@ -103,6 +116,25 @@ class DatasetSpec:
             if not fashion_mnist_available():
                 return "Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist"
         return None
+
+
+def split_validation(
+    train: TensorDataset, fraction: float = VALIDATION_FRACTION, seed: int = VALIDATION_SEED
+) -> tuple[TensorDataset, TensorDataset]:
+    """Carve a validation split off ``train``: the same rows for every method, seed and run.
+
+    Args:
+        train: the training split.
+        fraction: share of its rows held out.
+        seed: seed of the random choice of rows.
+    """
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    held = max(1, int(round(len(train) * fraction)))
+    validation, rest = order[:held], order[held:]
+    return (
+        TensorDataset(*(tensor[rest] for tensor in train.tensors)),
+        TensorDataset(*(tensor[validation] for tensor in train.tensors)),
+    )
 
 
 DATASETS = {
@@ -201,7 +233,7 @@ class TrainingClock:
 
     Args:
         budget: training seconds.
-        evaluate: returns the current test accuracy.
+        evaluate: returns the current validation accuracy.
         timer: ``time.perf_counter`` (wall-clock) or ``time.process_time`` (this process's CPU seconds, robust to
             other processes sharing the cores; with one thread it is the compute time).
         memory: started with the clock, so its peak counts training and not the imports and setup before it.
@@ -225,8 +257,12 @@ class TrainingClock:
         self.checkpoints = sorted(times)
         self.curve: list[tuple[float, float]] = []
         self.samples = 0
+        self.rows = 0
         self.steps = 0
         self.evaluation_seconds = 0.0
+        #: matrix-product FLOPs per training row, counted over one step (``count_flops``); ``None`` until then
+        self.flops_per_row: float | None = None
+        self.flop_count_seconds = 0.0
         self._started = 0.0
         self._next = 0
 
@@ -237,11 +273,17 @@ class TrainingClock:
         self._started = self.timer()
 
     def elapsed(self) -> float:
-        return self.timer() - self._started - self.evaluation_seconds
+        return self.timer() - self._started - self.evaluation_seconds - self.flop_count_seconds
 
-    def tick(self, samples: int) -> bool:
-        """Count one training step; evaluate when a checkpoint has passed. Returns ``True`` once the budget is spent."""
+    def tick(self, samples: int, rows: int = 0) -> bool:
+        """Count one training step; evaluate when a checkpoint has passed. Returns ``True`` once the budget is spent.
+
+        Args:
+            samples: sample-forwards of the step (one sample through the network once).
+            rows: training rows the step consumed.
+        """
         self.samples += samples
+        self.rows += rows
         self.steps += 1
         now = self.elapsed()
         if self._next < len(self.checkpoints) and now >= self.checkpoints[self._next]:
@@ -253,8 +295,47 @@ class TrainingClock:
         return now >= self.budget
 
 
+class FlopCount:
+    """Counts the matrix-product FLOPs of one training step and takes the step's time off ``clock``.
+
+    ``torch.utils.flop_counter.FlopCounterMode`` slows the step it watches, so that step's time is excluded like an
+    evaluation's (its training still counts).
+
+    Args:
+        clock: the run's clock (its ``flops_per_row`` is set on ``stop``).
+    """
+
+    def __init__(self, clock: TrainingClock) -> None:
+        self.clock = clock
+        self.mode: Any = None
+        self._started = 0.0
+
+    def start(self) -> None:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self._started = self.clock.timer()
+        self.mode = FlopCounterMode(display=False)
+        self.mode.__enter__()
+
+    def stop(self, rows: int) -> None:
+        """Stop counting after a step of ``rows`` training rows."""
+        self.mode.__exit__(None, None, None)
+        self.clock.flops_per_row = self.mode.get_total_flops() / max(rows, 1)
+        self.clock.flop_count_seconds += self.clock.timer() - self._started
+
+
+def flop_step_of(budget: float) -> int:
+    """The step whose FLOPs are counted: the 21st (after the input subspaces' first 16 batches), the 3rd in runs
+    of a few seconds, the first (setup included) in smoke runs.
+
+    Args:
+        budget: training seconds.
+    """
+    return 20 if budget >= 10 else 2 if budget >= 2 else 0
+
+
 def accuracy_of(net: nn.Module, test: TensorDataset, chunk: int = 4096) -> float:
-    """Test accuracy of ``net`` (evaluated in chunks, without autograd)."""
+    """Accuracy of ``net`` on ``test`` (evaluated in chunks, without autograd)."""
     features, labels = test.tensors
     correct = 0
     was_training = net.training
@@ -273,7 +354,7 @@ class LightningMethod:
     """A method that trains the user's LightningModule through ``lightning.pytorch.Trainer``.
 
     Args:
-        label: name in the table and the plot.
+        label: name in the table and the plot (it names every extra beyond the published method).
         strategy: builds the Trainer's ``strategy`` (``None``: Lightning's default, i.e. backprop).
         plugins: builds the Trainer's ``plugins`` (e.g. ``[LowBitPrecision(weights="fp8_e4m3")]``).
         precision: the Trainer's ``precision``.
@@ -289,7 +370,7 @@ class LightningMethod:
     def run(
         self,
         spec: DatasetSpec,
-        data: tuple[TensorDataset, TensorDataset],
+        data: tuple[TensorDataset, TensorDataset, TensorDataset],
         budget: float,
         seed: int,
         clock_name: str,
@@ -297,10 +378,10 @@ class LightningMethod:
     ) -> dict:
         from lightning_nobp.data.digits import batched_loader
 
-        train, test = data
+        train, validation, test = data
         model = build_model(spec if self.lr is None else dataclasses.replace(spec, lr=self.lr), seed)
-        clock = TrainingClock(budget, lambda: accuracy_of(model, test), CLOCKS[clock_name], memory)
-        callback = _ClockCallback(clock, self._forwards_per_sample)
+        clock = TrainingClock(budget, lambda: accuracy_of(model, validation), CLOCKS[clock_name], memory)
+        callback = _ClockCallback(clock, self._forwards_per_sample, flop_step_of(budget))
         strategy = self.strategy() if self.strategy is not None else "auto"
         trainer = pl.Trainer(
             accelerator="cpu",
@@ -324,7 +405,12 @@ class LightningMethod:
             "backprop (Lightning's default strategy)" if algorithm is None else f"NoBackpropStrategy({algorithm!r})"
         )
         describe = f"{trained_by}, Adam lr {model.hparams.lr:g}, batch {spec.batch_size}"
-        return {"clock": clock, "initial_checksum": callback.initial_checksum, "describe": describe}
+        return {
+            "clock": clock,
+            "initial_checksum": callback.initial_checksum,
+            "describe": describe,
+            "test_accuracy": accuracy_of(model, test),
+        }
 
     @staticmethod
     def _forwards_per_sample(trainer: Any) -> float:
@@ -342,23 +428,37 @@ class LightningMethod:
 
 
 class _ClockCallback(Callback):
-    """Lightning callback around a ``TrainingClock``: start at ``on_train_start``, tick after every step."""
+    """Lightning callback around a ``TrainingClock``: start at ``on_train_start``, tick after every step, count the
+    FLOPs of step ``flop_step`` (counted over the whole run, not per epoch)."""
 
-    def __init__(self, clock: TrainingClock, forwards_per_sample: Callable[[Any], float]) -> None:
+    def __init__(self, clock: TrainingClock, forwards_per_sample: Callable[[Any], float], flop_step: int) -> None:
         self.clock = clock
         self.forwards_per_sample = forwards_per_sample
+        self.flop_step = flop_step
+        self.flops = FlopCount(clock)
         self.initial_checksum = 0.0
         self._per_sample = 1.0
+        self._step = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.initial_checksum = parameter_checksum(pl_module)
         self._per_sample = self.forwards_per_sample(trainer)
         self.clock.start()
 
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._step == self.flop_step:
+            self.flops.start()
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.clock.tick(int(batch[0].shape[0] * self._per_sample)):
+        rows = int(batch[0].shape[0])
+        if self._step == self.flop_step:
+            self.flops.stop(rows)
+        self._step += 1
+        if self.clock.tick(int(rows * self._per_sample), rows):
             trainer.should_stop = True
 
 
@@ -370,7 +470,7 @@ class EvoTorchMethod:
         label: name in the table and the plot.
         searcher: ``"SNES"`` or ``"PGPE"``.
         popsize: population size.
-        options: further keyword arguments of the searcher.
+        options: further keyword arguments of the searcher (``stdev_init`` overrides the dataset's).
     """
 
     label: str
@@ -381,7 +481,7 @@ class EvoTorchMethod:
     def run(
         self,
         spec: DatasetSpec,
-        data: tuple[TensorDataset, TensorDataset],
+        data: tuple[TensorDataset, TensorDataset, TensorDataset],
         budget: float,
         seed: int,
         clock_name: str,
@@ -391,7 +491,7 @@ class EvoTorchMethod:
         from evotorch.algorithms import PGPE, SNES
         from evotorch.neuroevolution import SupervisedNE
 
-        train, test = data
+        train, validation, test = data
         model = build_model(spec, seed)
         net = model.net
         center = torch.nn.utils.parameters_to_vector(net.parameters()).detach().clone()
@@ -413,19 +513,97 @@ class EvoTorchMethod:
         else:
             raise ValueError(f"EvoTorchMethod(searcher={self.searcher!r}): use 'SNES' or 'PGPE'")
 
-        def evaluate() -> float:
+        def evaluate_on(split: TensorDataset) -> float:
             torch.nn.utils.vector_to_parameters(searcher.status["center"].to(torch.float32), net.parameters())
-            return accuracy_of(net, test)
+            return accuracy_of(net, split)
 
-        clock = TrainingClock(budget, evaluate, CLOCKS[clock_name], memory)
+        clock = TrainingClock(budget, lambda: evaluate_on(validation), CLOCKS[clock_name], memory)
+        flops = FlopCount(clock)
+        flop_step = flop_step_of(budget)
         clock.start()
+        generation = 0
         while not clock.tick(0):
             minibatch_rows.clear()
+            if generation == flop_step:
+                flops.start()
             searcher.step()
+            rows = sum(minibatch_rows)
+            if generation == flop_step:
+                flops.stop(rows)
+            generation += 1
             # every member is evaluated on each minibatch fetched for the step; the epoch's last one is short
-            clock.samples += self.popsize * sum(minibatch_rows)
+            clock.samples += self.popsize * rows
+            clock.rows += rows
         describe = f"evotorch {evotorch.__version__} {self.searcher}(popsize={self.popsize}, {options})"
-        return {"clock": clock, "initial_checksum": initial_checksum, "describe": describe}
+        return {
+            "clock": clock,
+            "initial_checksum": initial_checksum,
+            "describe": describe,
+            "test_accuracy": evaluate_on(test),
+        }
+
+
+@dataclass
+class PlainESMethod:
+    """The hand-written rank-1 antithetic ES loop of ``benchmarks/plain_es.py``: plain PyTorch, no Lightning.
+
+    Args:
+        label: name in the table and the plot.
+        population: members per step.
+        sigma: noise scale.
+    """
+
+    label: str
+    population: int = 64
+    sigma: float = 0.01
+
+    def run(
+        self,
+        spec: DatasetSpec,
+        data: tuple[TensorDataset, TensorDataset, TensorDataset],
+        budget: float,
+        seed: int,
+        clock_name: str,
+        memory: ResidentMemory | None = None,
+    ) -> dict:
+        from plain_es import LowRankES
+
+        from lightning_nobp.data.digits import batched_loader
+
+        train, validation, test = data
+        model = build_model(spec, seed)
+        net = model.net
+        initial_checksum = parameter_checksum(model)
+        optimizer = torch.optim.Adam(net.parameters(), lr=spec.lr)
+        pl.seed_everything(seed, verbose=False)
+        es = LowRankES(net, optimizer, self.population, self.sigma, torch.Generator().manual_seed(seed))
+        loader = batched_loader(train, spec.batch_size, shuffle=True)
+        clock = TrainingClock(budget, lambda: accuracy_of(net, validation), CLOCKS[clock_name], memory)
+        flops = FlopCount(clock)
+        flop_step = flop_step_of(budget)
+        clock.start()
+        step, done = 0, False
+        while not done:
+            for x, y in loader:
+                if step == flop_step:
+                    flops.start()
+                es.step(x, y)
+                if step == flop_step:
+                    flops.stop(len(y))
+                step += 1
+                if clock.tick(len(y) * self.population, len(y)):
+                    done = True
+                    break
+        describe = (
+            f"benchmarks/plain_es.py LowRankES(population={self.population}, sigma={self.sigma:g}),"
+            f" Adam lr {spec.lr:g}"
+        )
+        return {
+            "clock": clock,
+            "initial_checksum": initial_checksum,
+            "describe": describe,
+            "test_accuracy": accuracy_of(net, test),
+        }
 
 
 def _count_minibatch_rows(problem: Any) -> list[int]:
@@ -458,11 +636,18 @@ def parameter_checksum(module: nn.Module) -> float:
 
 def _nobp(algorithm: Callable[[], Any], **strategy_options: Any) -> Callable[[], Any]:
     def make() -> Any:
-        from lightning_nobp import NoBackpropStrategy
+        import dataclasses as fields_of
 
+        from lightning_nobp import CpuTuning, ExecutionOptions, NoBackpropStrategy
+
+        # options of the execution group (e.g. member_data) written flat, as on the --strategy line
+        names = {f.name for f in fields_of.fields(ExecutionOptions)}
+        options = {key: value for key, value in strategy_options.items() if key not in names}
+        execution = {key: value for key, value in strategy_options.items() if key in names}
+        if execution:
+            options["execution"] = ExecutionOptions(**execution)
         # the CPU tunings the recipes opt into (process-wide while training runs)
-        options = {"reuse_cpu_memory": True, "freeze_startup_objects": True, **strategy_options}
-        return NoBackpropStrategy(algorithm=algorithm(), **options)
+        return NoBackpropStrategy(algorithm=algorithm(), cpu_tuning=CpuTuning(), **options)
 
     return make
 
@@ -485,25 +670,57 @@ def _low_bit_plugins(weights: str) -> Callable[[], list[Any]]:
     return make
 
 
-#: every method the benchmark knows; ``DEFAULT_METHODS`` run unless ``--methods`` says otherwise
-METHODS: dict[str, LightningMethod | EvoTorchMethod] = {
+def _plain_eggroll() -> Any:
+    """EGGROLL as published: ``EggRoll(extras=None)``, without per-row estimates and input-subspace noise."""
+    from lightning_nobp.algorithms import EggRoll
+
+    return EggRoll(extras=None)
+
+
+#: what the labels of the defaults name, and the note the table prints under them
+BIASED_NOTE = "input subspace: the first layer's noise is drawn in its inputs' principal subspace, a biased estimate"
+
+#: every method the benchmark knows; ``DATASET_METHODS`` run unless ``--methods`` says otherwise
+METHODS: dict[str, LightningMethod | EvoTorchMethod | PlainESMethod] = {
     "backprop": LightningMethod("backprop + Adam"),
-    "mezo": LightningMethod("MeZO()", _nobp(_algorithm("MeZO"))),
-    "eggroll": LightningMethod("EggRoll()", _nobp(_algorithm("EggRoll"))),
-    "openes": LightningMethod("OpenES()", _nobp(_algorithm("OpenES"))),
+    "mezo-plain": LightningMethod(
+        "MeZO as published (1 direction, full-space noise)",
+        _nobp(_algorithm("MeZO", directions=1, input_subspace=None)),
+    ),
+    "mezo": LightningMethod("MeZO() default: 8 directions + input subspace 0.97 (biased)", _nobp(_algorithm("MeZO"))),
+    "eggroll-plain": LightningMethod("EGGROLL as published (rank 1, population 64)", _nobp(_plain_eggroll)),
+    "eggroll": LightningMethod(
+        "EggRoll() default: + per-row head + input subspace 0.97 (biased)", _nobp(_algorithm("EggRoll"))
+    ),
+    "openes": LightningMethod(
+        "OpenES() default: + per-row head + input subspace 0.97 (biased)", _nobp(_algorithm("OpenES"))
+    ),
+    "plain-es": PlainESMethod("hand-written rank-1 ES loop, plain PyTorch (no Lightning)"),
     # the same defaults with the learning rate an ES user would pick (see EggRoll's docstring), not backprop's
-    "eggroll-lr3e-3": LightningMethod("EggRoll(), Adam lr 3e-3", _nobp(_algorithm("EggRoll")), lr=3e-3),
+    "eggroll-lr3e-3": LightningMethod(
+        "EggRoll() default (+ per-row head + input subspace 0.97, biased), Adam lr 3e-3",
+        _nobp(_algorithm("EggRoll")),
+        lr=3e-3,
+    ),
     "evotorch-snes": EvoTorchMethod("EvoTorch SNES", "SNES"),
     "evotorch-pgpe": EvoTorchMethod(
         "EvoTorch PGPE", "PGPE", options={"center_learning_rate": 1.0, "stdev_learning_rate": 0.1}
     ),
     # low-bit weights (the LowBitPrecision Trainer plugin); selected with --methods once the plugin exists
-    "eggroll-fp8": LightningMethod("EggRoll() fp8", _nobp(_algorithm("EggRoll")), _low_bit_plugins("fp8_e4m3")),
-    "mezo-fp8": LightningMethod("MeZO() fp8", _nobp(_algorithm("MeZO")), _low_bit_plugins("fp8_e4m3")),
+    "eggroll-fp8": LightningMethod(
+        "EggRoll() default fp8 weights", _nobp(_algorithm("EggRoll")), _low_bit_plugins("fp8_e4m3")
+    ),
+    "mezo-fp8": LightningMethod("MeZO() default fp8 weights", _nobp(_algorithm("MeZO")), _low_bit_plugins("fp8_e4m3")),
 }
-DEFAULT_METHODS = ("backprop", "mezo", "eggroll", "openes", "evotorch-snes", "evotorch-pgpe")
+DEFAULT_METHODS = (
+    "backprop", "mezo-plain", "mezo", "eggroll-plain", "eggroll", "openes", "plain-es", "evotorch-snes",
+)  # fmt: skip
 #: Fashion-MNIST adds EggRoll with an ES user's learning rate (the backprop user's 1e-3 there is slow for ES)
-DATASET_METHODS = {"digits": DEFAULT_METHODS, "fashion": (*DEFAULT_METHODS[:4], "eggroll-lr3e-3", *DEFAULT_METHODS[4:])}
+DATASET_METHODS = {"digits": DEFAULT_METHODS, "fashion": (*DEFAULT_METHODS, "eggroll-lr3e-3")}
+#: the small search of EvoTorch SNES's settings on the validation split (``--search-evotorch``)
+EVOTORCH_SEARCH = [
+    {"popsize": popsize, "stdev_init": stdev} for popsize in (50, 200) for stdev in (0.03, 0.1, 0.3)
+]
 
 
 def _keyword_literals(option: str, expression: str, example: str) -> tuple[str, dict[str, Any]]:
@@ -575,25 +792,82 @@ def time_to(curve: Sequence[tuple[float, float]], accuracy: float) -> float | No
     return None
 
 
+def sustained_time_to(
+    curve: Sequence[tuple[float, float]], accuracy: float, window: int = SUSTAIN_WINDOW
+) -> float | None:
+    """Training seconds of the first checkpoint from which the moving mean of the last ``window`` accuracies stays
+    at or above ``accuracy`` until the run ends (``None`` if it does not end above).
+
+    Args:
+        curve: ``(seconds, accuracy)`` at every checkpoint, the first at 0 s.
+        accuracy: the threshold.
+        window: checkpoints in the moving mean (fewer at the start of the curve).
+    """
+    values = [a for _, a in curve]
+    means = [sum(values[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+    found = None
+    for (t, _), mean in zip(reversed(curve), reversed(means)):
+        if mean < accuracy:
+            break
+        found = t
+    return found
+
+
 def summarize(spec: DatasetSpec, budget: float, clock: TrainingClock) -> dict[str, Any]:
-    """The table row of one method from its clock."""
+    """The table row of one run from its clock (accuracies on the validation split)."""
     curve = clock.curve
     window = [a for t, a in curve if budget * 2 / 3 <= t <= budget * 1.05]
     seconds = max(clock.elapsed(), 1e-9)
+    flops = None if clock.flops_per_row is None else clock.flops_per_row * clock.rows
     return {
         "accuracy_at": {f"{t:g}": accuracy_at(curve, t) for t in REPORT_TIMES if t <= budget},
-        "time_to": {f"{a:g}": time_to(curve, a) for a in spec.thresholds},
+        "time_to": {f"{a:g}": sustained_time_to(curve, a) for a in spec.thresholds},
+        "first_crossing": {f"{a:g}": time_to(curve, a) for a in spec.thresholds},
         "mean_last_third": sum(window) / len(window) if window else None,
         "mean_window_s": [budget * 2 / 3, budget],
         "final_accuracy": curve[-1][1],
         "peak_accuracy": max(a for _, a in curve),
         "training_seconds": seconds,
         "evaluation_seconds": clock.evaluation_seconds,
+        "flop_count_seconds": clock.flop_count_seconds,
         "steps": clock.steps,
+        "steps_per_s": clock.steps / seconds,
+        "rows": clock.rows,
         "sample_forwards": clock.samples,
         "sample_forwards_per_s": clock.samples / seconds,
+        "flops_per_row": clock.flops_per_row,
+        "flops": flops,
+        "flops_per_s": None if flops is None else flops / seconds,
         "curve": [[round(t, 4), a] for t, a in curve],
     }
+
+
+def resolve_method(
+    name: str, overrides: dict[str, Any] | None = None
+) -> LightningMethod | EvoTorchMethod | PlainESMethod:
+    """Method ``name`` of ``METHODS`` (or ``"custom"``) with ``overrides`` applied.
+
+    Args:
+        name: a key of ``METHODS`` or ``"custom"``.
+        overrides: ``"algorithm"``/``"strategy"``: method ``"custom"``'s expressions (see ``algorithm_method``);
+            ``"evotorch"``: the EvoTorch methods' ``popsize`` and searcher options (e.g. ``stdev_init``).
+    """
+    overrides = overrides or {}
+    if name == "custom":
+        return algorithm_method(overrides["algorithm"], overrides.get("strategy"))
+    method = METHODS[name]
+    settings = overrides.get("evotorch")
+    if isinstance(method, EvoTorchMethod) and settings:
+        options = {key: value for key, value in settings.items() if key != "popsize"}
+        popsize = settings.get("popsize", method.popsize)
+        shown = ", ".join(f"{key} {value:g}" for key, value in sorted(options.items()))
+        method = dataclasses.replace(
+            method,
+            label=f"{method.label} (popsize {popsize}, {shown}; searched on validation)",
+            popsize=popsize,
+            options={**method.options, **options},
+        )
+    return method
 
 
 def run_method(
@@ -616,8 +890,7 @@ def run_method(
         threads: torch intra-op threads.
         clock: ``"wall"`` or ``"cpu"`` (see ``CLOCKS``).
         fraction: share of the training split to use (the smoke mode uses a little).
-        overrides: ``"algorithm"``: the expression of method ``"custom"`` (see ``algorithm_method``); ``"lr"``: the
-            user's Adam lr instead of the dataset's.
+        overrides: see ``resolve_method``; ``"lr"``: the user's Adam lr instead of the dataset's.
     """
     os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
     torch.set_num_threads(threads)
@@ -636,71 +909,201 @@ def run_method(
     spec = DATASETS[dataset]
     if overrides.get("lr") is not None:
         spec = dataclasses.replace(spec, lr=overrides["lr"])
-    method = algorithm_method(overrides["algorithm"], overrides.get("strategy")) if name == "custom" else METHODS[name]
-    train, test = spec.load()
+    method = resolve_method(name, overrides)
+    train, validation, test = spec.load()
     if fraction < 1.0:
         keep = max(spec.batch_size, int(len(train) * fraction))
         train = TensorDataset(*(tensor[:keep] for tensor in train.tensors))
+    load_start = os.getloadavg()[0]
     memory = ResidentMemory()
-    result = method.run(spec, (train, test), budget, seed, clock, memory)
-    row = {"method": name, "label": method.label, "describe": result["describe"]}
+    result = method.run(spec, (train, validation, test), budget, seed, clock, memory)
+    row = {"method": name, "seed": seed, "label": method.label, "describe": result["describe"]}
     row.update(summarize(spec, budget, result["clock"]))
+    row["test_accuracy"] = result["test_accuracy"]
     row.update(memory.stop())
     row["initial_checksum"] = result["initial_checksum"]
+    row["load_average"] = [load_start, os.getloadavg()[0]]
+    row["split_rows"] = {"train": len(train), "validation": len(validation), "test": len(test)}
     return row
+
+
+# ---------------------------------------------------------------------------------------------------- seeds
+#: the columns whose mean and spread over seeds the report keeps (``time_to`` per threshold separately)
+AGGREGATED = (
+    "test_accuracy", "mean_last_third", "final_accuracy", "steps", "steps_per_s", "sample_forwards_per_s",
+    "flops_per_row", "flops_per_s", "peak_rss_above_start_mib", "training_seconds",
+)  # fmt: skip
+
+
+def spread(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean, standard deviation (n - 1), min and max of the values that are not ``None``, and how many there were.
+
+    Args:
+        values: one value per seed (``None``: the run did not produce it, e.g. a threshold never sustained).
+    """
+    present = [float(v) for v in values if v is not None]
+    n = len(present)
+    if not n:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0, "of": len(values)}
+    mean = sum(present) / n
+    std = (sum((v - mean) ** 2 for v in present) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(present), "max": max(present), "n": n, "of": len(values)}
+
+
+def aggregate(rows: Sequence[dict]) -> dict[str, Any]:
+    """One method's runs (one per seed) as mean and spread per column, and the mean validation curve.
+
+    Args:
+        rows: the method's rows from ``run_method``, one per seed.
+    """
+    first = rows[0]
+    summary: dict[str, Any] = {
+        "method": first["method"],
+        "label": first["label"],
+        "describe": first["describe"],
+        "seeds": [row["seed"] for row in rows],
+        "initial_checksums": [row["initial_checksum"] for row in rows],
+    }
+    for column in AGGREGATED:
+        summary[column] = spread([row.get(column) for row in rows])
+    summary["time_to"] = {a: spread([row["time_to"][a] for row in rows]) for a in first["time_to"]}
+    summary["accuracy_at"] = {t: spread([row["accuracy_at"][t] for row in rows]) for t in first["accuracy_at"]}
+    # the mean curve over seeds at the first run's checkpoints (each run's accuracy at or after that time)
+    times = [t for t, _ in first["curve"]]
+    curve = []
+    for t in times:
+        values = [accuracy_at(row["curve"], t) for row in rows]
+        if all(v is not None for v in values):
+            curve.append([t, sum(values) / len(values)])
+    summary["curve"] = curve
+    return summary
+
+
+def describe_machine() -> dict[str, Any]:
+    """The CPU model, the cores visible and usable, torch's and Python's versions, the current load average."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu_model": model,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": usable,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+def _run_all(
+    tasks: Sequence[tuple[str, int]],
+    arguments: Callable[[str, int], tuple],
+    isolate: bool,
+    jobs: int,
+    partial: Path | None,
+) -> dict[tuple[str, int], dict]:
+    """Run ``run_method`` for every ``(method, seed)``: each in a fresh process when ``isolate``."""
+    done: dict[tuple[str, int], dict] = {}
+    if not isolate:
+        return {task: run_method(*arguments(*task)) for task in tasks}
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max(1, jobs), mp_context=context, max_tasks_per_child=1) as pool:
+        futures = {pool.submit(run_method, *arguments(*task)): task for task in tasks}
+        for future in concurrent.futures.as_completed(futures):
+            row = future.result()
+            done[futures[future]] = row
+            print(
+                f"{row['label']} seed {row['seed']}: test {row['test_accuracy'] * 100:.1f}%, validation mean last"
+                f" third {(row['mean_last_third'] or 0) * 100:.1f}%, {row['steps']} steps",
+                flush=True,
+            )
+            if partial is not None:  # rows so far, in case a long run is interrupted
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                partial.write_text(json.dumps(list(done.values()), indent=1))
+    return done
+
+
+def search_evotorch(
+    dataset: str,
+    budget: float,
+    threads: int,
+    clock: str,
+    fraction: float,
+    isolate: bool,
+    jobs: int,
+    configs: Sequence[dict[str, Any]] = tuple(EVOTORCH_SEARCH),
+) -> dict[str, Any]:
+    """EvoTorch SNES at each of ``configs`` for ``budget`` seconds (seed 0); the best mean validation accuracy over
+    the last third of the budget wins.
+
+    Args:
+        dataset: a key of ``DATASETS``.
+        budget: training seconds per configuration.
+        threads: torch intra-op threads.
+        clock: ``"wall"`` or ``"cpu"``.
+        fraction: share of the training split to use.
+        isolate: each configuration in a fresh process.
+        jobs: configurations trained at once.
+        configs: ``popsize`` and searcher options (``stdev_init``, ``center_learning_rate``, ...) to try.
+    """
+    tasks = [(f"config{i}", 0) for i in range(len(configs))]
+
+    def arguments(task: str, seed: int) -> tuple:
+        config = configs[int(task[len("config") :])]
+        return ("evotorch-snes", dataset, budget, seed, threads, clock, fraction, {"evotorch": dict(config)})
+
+    done = _run_all(tasks, arguments, isolate, jobs, None)
+    tried = []
+    for task, config in zip(tasks, configs):
+        row = done[task]
+        tried.append({"config": dict(config), "validation_mean_last_third": row["mean_last_third"],
+                      "final_validation_accuracy": row["final_accuracy"], "steps": row["steps"]})  # fmt: skip
+    best = max(tried, key=lambda entry: entry["validation_mean_last_third"] or 0.0)
+    print(f"EvoTorch SNES search: chose {best['config']} of {len(tried)} configurations", flush=True)
+    return {"method": "evotorch-snes", "budget_s": budget, "seed": 0, "score": "validation mean over the last third",
+            "tried": tried, "chosen": best["config"]}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- the report
 def plot(report: dict, path: Path) -> None:
-    """Accuracy against training wall-clock (log axis), one line per method, the thresholds dashed."""
+    """Mean validation accuracy over seeds against training time (log axis), one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(8, 5))
+    figure, axis = plt.subplots(figsize=(9, 5.5))
     for row in report["methods"]:
         points = [(max(t, 0.01), a * 100) for t, a in row["curve"]]
-        axis.plot(*zip(*points), label=row["label"], linewidth=1.6)
+        if points:
+            axis.plot(*zip(*points), label=row["label"], linewidth=1.6)
     for threshold in report["thresholds"]:
         axis.axhline(threshold * 100, color="grey", linestyle="--", linewidth=0.8)
     axis.set_xscale("log")
     measure = "CPU time of the process" if report.get("clock") == "cpu" else "wall-clock"
     axis.set_xlabel(f"training {measure} (s, log scale, evaluation excluded)")
-    axis.set_ylabel("test accuracy (%)")
-    bottom = min(min(a for _, a in row["curve"]) for row in report["methods"]) * 100
+    seeds = len(report["seeds"])
+    axis.set_ylabel(f"validation accuracy (%), mean of {seeds} seed" + ("s" if seeds > 1 else ""))
+    bottom = min((a for row in report["methods"] for _, a in row["curve"]), default=0.0) * 100
     axis.set_ylim(max(bottom, 100 * report["thresholds"][0] - 30), 100)
     threads = f"{report['threads']} torch thread" + ("s" if report["threads"] > 1 else "")
     axis.set_title(f"{report['dataset']}: MLP {report['mlp']}, {threads}, same initial weights")
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend(loc="upper left", fontsize="small")
+    axis.legend(loc="lower right", fontsize="x-small")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
 def table(report: dict) -> str:
-    """The report as a Markdown table."""
-    times = list(report["methods"][0]["accuracy_at"]) if report["methods"] else []
-    thresholds = [f"{t:g}" for t in report["thresholds"]]
-    head = (
-        ["method"]
-        + [f"acc@{t}s" for t in times]
-        + [f"mean {report['mean_window'][0]:g}-{report['mean_window'][1]:g} s"]
-        + [f"t({float(a) * 100:g}%)" for a in thresholds]
-        + ["sample-fwd/s", "peak RSS +MiB"]
-    )
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    """The report as a Markdown table (``benchmarks/report.py`` renders the same table into the docs)."""
+    from report import peers_table
 
-    def pct(value: float | None) -> str:
-        return "—" if value is None else f"{value * 100:.1f}%"
-
-    for row in report["methods"]:
-        cells = [row["label"]] + [pct(row["accuracy_at"][t]) for t in times] + [pct(row["mean_last_third"])]
-        cells += ["—" if row["time_to"][a] is None else f"{row['time_to'][a]:.2f} s" for a in thresholds]
-        cells += [f"{row['sample_forwards_per_s'] / 1e6:.3g} M", f"{row['peak_rss_above_start_mib']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return peers_table(report)
 
 
 def run(
@@ -708,72 +1111,94 @@ def run(
     budget: float,
     methods: Sequence[str],
     out: Path,
-    seed: int = 0,
+    seeds: Sequence[int] = (0,),
     threads: int = 2,
     isolate: bool = True,
     clock: str = "wall",
     fraction: float = 1.0,
     jobs: int = 1,
     overrides: dict[str, Any] | None = None,
+    search_budget: float | None = None,
+    command: str | None = None,
 ) -> dict | None:
     """Run the benchmark, write ``peers_<dataset>.json`` and ``.png`` to ``out`` and return the report.
 
     Returns ``None`` (after printing why) when the dataset is not installed. Methods that cannot run here
     (EvoTorch missing, no low-bit plugin) are listed under ``"skipped"`` with the reason.
+
+    Args:
+        dataset: a key of ``DATASETS``.
+        budget: training seconds per run.
+        methods: keys of ``METHODS`` (or ``"custom"``).
+        out: folder of the JSON and the plot.
+        seeds: every method runs once per seed.
+        threads: torch intra-op threads per run.
+        isolate: each run in a fresh process.
+        clock: ``"wall"`` or ``"cpu"``.
+        fraction: share of the training split to use.
+        jobs: runs at once (each in its own process).
+        overrides: see ``run_method``.
+        search_budget: seconds per configuration of the EvoTorch search first (``None``: no search).
+        command: the command line, stored in the JSON.
     """
     spec = DATASETS[dataset]
     reason = spec.available()
     if reason is not None:
         print(f"skipping {dataset}: {reason}")
         return None
+    machine = describe_machine()
     skipped = {name: why for name in methods if name != "custom" and (why := unavailable(name)) is not None}
     for name, why in skipped.items():
         print(f"skipping {name}: {why}")
     todo = [name for name in methods if name not in skipped]
-    arguments = {name: (name, dataset, budget, seed, threads, clock, fraction, overrides) for name in todo}
-    if isolate:
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max(1, jobs), mp_context=context, max_tasks_per_child=1) as pool:
-            futures = {pool.submit(run_method, *arguments[name]): name for name in todo}
-            done: dict[str, dict] = {}
-            for future in concurrent.futures.as_completed(futures):
-                done[futures[future]] = future.result()
-                out.mkdir(parents=True, exist_ok=True)  # rows so far, in case a long run is interrupted
-                (out / f"peers_{dataset}.partial.json").write_text(json.dumps(list(done.values()), indent=1))
-            rows = [done[name] for name in todo]
-    else:
-        rows = [run_method(*arguments[name]) for name in todo]
-    for row in rows:
-        print(
-            f"{row['label']:>24}: final {row['final_accuracy'] * 100:.1f}%, mean last third "
-            f"{(row['mean_last_third'] or 0) * 100:.1f}%, {row['sample_forwards_per_s'] / 1e6:.3g} M sample-fwd/s,"
-            f" {row['steps']} steps",
-            flush=True,
-        )
-    evotorch_rates = [r["sample_forwards_per_s"] for r in rows if r["method"].startswith("evotorch")]
-    for row in rows:
-        row["sample_forwards_vs_evotorch"] = (
-            row["sample_forwards_per_s"] / max(evotorch_rates) if evotorch_rates else None
-        )
+    overrides = dict(overrides or {})
+    search = None
+    if search_budget is not None and "evotorch-snes" in todo:
+        search = search_evotorch(dataset, search_budget, threads, clock, fraction, isolate, jobs)
+        overrides["evotorch"] = search["chosen"]
+    tasks = [(name, seed) for seed in seeds for name in todo]
+
+    def arguments(name: str, seed: int) -> tuple:
+        return (name, dataset, budget, seed, threads, clock, fraction, overrides)
+
+    done = _run_all(tasks, arguments, isolate, jobs, out / f"peers_{dataset}.partial.json")
+    runs = [done[task] for task in tasks]
+    summaries = [aggregate([done[(name, seed)] for seed in seeds]) for name in todo]
+    loads = [value for row in runs for value in row["load_average"]]
+    machine["load_average_during"] = {"min": min(loads, default=None), "max": max(loads, default=None)}
+    machine["load_average_at_end"] = list(os.getloadavg())
     report = {
         "dataset": dataset,
+        "command": command,
         "mlp": f"{spec.in_features}-{spec.hidden}-10",
         "batch_size": spec.batch_size,
-        "user_lr": (overrides or {}).get("lr") or spec.lr,
+        "user_lr": overrides.get("lr") or spec.lr,
         "budget_s": budget,
-        "seed": seed,
+        "seeds": list(seeds),
         "threads": threads,
         "clock": clock,
         "jobs": jobs,
+        "fraction": fraction,
+        "validation": {
+            "fraction": VALIDATION_FRACTION,
+            "seed": VALIDATION_SEED,
+            "rows": runs[0]["split_rows"]["validation"] if runs else None,
+        },
         "thresholds": list(spec.thresholds),
+        "sustain_window": SUSTAIN_WINDOW,
         "mean_window": [budget * 2 / 3, budget],
         "torch": torch.__version__,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs visible, load average {os.getloadavg()[0]:.2f}",
+        "machine": machine,
+        "evotorch_search": search,
         "skipped": skipped,
-        "methods": rows,
+        "methods": summaries,
+        "runs": runs,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"peers_{dataset}.json").write_text(json.dumps(report, indent=1))
+    (out / f"peers_{dataset}.json").write_text(json.dumps(report, indent=1) + "\n")
+    partial = out / f"peers_{dataset}.partial.json"
+    if partial.exists():
+        partial.unlink()
     plot(report, out / f"peers_{dataset}.png")
     print(table(report))
     return report
@@ -794,19 +1219,32 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     )
     parser.add_argument("--lr", type=float, default=None, help="the user's Adam lr for every Lightning method")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="comma list of seeds: every method runs once per seed")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per method")
     parser.add_argument(
         "--clock", choices=sorted(CLOCKS), default="wall", help="wall-clock, or process CPU seconds (shared machines)"
     )
     parser.add_argument(
-        "--jobs", type=int, default=1, help="methods trained at once, each in its own process (use with --clock cpu)"
+        "--jobs", type=int, default=1, help="runs trained at once, each in its own process (use with --clock cpu)"
+    )
+    parser.add_argument(
+        "--search-evotorch",
+        nargs="?",
+        type=float,
+        const=10.0,
+        default=None,
+        metavar="SECONDS",
+        help="first search EvoTorch SNES's popsize and stdev on the validation split (SECONDS per config, 10)",
     )
     parser.add_argument("--in-process", action="store_true", help="run methods in this process (no isolation)")
     parser.add_argument("--smoke", action="store_true", help="every method for about a second on a digits subset")
     args = parser.parse_args(argv)
     chosen = args.methods or ",".join(DATASET_METHODS["digits" if args.smoke else args.dataset])
     methods = [m.strip() for m in chosen.split(",") if m.strip()]
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: write a comma list of integers, e.g. 0,1,2")
     if args.algorithm is not None:
         algorithm_method(args.algorithm, args.strategy)  # fails here, with the fix, on a bad expression
         methods += [] if "custom" in methods else ["custom"]
@@ -819,31 +1257,18 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         if name not in METHODS:
             if name != "custom":
                 parser.error(f"unknown method {name!r}: choose from {sorted(METHODS)} or custom (--algorithm)")
+    command = " ".join(["python benchmarks/peers.py", *(argv if argv is not None else sys.argv[1:])])
+    command = command.replace(f"{Path(__file__).resolve().parents[1]}/", "")  # --out inside the repository: relative
     if args.smoke:
         return run(
-            "digits",
-            args.budget or 1.0,
-            methods,
-            args.out,
-            args.seed,
-            args.threads,
-            False,
-            args.clock,
-            overrides=overrides,
-        )
+            "digits", args.budget or 1.0, methods, args.out, seeds, args.threads, False, args.clock,
+            overrides=overrides, search_budget=args.search_evotorch, command=command,
+        )  # fmt: skip
     budget = args.budget if args.budget is not None else (60.0 if args.dataset == "digits" else 180.0)
     return run(
-        args.dataset,
-        budget,
-        methods,
-        args.out,
-        args.seed,
-        args.threads,
-        not args.in_process,
-        args.clock,
-        jobs=args.jobs,
-        overrides=overrides,
-    )
+        args.dataset, budget, methods, args.out, seeds, args.threads, not args.in_process, args.clock,
+        jobs=args.jobs, overrides=overrides, search_budget=args.search_evotorch, command=command,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
