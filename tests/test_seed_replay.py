@@ -281,7 +281,7 @@ def test_a_resumed_run_appends_to_its_log(tmp_path: Path) -> None:
             strategy=NoBackpropStrategy(algorithm=plain("mezo"), update="direct"),
             callbacks=[SeedReplayLog(log), *callbacks],
             max_steps=max_steps,
-            **quiet_trainer_kwargs(enable_checkpointing=True),
+            **quiet_trainer_kwargs(enable_checkpointing=True, default_root_dir=tmp_path),  # not the working dir
         )
 
     checkpoints = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
