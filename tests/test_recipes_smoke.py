@@ -62,6 +62,8 @@ def test_every_recipe_is_covered_by_a_smoke_test() -> None:
         "gpt-1b-eggroll-fp8",
         "smollm2-mr-backprop",
         "smollm2-shakespeare-mezo",
+        "smollm2-arithmetic-eggroll",  # tests/test_arithmetic.py
+        "smollm2-arithmetic-eggroll-gpu",  # tests/test_arithmetic.py: its YAML, parsed
     }
     assert recipes <= covered, recipes - covered
 
