@@ -59,7 +59,7 @@ class NoBackpropCLI(LightningCLI):
         the held-out metric.
         ``--torch_threads N``: ``torch.set_num_threads(N)`` before anything is built.
         ``--timeline PATH``: write the validation metrics against wall-clock seconds and forward passes to a
-        JSON file during ``fit`` (used by ``benchmarks/compare.py``).
+        JSON file during ``fit`` (used by ``benchmarks/comparisons/compare.py``).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

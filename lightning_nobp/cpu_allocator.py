@@ -3,7 +3,7 @@
 A population's forward allocates and frees the same large activation tensors at every step (for an MLP of width
 256, 64 members and a batch of 256: 16 MiB each). glibc's ``malloc`` serves blocks of that size with ``mmap`` or
 returns them to the kernel on ``free`` (``M_TRIM_THRESHOLD``), so the next step page-faults every 4 KiB page
-again and the kernel zeroes it, which slows elementwise passes down markedly (``benchmarks/cpu_allocator.py``
+again and the kernel zeroes it, which slows elementwise passes down markedly (``benchmarks/micro/cpu_allocator.py``
 measures it; figures in ``docs/results.md``). Raising the mmap and trim thresholds keeps those pages in the
 heap for reuse, as jemalloc and tcmalloc do by default. Only glibc is tuned; elsewhere nothing changes.
 

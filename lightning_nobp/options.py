@@ -49,7 +49,7 @@ class CpuTuning:
 
     ``reuse_memory`` makes glibc's ``malloc`` keep freed memory in the process (up to 512 MiB) instead of returning
     it to the kernel, so a population's large activations are not page-faulted in again at every step
-    (``benchmarks/cpu_allocator.py`` measures it); glibc's defaults come back when training ends.
+    (``benchmarks/micro/cpu_allocator.py`` measures it); glibc's defaults come back when training ends.
     ``freeze_startup_objects`` keeps Python's full garbage collections away from the objects that existed when
     training started (``gc.freeze()``, undone when it ends; left alone when objects were frozen already): after
     importing Lightning a full collection visits some 520,000 objects, which small steps feel.

@@ -19,7 +19,7 @@ from lightning_nobp.perturb import PopulationEstimator
 from lightning_nobp.perturb.direct_step import DirectHyperparameters
 from lightning_nobp.perturb.estimator import EstimatorOptions
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput"
 
 
 def mlp(dtype: torch.dtype = torch.float32, bias: bool = True) -> tuple[nn.Module, callable]:

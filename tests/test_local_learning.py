@@ -279,7 +279,7 @@ def test_local_learning_benchmark_smoke(tmp_path) -> None:
     root = Path(__file__).resolve().parents[1]
     out, png = tmp_path / "local.json", tmp_path / "local.png"
     result = subprocess.run(
-        [sys.executable, "benchmarks/local_learning.py", "--smoke", "--out", str(out), "--plot", str(png)],
+        [sys.executable, "benchmarks/comparisons/local_learning.py", "--smoke", "--out", str(out), "--plot", str(png)],
         cwd=root,
         env=dict(os.environ, PYTHONPATH=str(root)),
         capture_output=True,

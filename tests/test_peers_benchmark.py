@@ -1,4 +1,5 @@
-"""``benchmarks/peers.py`` (smoke mode, custom methods) and ``benchmarks/es_variants.py`` (the ES-variant screen)."""
+"""``benchmarks/comparisons/peers.py`` (smoke mode, custom methods) and ``benchmarks/comparisons/es_variants.py``
+(the ES-variant screen)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks" / "comparisons"))
 
 import peers  # noqa: E402
 

@@ -342,7 +342,7 @@ def test_the_benchmark_measures_a_population_against_plain_generation(monkeypatc
     import sys
     from pathlib import Path
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks" / "throughput"))
     benchmark = importlib.import_module("population_generation")
     args = argparse.Namespace(population=2, prompts=2, prompt_length=4, new_tokens=2, sigma=0.01, repeats=1)
     result = benchmark.measure("gpt-small", args, torch.device("cpu"))

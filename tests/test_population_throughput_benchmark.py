@@ -1,4 +1,5 @@
-"""``benchmarks/population_throughput.py`` runs on CPU and reports EggRoll population throughput against inference."""
+"""``benchmarks/throughput/population_throughput.py`` runs on CPU and reports EggRoll population throughput against
+inference."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def run_benchmark(out: Path, *args: str) -> dict:
         *args: further command-line arguments.
     """
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    command = [sys.executable, "benchmarks/population_throughput.py", "--device", "cpu", "--out", str(out), *args]
+    script = "benchmarks/throughput/population_throughput.py"
+    command = [sys.executable, script, "--device", "cpu", "--out", str(out), *args]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     report = json.loads(out.read_text())

@@ -32,7 +32,7 @@ def test_digits_recipe_smoke_prints_its_test_accuracy() -> None:
 def test_step_cost_benchmark_reports_ratios_against_inference(tmp_path: Path) -> None:
     out = tmp_path / "step_cost.json"
     run_script(
-        "benchmarks/step_cost.py",
+        "benchmarks/throughput/step_cost.py",
         "--device",
         "cpu",
         "--preset",
@@ -53,7 +53,7 @@ def test_step_cost_benchmark_reports_ratios_against_inference(tmp_path: Path) ->
 
 
 def _gpu_check_folder(tmp_path: Path) -> Path:
-    """The files the last H200 check wrote, laid out as ``benchmarks/gpu_check.sh`` writes them."""
+    """The files the last H200 check wrote, laid out as ``benchmarks/gpu/gpu_check.sh`` writes them."""
     import shutil
 
     measured = ROOT / "benchmarks" / "measured" / "h200-2026-11-29"
@@ -70,7 +70,7 @@ def test_gpu_table_reads_the_token_counts_from_the_recipe(tmp_path: Path) -> Non
     rates; the same files read with a shared-data recipe of 2 sequences a step give the rates that recipe implies."""
     import yaml
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
     import gpu_table
 
     out = _gpu_check_folder(tmp_path)

@@ -1,4 +1,5 @@
-"""Every YAML recipe runs in its smoke mode (a few steps on CPU); benchmarks/compare.py in its smoke mode."""
+"""Every YAML recipe runs in its smoke mode (a few steps on CPU); ``benchmarks/comparisons/compare.py`` in its smoke
+mode."""
 
 from __future__ import annotations
 
@@ -194,11 +195,11 @@ def test_fashion_recipes_are_twins_of_the_same_job() -> None:
 
 
 def test_compare_smoke_mode_writes_json_and_png(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "benchmarks" / "comparisons"))
     try:
         import compare
     finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+        sys.path.remove(str(ROOT / "benchmarks" / "comparisons"))
     assert compare.backprop_twin(RECIPES / "shakespeare-gpt-eggroll-fp8.yaml").name == "shakespeare-gpt-backprop.yaml"
     assert compare.backprop_twin(RECIPES / "digits-mezo.yaml").name == "digits-backprop.yaml"
     with pytest.raises(ValueError, match="pass --twin"):

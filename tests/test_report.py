@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path[:0] = [str(ROOT / "benchmarks" / "comparisons"), str(ROOT / "benchmarks")]  # peers.py; report.py
 
 import peers  # noqa: E402
 import report  # noqa: E402

@@ -134,11 +134,11 @@ def test_mezo_tell_on_device_equals_tell() -> None:
 
 
 def test_sync_check_benchmark_on_the_tiny_gpt(tmp_path) -> None:
-    """``benchmarks/sync_check.py`` (what the GPU check runs under sync debug mode) on the CPU: no host reads."""
+    """``benchmarks/micro/sync_check.py`` (what the GPU check runs under sync debug mode) on the CPU: no host reads."""
     import sys
     from pathlib import Path
 
-    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks" / "micro")
     sys.path.insert(0, benchmarks)
     try:
         import sync_check

@@ -31,7 +31,7 @@ class MeZO(InputBases, Algorithm):
             together in one batched forward where the model allows it). With a user's Adam, the step size is set
             by the lr, so averaging directions buys a cleaner step for little more time: 8 (the default) did better
             than 1 (the MeZO paper's setting, still the choice for a large model on a few hundred steps) on
-            Fashion-MNIST and digits at equal training time (``benchmarks/peers.py``; figures in
+            Fashion-MNIST and digits at equal training time (``benchmarks/comparisons/peers.py``; figures in
             ``docs/results.md``).
         distribution: ``"gaussian"`` (MeZO's choice) or ``"rademacher"`` (entries +-1).
         input_subspace: for layers fed directly by the data (an MLP's first layer), project the rows of ``z``

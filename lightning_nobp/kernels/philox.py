@@ -7,7 +7,7 @@ between libdevice and torch), see ``docs/lowbit.md``.
 
 On the CPU the reference computes the Philox words in numpy: its ``uint64`` multiplies wrap and shift logically,
 which saves the masks torch's signed ``int64`` needs, and makes the streams and the fused low-bit update faster on
-the CPU (``python benchmarks/lowbit.py --device cpu --formats fp8_e4m3`` measures the update; figures in
+the CPU (``python benchmarks/throughput/lowbit.py --device cpu --formats fp8_e4m3`` measures the update; figures in
 ``docs/results.md``): the stochastic rounding of a low-bit update on the CPU spent most of its time there. Both
 paths give the same bits (tested).
 """

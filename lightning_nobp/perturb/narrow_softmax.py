@@ -3,7 +3,7 @@
 PyTorch's CPU ``log_softmax`` over the last dimension runs a vectorized kernel per row; a row narrower than one
 SIMD vector (10 classes against 16 floats of AVX-512) falls to a slow path. Moving the classes to the first
 dimension and normalizing there is several times faster for the population's logits, a noticeable part of a small
-model's EggRoll step (``python benchmarks/narrow_softmax.py`` measures it; figures in ``docs/results.md``).
+model's EggRoll step (``python benchmarks/micro/narrow_softmax.py`` measures it; figures in ``docs/results.md``).
 
 ``NarrowSoftmaxMode`` is a ``TorchFunctionMode`` that rewrites ``F.cross_entropy`` (class-index targets, no label
 smoothing) and ``log_softmax`` over such a dimension into the transposed form while the strategy evaluates its

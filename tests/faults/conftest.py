@@ -1,5 +1,5 @@
 """The fault ledger: every test records the faults it injects; the summary says how many per kind and whether any
-guarantee broke (``FAULTS_REPORT=path`` also writes it as JSON, for ``benchmarks/faults.py``)."""
+guarantee broke (``FAULTS_REPORT=path`` also writes it as JSON, for ``benchmarks/micro/faults.py``)."""
 
 from __future__ import annotations
 

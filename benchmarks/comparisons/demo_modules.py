@@ -11,7 +11,7 @@ clipping, no learning-rate change; only the time budget, and the progress bar an
 For MeZO, EggRoll and OpenES with their defaults, with the default step limit and without it (``step_limit=None``),
 the loss before and after ``--seconds`` of training, the steps taken, and whether any step's loss was not finite.
 
-    python benchmarks/demo_modules.py --seconds 60 --seeds 0 1 2 \
+    python benchmarks/comparisons/demo_modules.py --seconds 60 --seeds 0 1 2 \
         --out benchmarks/measured/cpu-2026-12-06/demo_modules.json
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import warnings
 from pathlib import Path
 
@@ -33,7 +34,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_nobp import NoBackpropStrategy
 from lightning_nobp.algorithms import EggRoll, MeZO, OpenES
 
-from reports import write_report
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the shared helpers
+from reports import write_report  # noqa: E402
 
 ALGORITHMS = {"MeZO()": MeZO, "EggRoll()": EggRoll, "OpenES()": OpenES}
 

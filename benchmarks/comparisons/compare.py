@@ -1,7 +1,7 @@
 """Run a forward-only recipe and its backprop twin for the same wall-clock budget; write JSON and a PNG of the curves.
 
-python benchmarks/compare.py recipes/digits-eggroll.yaml --budget 120      # twin: recipes/digits-backprop.yaml
-python benchmarks/compare.py recipes/digits-eggroll.yaml --smoke           # seconds: a few steps of each
+python benchmarks/comparisons/compare.py recipes/digits-eggroll.yaml --budget 120  # twin: recipes/digits-backprop.yaml
+python benchmarks/comparisons/compare.py recipes/digits-eggroll.yaml --smoke       # seconds: a few steps of each
 
 The PNG (needs matplotlib: ``pip install -e ".[plots]"``) plots the validation metric against training seconds and
 against forward passes (a backprop step counts one forward; it also runs a backward of about two forwards' cost).
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TWIN_PATTERN = re.compile(r"-(eggroll|mezo|openes)(-(fp8|fp8_e4m3|nvfp4|mxfp4|int8|bf16))?\.yaml$")
 HELD_OUT = re.compile(r"nobp: held-out (\w+) = ([-\d.eE+naif]+)")
 FIT = re.compile(r"nobp: fit ran (\d+) optimizer steps in ([\d.]+) s \(([\d.]+) s of CPU time")

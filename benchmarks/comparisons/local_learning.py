@@ -8,14 +8,15 @@ Memory: on CUDA the allocator's peak during training (``torch.cuda.max_memory_al
 the tensors that training keeps between steps (weights, gradients, optimizer state, the algorithm's own state
 such as Mono-Forward's projections), since CPU has no allocator peak to read.
 
-    python benchmarks/local_learning.py --seconds 30 --out local_learning.json --plot local_learning.png
-    python benchmarks/local_learning.py --smoke --out /tmp/smoke.json --plot /tmp/smoke.png
+    python benchmarks/comparisons/local_learning.py --seconds 30 --out local_learning.json --plot local_learning.png
+    python benchmarks/comparisons/local_learning.py --smoke --out /tmp/smoke.json --plot /tmp/smoke.png
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,8 @@ from lightning_nobp.data import load_digits_split
 from lightning_nobp.data.digits import batched_loader
 from lightning_nobp.models import MLPClassifier
 
-from devices import device_name, free_memory, peak_memory, reset_peak_memory
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the shared helpers
+from devices import device_name, free_memory, peak_memory, reset_peak_memory  # noqa: E402
 
 #: method -> (algorithm factory (None: backprop), optimizer, lr, batch size); the settings measured in the tests
 METHODS: dict[str, tuple[Callable[[torch.Tensor], Any] | None, str, float, int]] = {

@@ -9,7 +9,7 @@ fresh process (clean peak memory, no state shared between methods), once per see
 * ``mezo``, ``eggroll``, ``openes``: the algorithms' defaults, with the extras their labels name (MeZO averages 8
   directions; all draw the first layer's noise in its input subspace, a biased estimate; EggRoll and OpenES
   estimate the head from per-row losses).
-* ``plain-es``: a hand-written rank-1 antithetic ES loop in plain PyTorch (``benchmarks/plain_es.py``, no
+* ``plain-es``: a hand-written rank-1 antithetic ES loop in plain PyTorch (``benchmarks/comparisons/plain_es.py``, no
   Lightning), same MLP, initial weights, batch, optimizer and budget: the framework's overhead, visible.
 * ``evotorch-snes`` (``evotorch-pgpe``): EvoTorch's ``SNES`` (``PGPE``) on a ``SupervisedNE`` problem over the same
   network, centred on the same initial weights (``pip install -e ".[bench]"``; skipped with a message without it).
@@ -28,9 +28,9 @@ and the peak resident memory above its level when training started. Every column
 goes to ``peers_<dataset>.json`` (with every run and a description of the machine) and a plot of the mean
 validation curves to ``peers_<dataset>.png`` in ``--out``; ``benchmarks/report.py`` renders the docs from it.
 
-    python benchmarks/peers.py --dataset digits --budget 40 --clock cpu --threads 1 --jobs 2 --seeds 0,1,2 \
+    python benchmarks/comparisons/peers.py --dataset digits --budget 40 --clock cpu --threads 1 --jobs 2 --seeds 0,1,2 \
         --search-evotorch 10 --out benchmarks/measured/cpu-2026-12-06/peers
-    python benchmarks/peers.py --smoke            # every default method for about a second on digits
+    python benchmarks/comparisons/peers.py --smoke            # every default method for about a second on digits
 
 Adding a method is one entry in ``METHODS``: a ``LightningMethod`` (any strategy and Trainer plugins, e.g. a
 low-bit precision plugin), an ``EvoTorchMethod`` or a ``PlainESMethod``.
@@ -60,6 +60,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the shared helpers
 
 REPORT_TIMES = (10.0, 30.0, 60.0, 120.0, 180.0)
 #: what the training clock counts: wall-clock seconds, or this process's CPU seconds (robust on shared machines)
@@ -545,7 +547,7 @@ class EvoTorchMethod:
 
 @dataclass
 class PlainESMethod:
-    """The hand-written rank-1 antithetic ES loop of ``benchmarks/plain_es.py``: plain PyTorch, no Lightning.
+    """The hand-written rank-1 antithetic ES loop of ``plain_es.py`` (beside this script): plain PyTorch, no Lightning.
 
     Args:
         label: name in the table and the plot.
@@ -595,7 +597,7 @@ class PlainESMethod:
                     done = True
                     break
         describe = (
-            f"benchmarks/plain_es.py LowRankES(population={self.population}, sigma={self.sigma:g}),"
+            f"benchmarks/comparisons/plain_es.py LowRankES(population={self.population}, sigma={self.sigma:g}),"
             f" Adam lr {spec.lr:g}"
         )
         return {
@@ -1218,7 +1220,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         help="options of method 'custom''s strategy, e.g. \"NoBackpropStrategy(member_data='pair_slices')\"",
     )
     parser.add_argument("--lr", type=float, default=None, help="the user's Adam lr for every Lightning method")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results")
     parser.add_argument("--seeds", default="0", help="comma list of seeds: every method runs once per seed")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per method")
     parser.add_argument(
@@ -1257,8 +1259,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         if name not in METHODS:
             if name != "custom":
                 parser.error(f"unknown method {name!r}: choose from {sorted(METHODS)} or custom (--algorithm)")
-    command = " ".join(["python benchmarks/peers.py", *(argv if argv is not None else sys.argv[1:])])
-    command = command.replace(f"{Path(__file__).resolve().parents[1]}/", "")  # --out inside the repository: relative
+    command = " ".join(["python benchmarks/comparisons/peers.py", *(argv if argv is not None else sys.argv[1:])])
+    command = command.replace(f"{Path(__file__).resolve().parents[2]}/", "")  # --out inside the repository: relative
     if args.smoke:
         return run(
             "digits", args.budget or 1.0, methods, args.out, seeds, args.threads, False, args.clock,

@@ -6,8 +6,8 @@ and write the estimate into ``.grad``. The clock is this process's CPU time (``t
 thread, so the figure holds on a machine shared with other jobs; compare two versions of the package by running
 the script with each on ``PYTHONPATH``.
 
-    python benchmarks/estimator_step.py --algorithm eggroll --population 64
-    python benchmarks/estimator_step.py --algorithm mezo
+    python benchmarks/throughput/estimator_step.py --algorithm eggroll --population 64
+    python benchmarks/throughput/estimator_step.py --algorithm mezo
 """
 
 from __future__ import annotations

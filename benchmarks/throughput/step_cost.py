@@ -7,13 +7,14 @@ on CUDA) and a MeZO step as published (one direction, no input subspace) through
 ``--out``. On CPU the memory column is an estimate from the tensors that exist after a step (parameters,
 gradients, optimizer state); on CUDA it is ``torch.cuda.max_memory_allocated``.
 
-    python benchmarks/step_cost.py --device cpu
-    python benchmarks/step_cost.py --device cuda --preset gpt-1b --batch-size 8
+    python benchmarks/throughput/step_cost.py --device cpu
+    python benchmarks/throughput/step_cost.py --device cuda --preset gpt-1b --batch-size 8
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,8 +30,9 @@ from lightning_nobp.algorithms import MeZO
 from lightning_nobp.fabric import NoBackpropStrategy
 from lightning_nobp.models.gpt import GPT, GPTConfig
 
-from devices import device_name, free_memory, peak_memory, reset_peak_memory, synchronize
-from reports import write_report
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the shared helpers
+from devices import device_name, free_memory, peak_memory, reset_peak_memory, synchronize  # noqa: E402
+from reports import write_report  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

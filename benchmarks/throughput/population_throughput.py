@@ -18,9 +18,10 @@ activations are not counted) and says so under ``"memory_basis"``.
 The weights are restored after each ``(P, r)``, so every configuration starts from the same model. Prints JSON
 and writes it to ``--out``.
 
-    python benchmarks/population_throughput.py --device cpu
-    python benchmarks/population_throughput.py --device cpu --preset small --compile --populations 32 --ranks 1
-    python benchmarks/population_throughput.py --device cuda --populations 32,256,1024 --ranks 1
+    python benchmarks/throughput/population_throughput.py --device cpu
+    python benchmarks/throughput/population_throughput.py --device cpu --preset small --compile \
+        --populations 32 --ranks 1
+    python benchmarks/throughput/population_throughput.py --device cuda --populations 32,256,1024 --ranks 1
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,8 +44,9 @@ from lightning_nobp.perturb import PopulationEstimator
 from lightning_nobp.perturb.estimator import EstimatorOptions
 from lightning_nobp.perturb.direct_step import DirectHyperparameters
 
-from devices import device_name, free_memory, peak_memory, reset_peak_memory, synchronize
-from reports import write_report
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the shared helpers
+from devices import device_name, free_memory, peak_memory, reset_peak_memory, synchronize  # noqa: E402
+from reports import write_report  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SIGMA = 1e-2

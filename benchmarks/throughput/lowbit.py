@@ -9,8 +9,8 @@ For every format the GPT is converted by ``LowBitPrecision`` and the script meas
 - the peak memory of a whole training step (population forward + update) with fp8 weights against fp8 inference
   (CUDA only: CPU has no allocator peak).
 
-    python benchmarks/lowbit.py --device cpu            # GPT "small", the reference kernels
-    python benchmarks/lowbit.py --device cuda           # GPT "gpt-1b" (1.1B parameters), the Triton kernels
+    python benchmarks/throughput/lowbit.py --device cpu            # GPT "small", the reference kernels
+    python benchmarks/throughput/lowbit.py --device cuda           # GPT "gpt-1b" (1.1B parameters), the Triton kernels
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the shared helpers
 from devices import device_name, free_memory, peak_memory, reset_peak_memory, synchronize  # noqa: E402
 
 from lightning_nobp.algorithms import EggRoll  # noqa: E402

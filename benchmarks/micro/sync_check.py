@@ -6,14 +6,15 @@ the step runs under ``torch.cuda.set_sync_debug_mode("error")``, which raises at
 a dispatch mode counts ``aten._local_scalar_dense`` (what ``.item()``, ``float(t)`` and ``bool(t)`` dispatch to).
 Writes JSON: per algorithm, ``host_reads`` (CPU) or ``error`` (CUDA; ``null`` when none) and ``synchronisation_free``.
 
-    python benchmarks/sync_check.py --device cuda --preset gpt-1b --out sync_check.json
-    python benchmarks/sync_check.py --device cpu --preset tiny
+    python benchmarks/micro/sync_check.py --device cuda --preset gpt-1b --out sync_check.json
+    python benchmarks/micro/sync_check.py --device cpu --preset tiny
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from lightning_nobp.perturb import PopulationEstimator
 from lightning_nobp.perturb.direct_step import DirectHyperparameters
 from lightning_nobp.perturb.estimator import EstimatorOptions
 
-from reports import write_report
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the shared helpers
+from reports import write_report  # noqa: E402
 
 
 class HostReads(TorchDispatchMode):

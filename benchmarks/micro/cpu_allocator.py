@@ -1,12 +1,12 @@
 """How much keeping freed CPU memory in the process (``NoBackpropStrategy(cpu_tuning=CpuTuning())``) speeds up a step.
 
-The malloc setting is process-wide and one-way, so every measurement runs ``benchmarks/estimator_step.py`` in a
-fresh process, alternating the default allocator and the tuned one for several rounds (the machines are shared:
-alternation spreads their noise over both). Reports the median CPU milliseconds per step of each and their ratio,
-per population, as JSON.
+The malloc setting is process-wide and one-way, so every measurement runs
+``benchmarks/throughput/estimator_step.py`` in a fresh process, alternating the default allocator and the tuned one
+for several rounds (the machines are shared: alternation spreads their noise over both). Reports the median CPU
+milliseconds per step of each and their ratio, per population, as JSON.
 
-    python benchmarks/cpu_allocator.py                      # Fashion-MNIST MLP, populations 64 and 256
-    python benchmarks/cpu_allocator.py --populations 64 --rounds 3 --steps 10
+    python benchmarks/micro/cpu_allocator.py                      # Fashion-MNIST MLP, populations 64 and 256
+    python benchmarks/micro/cpu_allocator.py --populations 64 --rounds 3 --steps 10
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-STEP_SCRIPT = Path(__file__).resolve().parent / "estimator_step.py"
+STEP_SCRIPT = Path(__file__).resolve().parents[1] / "throughput" / "estimator_step.py"
 
 
 def step_ms(population: int, steps: int, tuned: bool) -> float:
@@ -59,7 +59,9 @@ def main() -> None:
     parser.add_argument("--populations", default="64,256", help="comma list of EggRoll populations")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "cpu_allocator.json")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "cpu_allocator.json"
+    )
     args = parser.parse_args()
     rows = [compare(int(p), args.rounds, args.steps) for p in args.populations.split(",")]
     for row in rows:

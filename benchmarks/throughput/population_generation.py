@@ -10,9 +10,9 @@ one ``torch.func.vmap``-ed decode for every member) and, for reference, one memb
 prefill included; each figure is the best of ``--repeats`` timed calls after one warm-up call, the three modes
 taking turns. Prints JSON and writes it to ``--out``.
 
-    python benchmarks/population_generation.py --device cpu
-    python benchmarks/population_generation.py --device cpu --models gpt-small --population 8
-    python benchmarks/population_generation.py --device cuda --population 64 --prompts 16 --new-tokens 32
+    python benchmarks/throughput/population_generation.py --device cpu
+    python benchmarks/throughput/population_generation.py --device cpu --models gpt-small --population 8
+    python benchmarks/throughput/population_generation.py --device cuda --population 64 --prompts 16 --new-tokens 32
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,8 +33,9 @@ from lightning_nobp.algorithms import EggRoll
 from lightning_nobp.models.gpt import GPT, GPTConfig
 from lightning_nobp.perturb import PopulationEstimator
 
-from devices import device_name, synchronize
-from reports import write_report
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the shared helpers
+from devices import device_name, synchronize  # noqa: E402
+from reports import write_report  # noqa: E402
 
 MODELS = ("gpt-small", "smollm2-135m")
 
@@ -149,7 +151,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "decoding": "greedy, KV cache, no stop tokens (every row generates N tokens)",
-        "command": "python benchmarks/population_generation.py " + " ".join(
+        "command": "python benchmarks/throughput/population_generation.py " + " ".join(
             f"--{key.replace('_', '-')} {value}" for key, value in vars(args).items() if key != "out"
         ),
         "results": results,

@@ -26,13 +26,15 @@ EggRoll's by ``inference_chunk``'s (the same tokens per batched forward). Under 
 shape and dtype (the bytes of the real draw); and fake losses have no values, so ``tell`` (a few scalars per member)
 receives stand-in losses. ``--device cuda`` measures the same on a real GPU with ``torch.cuda.max_memory_allocated``.
 
-    python benchmarks/memory.py --preset gpt-1b --device fake-cuda --out benchmarks/measured/memory-gpt-1b.json
+    python benchmarks/throughput/memory.py --preset gpt-1b --device fake-cuda \
+        --out benchmarks/measured/memory-gpt-1b.json
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -52,7 +54,8 @@ from lightning_nobp.perturb import PopulationEstimator
 from lightning_nobp.perturb.estimator import EstimatorOptions
 from lightning_nobp.perturb.direct_step import DirectHyperparameters
 
-from reports import write_report
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the shared helpers
+from reports import write_report  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 LEARNING_RATE = 1e-4

@@ -12,9 +12,9 @@ extras=EstimatorExtras(per_row_embeddings=True))``, float32 weights) after
 ``--warmup`` steps of backprop + AdamW on 32 sequences, and compares the per-row estimates with and without
 ``exact_head_gradient`` (whose head the members leave unperturbed).
 
-    python benchmarks/row_estimates.py
-    python benchmarks/row_estimates.py --dataset digits --population 64
-    python benchmarks/row_estimates.py --dataset shakespeare --warmup 40 --trials 3
+    python benchmarks/micro/row_estimates.py
+    python benchmarks/micro/row_estimates.py --dataset digits --population 64
+    python benchmarks/micro/row_estimates.py --dataset shakespeare --warmup 40 --trials 3
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--population", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=600, help="backprop + Adam steps before the second check")
     parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "row_estimates")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "row_estimates")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.dataset == "shakespeare":

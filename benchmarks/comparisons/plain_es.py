@@ -5,7 +5,7 @@ and ``b`` standard normal) and its bias by ``sigma * c``, in antithetic pairs; t
 batch become centered ranks, and ``-sum_i r_i E_i / (P sigma)`` is the loss-gradient estimate given to the user's
 optimizer (Adam). The population's forward is one batched program: the first layer's shared input is multiplied
 by the weight once and by the members' ``b`` once, later layers use ``torch.matmul`` over the members.
-``benchmarks/peers.py`` runs it as method ``plain-es`` on the same MLP, initial weights, batch and budget.
+``benchmarks/comparisons/peers.py`` runs it as method ``plain-es`` on the same MLP, initial weights, batch and budget.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ weights' ``state_dict``, and Lightning's whole checkpoint with the optimizer's s
 checks the replay is bit-identical. SmolLM2-135M's checkpoint is estimated from its structure, its log from the
 measured bytes per step of the same algorithm set-up.
 
-    python benchmarks/seed_replay.py            # writes benchmarks/measured/cpu-2026-12-06/seed_replay.json
+    python benchmarks/throughput/seed_replay.py            # writes benchmarks/measured/cpu-2026-12-06/seed_replay.json
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the shared helpers
 from reports import write_report  # noqa: E402
 
 import lightning_nobp  # noqa: E402
@@ -35,7 +35,7 @@ from lightning_nobp import NoBackpropStrategy  # noqa: E402
 from lightning_nobp.algorithms import EggRoll, MeZO  # noqa: E402
 from lightning_nobp.callbacks import SeedReplayLog, read_log, weights_hash  # noqa: E402
 
-OUT = Path(__file__).resolve().parent / "measured" / "cpu-2026-12-06" / "seed_replay.json"
+OUT = Path(__file__).resolve().parents[1] / "measured" / "cpu-2026-12-06" / "seed_replay.json"
 SIZES = {"small": (16, 32, 4), "large": (256, 1024, 10)}  # input, hidden, classes
 BATCH = 32
 
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     report = {
         "benchmark": "seed_replay",
-        "command": "python benchmarks/seed_replay.py --steps " + str(args.steps),
+        "command": "python benchmarks/throughput/seed_replay.py --steps " + str(args.steps),
         "device": "cpu (1 thread)",
         "torch": torch.__version__,
         "rows": rows,

@@ -1,4 +1,4 @@
-"""The one table ``benchmarks/gpu_check.sh`` prints: its benchmarks' JSON files and the 1B recipe's log, summarized.
+"""The one table ``benchmarks/gpu/gpu_check.sh`` prints: its benchmarks' JSON files and the 1B recipe's log, summarized.
 
 Reads what the GPU check wrote into its output folder (``step_cost.json``, ``population_throughput.json``,
 ``memory.json``, ``sync_check.json``, ``lowbit.json``, ``gpt1b.log``, ``gpt1b_timeline.json``,
@@ -6,7 +6,7 @@ Reads what the GPU check wrote into its output folder (``step_cost.json``, ``pop
 its rows out. The 1B recipe's batch, block and population are read from the recipe itself, so the token rates follow
 the recipe when it changes.
 
-    python benchmarks/gpu_table.py OUT_DIR [--recipe recipes/gpt-1b-eggroll-fp8.yaml]
+    python benchmarks/gpu/gpu_table.py OUT_DIR [--recipe recipes/gpt-1b-eggroll-fp8.yaml]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "gpt-1b-eggroll-fp8.yaml"
 #: the corpus's unigram bits per byte (``nobp fit -c recipes/shakespeare-bigram.yaml --model.order 1``)
 UNIGRAM_BPB = 4.731

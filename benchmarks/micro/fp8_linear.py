@@ -7,13 +7,14 @@ one ``torch._scaled_mm``), the same ``nn.Linear`` called under ``LowBitLinearMod
 through torchao's own dispatch; then the same for an int8 ``Int8Tensor`` (``lightning_nobp::int8_linear``: one
 ``torch._int_mm`` on the stored codes). Writes JSON with the ratios against bf16 from the same run.
 
-    python benchmarks/fp8_linear.py --out benchmarks/results/fp8_linear.json
+    python benchmarks/micro/fp8_linear.py --out benchmarks/results/fp8_linear.json
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,8 @@ from lightning_nobp.kernels.int8_linear import int8_linear
 from lightning_nobp.kernels.lowbit_linear import LowBitLinearMode
 from lightning_nobp.lowbit.convert import convert_to_low_bit
 
-from reports import write_report
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the shared helpers
+from reports import write_report  # noqa: E402
 
 
 def per_call_seconds(call: Callable[[], object], calls: int, repeats: int) -> float:

@@ -2,8 +2,8 @@
 whether any guarantee broke (a run killed and resumed, a torn or corrupted checkpoint, ranks that disagree or die,
 numbers that go bad). Exits with 1 when anything was lost.
 
-    python benchmarks/faults.py
-    python benchmarks/faults.py --out faults.json -k kill_resume
+    python benchmarks/micro/faults.py
+    python benchmarks/micro/faults.py --out faults.json -k kill_resume
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_suite(report: Path, selection: str | None) -> int:

@@ -5,7 +5,7 @@ For each class count, times ``torch.log_softmax(logits, -1)`` and ``transposed_l
 rounds, one torch thread; reports the median milliseconds and their ratio as JSON. ``NarrowSoftmaxMode`` takes the
 transposed path for 2 to ``NARROW`` classes, where it wins.
 
-    python benchmarks/narrow_softmax.py
+    python benchmarks/micro/narrow_softmax.py
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=256 * 256)
     parser.add_argument("--classes", default="2,10,15,16,32")
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "narrow_softmax.json")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "narrow_softmax.json"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []

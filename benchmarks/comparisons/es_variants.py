@@ -13,9 +13,9 @@ A self-contained low-rank ES (rank 1, antithetic pairs, centered ranks, the user
 Test accuracy is measured at eight points and at the end of the CPU-time budget (evaluation excluded from the
 clock); one torch thread. JSON to ``--out``.
 
-    python benchmarks/es_variants.py --noise full --steps 3000
-    python benchmarks/es_variants.py --noise input_subspace --subspace 64 --steps 3000
-    python benchmarks/es_variants.py --grow 300 --population 16 --cpu-seconds 75
+    python benchmarks/comparisons/es_variants.py --noise full --steps 3000
+    python benchmarks/comparisons/es_variants.py --noise input_subspace --subspace 64 --steps 3000
+    python benchmarks/comparisons/es_variants.py --grow 300 --population 16 --cpu-seconds 75
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shaping", choices=("centered_rank", "zscore"), default="centered_rank")
     parser.add_argument("--beta1", type=float, default=0.9, help="Adam's first-moment decay")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "es_variants")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "es_variants")
     args = parser.parse_args()
     if args.population % 2:
         parser.error("--population must be even (antithetic pairs)")
