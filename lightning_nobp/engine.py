@@ -35,7 +35,7 @@ from lightning_nobp.perturb import EstimatorOptions, PopulationEstimator, RngSna
 from lightning_nobp.perturb.estimator import LossFn, MemberInputs
 from lightning_nobp.perturb.direct_step import DirectHyperparameters
 from lightning_nobp.perturb.objective import objective_of
-from lightning_nobp.perturb.step_limit import DEFAULT_STEP_LIMIT, check_step_limit, step_factor
+from lightning_nobp.perturb.step_limit import DEFAULT_STEP_LIMIT, check_step_limit, size_scaled_limit, step_factor
 from lightning_nobp.algorithms.local import ForwardForward, LocalLearning
 from lightning_nobp.perturb.jvp import directional_derivatives
 from lightning_nobp.perturb.local import LocalLearner
@@ -129,8 +129,9 @@ class ForwardOnlyEngine:
             per-row estimates or input subspaces, a step with no host synchronisation. ``None`` (default): on when
             the parameters are on a CUDA device (on the CPU the kernels' PyTorch twins run, slower).
         step_limit: bound on each SGD step's change of each tensor, relative to the tensor's norm (a trust ratio,
-            ``lightning_nobp.perturb.step_limit``): a backprop-tuned learning rate does not diverge, steps within
-            the bound are untouched; Adam's steps are left alone. ``None`` turns it off.
+            scaled down beyond 10,000 trained weights: ``lightning_nobp.perturb.step_limit``): a backprop-tuned
+            learning rate does not diverge, steps within the bound are untouched; Adam's and the normalized direct
+            step are left alone. ``None`` turns it off.
     """
 
     def __init__(
@@ -163,6 +164,7 @@ class ForwardOnlyEngine:
         #: how many tensors the step limit scaled down in the last step (a tensor after an on-device step)
         self.step_limited: int | Tensor = 0
         self._warned_step_limit = False
+        self._relative_bound = self.step_limit  # the last bound applied (scaled to the trained weights' count)
         self.skipped_steps = 0
         #: steps skipped by on-device steps (a tensor counted on the device, read when logged)
         self.skipped_on_device: Tensor | None = None
@@ -380,9 +382,9 @@ class ForwardOnlyEngine:
         rounding_seed = derive_seed(step_seed, ROUNDING_STREAM)
         normalize = self.direct_step == "normalized"
         group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        step_limit = None if normalize else self.relative_bound(estimator)  # normalized: lr is each weight's step
         settings = [
-            replace(DirectHyperparameters.from_group(group_of[id(p)]), step_limit=self.step_limit)
-            for p in estimator.params
+            replace(DirectHyperparameters.from_group(group_of[id(p)]), step_limit=step_limit) for p in estimator.params
         ]
         if applies is not None:  # on-device steps are direct (see on_device)
             norm = estimator.apply_update_on_device(terms, settings, rounding_seed, normalize, applies)
@@ -402,18 +404,27 @@ class ForwardOnlyEngine:
         Returns:
             How many tensors were scaled down.
         """
-        if self.step_limit is None or not isinstance(optimizer, torch.optim.SGD):
+        bound = self.relative_bound(estimator)
+        if bound is None or not isinstance(optimizer, torch.optim.SGD):
             return self.note_step_limited(0)
         lr_of = {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
         count = 0
         for param in estimator.params:
             if param.grad is None:
                 continue
-            factor = step_factor(param, lr_of[id(param)] * param.grad.norm(dtype=torch.float64), self.step_limit)
+            factor = step_factor(param, lr_of[id(param)] * param.grad.norm(dtype=torch.float64), bound)
             if bool(factor < 1):
                 param.grad.mul_(factor.to(param.grad.dtype))
                 count += 1
         return self.note_step_limited(count)
+
+    def relative_bound(self, estimator: PopulationEstimator) -> float | None:
+        """The step limit's bound on each tensor's change relative to its norm, for the weights ``estimator``
+        trains (``lightning_nobp.perturb.step_limit.size_scaled_limit``), or ``None`` without a limit."""
+        if self.step_limit is None:
+            return None
+        self._relative_bound = size_scaled_limit(self.step_limit, sum(p.numel() for p in estimator.params))
+        return self._relative_bound
 
     def note_step_limited(self, count: int | Tensor) -> int:
         """Keep the step's count of limited tensors and warn the first time the limit acts; returns the count."""
@@ -423,9 +434,10 @@ class ForwardOnlyEngine:
             self._warned_step_limit = True
             warnings.warn(
                 f"lightning_nobp: the step limit scaled down the step of {count} tensor(s): the learning rate moves"
-                f" them by more than {self.step_limit:g} of their norm per step, as backprop-tuned SGD learning rates"
-                " do with a forward-only estimate (about sqrt(parameters) times the gradient's norm). Training goes on"
-                " with bounded steps (logged as nobp/step_limited); for faster progress lower the learning rate"
+                f" them by more than {self._relative_bound:.3g} of their norm per step (step_limit={self.step_limit:g},"
+                " scaled to the number of trained weights), as backprop-tuned SGD learning rates do with a"
+                " forward-only estimate (about sqrt(parameters) times the gradient's norm). Training goes on with"
+                " bounded steps (logged as nobp/step_limited); for faster progress lower the learning rate"
                 " (Tuner(trainer).lr_find(model) suggests one), use direct_step='normalized' or Adam, or set"
                 " NoBackpropStrategy(step_limit=None) to turn the limit off.",
                 stacklevel=2,

@@ -15,7 +15,7 @@ from torch import nn
 from lightning_nobp import NoBackpropStrategy
 from lightning_nobp.algorithms import EggRoll, MeZO
 from lightning_nobp.fabric import NoBackpropStrategy as FabricNoBackpropStrategy
-from lightning_nobp.perturb.step_limit import NORM_FLOOR, check_step_limit
+from lightning_nobp.perturb.step_limit import FULL_BOUND_WEIGHTS, NORM_FLOOR, check_step_limit, size_scaled_limit
 
 from conftest import quiet_trainer_kwargs
 from user_models import DigitsClassifier, digits_loaders
@@ -31,6 +31,7 @@ def fabric_steps(
     direct_step: str = "sgd",
     algorithm: object | None = None,
     steps: int = 3,
+    hidden: int = 32,
     **optimizer_kwargs: float,
 ) -> tuple[list[list[torch.Tensor]], FabricNoBackpropStrategy]:
     """A few steps of a small MLP in Fabric; the float32 weights before each step and after the last."""
@@ -39,7 +40,7 @@ def fabric_steps(
     )
     fabric = L.Fabric(accelerator="cpu", devices=1, strategy=strategy)
     fabric.seed_everything(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    model = nn.Sequential(nn.Linear(16, hidden), nn.ReLU(), nn.Linear(hidden, 4))
     optimizer = optimizer_class(model.parameters(), lr=lr, **optimizer_kwargs)
     model, optimizer = fabric.setup(model, optimizer)
     x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
@@ -81,16 +82,35 @@ def test_a_backprop_learning_rate_moves_no_tensor_past_the_bound(update: str, al
 
 
 @pytest.mark.parametrize("update", ["grad", "direct"])
+def test_the_bound_shrinks_as_one_over_sqrt_weights_beyond_the_full_bound_size(update: str, no_backprop) -> None:
+    """A model of 21,508 weights gets ``LIMIT * sqrt(10,000 / 21,508)``: its limited steps are mostly noise."""
+    hidden = 1024
+    weights = 16 * hidden + hidden + hidden * 4 + 4
+    bound = LIMIT * math.sqrt(FULL_BOUND_WEIGHTS / weights)
+    assert size_scaled_limit(LIMIT, weights) == pytest.approx(bound)
+    assert size_scaled_limit(LIMIT, FULL_BOUND_WEIGHTS // 2) == LIMIT  # small models keep the full bound
+    with pytest.warns(UserWarning, match=f"more than {bound:.3g} of their norm"):
+        history, strategy = fabric_steps(torch.optim.SGD, 1.0, LIMIT, update=update, hidden=hidden)
+    changes = relative_changes(history)
+    assert max(changes) <= bound * 1.01
+    assert max(changes) >= bound * 0.9  # the limit acted at the scaled bound, not at LIMIT
+    assert strategy.engine.step_limited > 0
+
+
+@pytest.mark.parametrize("update", ["grad", "direct"])
 def test_sgd_with_momentum_is_bounded_per_estimate(update: str, no_backprop) -> None:
     with pytest.warns(UserWarning, match="step limit"):
         history, _ = fabric_steps(torch.optim.SGD, 1.0, LIMIT, update=update, momentum=0.5)
     assert max(relative_changes(history)) <= LIMIT * (1 + 0.5 + 0.25) * 1.01  # the buffer sums bounded estimates
 
 
-def test_the_normalized_direct_step_is_bounded(no_backprop) -> None:
-    with pytest.warns(UserWarning, match="step limit"):
-        history, _ = fabric_steps(torch.optim.SGD, 1.0, LIMIT, update="direct", direct_step="normalized")
-    assert max(relative_changes(history)) <= LIMIT * 1.01
+def test_the_normalized_direct_step_is_left_alone(no_backprop) -> None:
+    """Its ``lr`` is each weight's step already (as with Adam): the limit does not rescale it, even at lr 0.1."""
+    limited, strategy = fabric_steps(torch.optim.SGD, 0.1, LIMIT, update="direct", direct_step="normalized")
+    free, _ = fabric_steps(torch.optim.SGD, 0.1, None, update="direct", direct_step="normalized")
+    assert all(torch.equal(a, b) for a, b in zip(limited[-1], free[-1]))
+    assert max(relative_changes(limited)) > LIMIT  # it did move more than the bound
+    assert strategy.engine.step_limited == 0
 
 
 @pytest.mark.parametrize("update", ["grad", "direct"])

@@ -9,10 +9,13 @@ clipping, no learning-rate change; only the time budget, and the progress bar an
   repeating a 3-token period, fixed by a seed), whose download is skipped; loss: the mean over the whole task.
 
 For MeZO, EggRoll and OpenES with their defaults, with the default step limit and without it (``step_limit=None``),
-the loss before and after ``--seconds`` of training, the steps taken, and whether any step's loss was not finite.
+the loss before and after ``--seconds`` of training (or ``--steps`` steps), the steps taken, and whether any step's
+loss was not finite; ``--step-limits`` adds runs at other bounds, ``"MeZO(directions=1)"`` is MeZO as published.
 
     python benchmarks/comparisons/demo_modules.py --seconds 60 --seeds 0 1 2 \
         --out benchmarks/measured/cpu-2026-12-06/demo_modules.json
+    python benchmarks/comparisons/demo_modules.py --modules LightningTransformer --algorithms "MeZO(directions=1)" \
+        --steps 480 --seeds 0 --unlimited-seeds --step-limits 0.1 0.03 0.01 --out step_limits.json
 """
 
 from __future__ import annotations
@@ -33,11 +36,18 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_nobp import NoBackpropStrategy
 from lightning_nobp.algorithms import EggRoll, MeZO, OpenES
+from lightning_nobp.perturb.step_limit import DEFAULT_STEP_LIMIT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the shared helpers
 from reports import write_report  # noqa: E402
 
-ALGORITHMS = {"MeZO()": MeZO, "EggRoll()": EggRoll, "OpenES()": OpenES}
+ALGORITHMS = {
+    "MeZO()": MeZO,
+    "EggRoll()": EggRoll,
+    "OpenES()": OpenES,
+    "MeZO(directions=1)": lambda: MeZO(directions=1),  # MeZO as published (not run unless asked for)
+}
+DEFAULT_ALGORITHMS = ["MeZO()", "EggRoll()", "OpenES()"]
 
 
 class OfflineTransformer(LightningTransformer):
@@ -83,8 +93,17 @@ def dataset_loss(module: pl.LightningModule, name: str, data: TensorDataset | No
     return loss
 
 
-def run(name: str, algorithm: str, step_limit: float | None, seed: int, seconds: float) -> dict:
-    """One training run; its loss before and after, steps, and non-finite step losses."""
+def run(name: str, algorithm: str, step_limit: float | str | None, seed: int, seconds: float, steps: int = -1) -> dict:
+    """One training run; its loss before and after, steps, and non-finite step losses.
+
+    Args:
+        name: ``"BoringModel"`` or ``"LightningTransformer"``.
+        algorithm: a key of ``ALGORITHMS``.
+        step_limit: ``"default"``, a bound, or ``None`` (no limit).
+        seed: the seed of the weights, the data order and the noise.
+        seconds: the training time (ignored when ``steps`` is positive).
+        steps: a budget in steps instead of time (``-1``: the time budget).
+    """
     pl.seed_everything(seed, verbose=False)
     data = None
     if name == "BoringModel":
@@ -98,7 +117,8 @@ def run(name: str, algorithm: str, step_limit: float | None, seed: int, seconds:
     recorder = StepLosses()
     trainer = pl.Trainer(
         strategy=NoBackpropStrategy(algorithm=ALGORITHMS[algorithm](), **kwargs),
-        max_time={"seconds": seconds},
+        max_time=None if steps > 0 else {"seconds": seconds},
+        max_steps=steps,
         max_epochs=-1,
         accelerator="cpu",
         devices=1,
@@ -140,10 +160,12 @@ def summary(runs: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="training time per run")
+    parser.add_argument("--steps", type=int, default=-1, help="a budget in steps instead of --seconds")
+    parser.add_argument("--step-limits", type=float, nargs="*", default=[], help="other bounds to run as well")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--unlimited-seeds", type=int, nargs="*", default=[0], help="seeds of the step_limit=None runs")
     parser.add_argument("--modules", nargs="+", default=["BoringModel", "LightningTransformer"])
-    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS))
+    parser.add_argument("--algorithms", nargs="+", default=DEFAULT_ALGORITHMS, choices=list(ALGORITHMS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/measured/demo_modules.json"))
     args = parser.parse_args(argv)
@@ -152,17 +174,21 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "device": "cpu",
         "threads": args.threads,
-        "seconds_per_run": args.seconds,
+        "seconds_per_run": None if args.steps > 0 else args.seconds,
+        "steps_per_run": args.steps if args.steps > 0 else None,
+        "default_step_limit": DEFAULT_STEP_LIMIT,
         "trainer": "Trainer(strategy=NoBackpropStrategy(algorithm=...)), the modules' own optimizers",
         "results": {},
     }
     for name in args.modules:
         for algorithm in args.algorithms:
-            for label, limit, seeds in (("default step limit", "default", args.seeds),
-                                        ("step_limit=None", None, args.unlimited_seeds)):  # fmt: skip
+            variants = [("default step limit", "default", args.seeds)]
+            variants += [(f"step_limit={limit:g}", limit, args.seeds) for limit in args.step_limits]
+            variants += [("step_limit=None", None, args.unlimited_seeds)]
+            for label, limit, seeds in variants:
                 if not seeds:
                     continue
-                runs = [run(name, algorithm, limit, seed, args.seconds) for seed in seeds]
+                runs = [run(name, algorithm, limit, seed, args.seconds, args.steps) for seed in seeds]
                 results["results"][f"{name} | {algorithm} | {label}"] = summary(runs)
                 print(name, algorithm, label, [round(r["ratio"], 3) for r in runs], flush=True)
     return write_report(results, args.out)

@@ -3,12 +3,20 @@
 A forward-only estimate of the gradient of ``d`` weights has about ``sqrt(d)`` times the gradient's norm (its
 direction is mostly noise), so a learning rate tuned for backpropagation, applied to it by SGD, moves the weights
 by far more than their own size and the run diverges. The step limit scales the step of every tensor ``w`` so that
-its change stays within ``limit * max(||w||, NORM_FLOOR * sqrt(numel))`` (a trust ratio, as LARS and LAMB bound
-layers' steps); a step already within the bound is not touched, so a run at a sensible learning rate is unchanged.
+its change stays within ``size_scaled_limit(limit, d) * max(||w||, NORM_FLOOR * sqrt(numel))`` (a trust ratio, as
+LARS and LAMB bound layers' steps); a step already within the bound is not touched, so a run at a sensible learning
+rate is unchanged.
+
+The relative bound is ``limit`` up to ``FULL_BOUND_WEIGHTS`` trained weights and shrinks as ``1 / sqrt(d)`` beyond:
+a limited step is mostly noise (the estimate's noise grows as ``sqrt(d)``), nearly orthogonal to the weight, so
+each one multiplies the tensor's squared norm by about ``1 + bound**2`` and the next bound grows with it. A fixed
+0.1 let a one-direction MeZO run of Lightning's demo transformer (1.3 M weights) at its own ``SGD(lr=0.1)`` grow
+its weights until the loss exploded, while small models need the full 0.1 to move at all
+(``benchmarks/measured/cpu-2026-12-06/demo_modules-step-limits.json``).
 
 It acts on steps proportional to the estimate: ``torch.optim.SGD`` (with or without momentum: each estimate's
-contribution is bounded before it enters the buffer) on both update paths, and the direct path's ``"normalized"``
-step. Adam's and AdamW's steps are left alone: their change of each weight is already bounded by ``lr``.
+contribution is bounded before it enters the buffer) on both update paths. Steps whose size per weight is set by
+``lr`` are left alone: Adam's, AdamW's and the direct path's ``"normalized"`` step.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from lightning_nobp.lowbit.formats import is_low_bit, layout_of
 
 #: the default bound on a step's change of a tensor, relative to the tensor's norm
 DEFAULT_STEP_LIMIT = 0.1
+#: up to this many trained weights the bound is ``limit`` itself; beyond, it shrinks as ``1 / sqrt(weights)``
+FULL_BOUND_WEIGHTS = 10_000
 #: a tensor counts as at least this root-mean-square, so zero-initialised tensors (biases) can still move
 NORM_FLOOR = 1e-3
 
@@ -39,6 +49,17 @@ def check_step_limit(step_limit: float | None) -> float | None:
             f" {DEFAULT_STEP_LIMIT}), or None to turn the limit off"
         )
     return float(step_limit)
+
+
+def size_scaled_limit(limit: float, weights: int) -> float:
+    """The relative bound for an estimate over ``weights`` trained weights: ``limit * min(1, sqrt(FULL_BOUND_WEIGHTS
+    / weights))``.
+
+    Args:
+        limit: the user's ``step_limit``.
+        weights: how many weights the estimate covers (every parameter the optimizer trains forward-only).
+    """
+    return limit * min(1.0, math.sqrt(FULL_BOUND_WEIGHTS / max(weights, 1)))
 
 
 def weight_norm(param: Tensor) -> Tensor:
