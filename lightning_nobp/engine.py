@@ -382,10 +382,11 @@ class ForwardOnlyEngine:
         rounding_seed = derive_seed(step_seed, ROUNDING_STREAM)
         normalize = self.direct_step == "normalized"
         group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-        step_limit = None if normalize else self.relative_bound(estimator)  # normalized: lr is each weight's step
+        bounds = self.relative_bounds(estimator)
         settings = [
-            replace(DirectHyperparameters.from_group(group_of[id(p)]), step_limit=step_limit) for p in estimator.params
-        ]
+            replace(DirectHyperparameters.from_group(group_of[id(p)]), step_limit=None if normalize else bound)
+            for p, bound in zip(estimator.params, bounds)
+        ]  # normalized: lr is each weight's step
         if applies is not None:  # on-device steps are direct (see on_device)
             norm = estimator.apply_update_on_device(terms, settings, rounding_seed, normalize, applies)
             self.count_skipped(applies)
@@ -404,12 +405,12 @@ class ForwardOnlyEngine:
         Returns:
             How many tensors were scaled down.
         """
-        bound = self.relative_bound(estimator)
-        if bound is None or not isinstance(optimizer, torch.optim.SGD):
+        if self.step_limit is None or not isinstance(optimizer, torch.optim.SGD):
             return self.note_step_limited(0)
+        bounds = self.relative_bounds(estimator)
         lr_of = {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
         count = 0
-        for param in estimator.params:
+        for param, bound in zip(estimator.params, bounds):
             if param.grad is None:
                 continue
             factor = step_factor(param, lr_of[id(param)] * param.grad.norm(dtype=torch.float64), bound)
@@ -418,13 +419,20 @@ class ForwardOnlyEngine:
                 count += 1
         return self.note_step_limited(count)
 
-    def relative_bound(self, estimator: PopulationEstimator) -> float | None:
-        """The step limit's bound on each tensor's change relative to its norm, for the weights ``estimator``
-        trains (``lightning_nobp.perturb.step_limit.size_scaled_limit``), or ``None`` without a limit."""
+    def relative_bounds(self, estimator: PopulationEstimator) -> list[float | None]:
+        """The step limit's bound on each parameter's change relative to its norm (``None``s without a limit).
+
+        Parameters estimated from per-row losses or by their exact gradient get ``step_limit`` itself: their
+        estimate is mostly signal. The others share a perturbation estimate, mostly noise, and get the bound scaled
+        to their count (``lightning_nobp.perturb.step_limit.size_scaled_limit``).
+        """
+        params = estimator.params
         if self.step_limit is None:
-            return None
-        self._relative_bound = size_scaled_limit(self.step_limit, sum(p.numel() for p in estimator.params))
-        return self._relative_bound
+            return [None] * len(params)
+        rows = estimator.rows.kept_indices() | estimator.rows.unperturbed_indices()
+        perturbed = sum(p.numel() for i, p in enumerate(params) if i not in rows)
+        self._relative_bound = size_scaled_limit(self.step_limit, perturbed)
+        return [self.step_limit if i in rows else self._relative_bound for i in range(len(params))]
 
     def note_step_limited(self, count: int | Tensor) -> int:
         """Keep the step's count of limited tensors and warn the first time the limit acts; returns the count."""
@@ -435,9 +443,9 @@ class ForwardOnlyEngine:
             warnings.warn(
                 f"lightning_nobp: the step limit scaled down the step of {count} tensor(s): the learning rate moves"
                 f" them by more than {self._relative_bound:.3g} of their norm per step (step_limit={self.step_limit:g},"
-                " scaled to the number of trained weights), as backprop-tuned SGD learning rates do with a"
-                " forward-only estimate (about sqrt(parameters) times the gradient's norm). Training goes on with"
-                " bounded steps (logged as nobp/step_limited); for faster progress lower the learning rate"
+                " scaled to the number of perturbation-estimated weights), as backprop-tuned SGD learning rates do"
+                " with a forward-only estimate (about sqrt(parameters) times the gradient's norm). Training goes on"
+                " with bounded steps (logged as nobp/step_limited); for faster progress lower the learning rate"
                 " (Tuner(trainer).lr_find(model) suggests one), use direct_step='normalized' or Adam, or set"
                 " NoBackpropStrategy(step_limit=None) to turn the limit off.",
                 stacklevel=2,

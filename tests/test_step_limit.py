@@ -98,6 +98,25 @@ def test_the_bound_shrinks_as_one_over_sqrt_weights_beyond_the_full_bound_size(u
 
 
 @pytest.mark.parametrize("update", ["grad", "direct"])
+def test_a_head_estimated_from_per_row_losses_keeps_the_full_bound(update: str, no_backprop) -> None:
+    """EggRoll's per-row head estimate is mostly signal: the head gets ``LIMIT``, the perturbation-estimated first
+    layer (17,408 weights) the bound scaled to its own count."""
+    hidden = 1024
+    scaled = size_scaled_limit(LIMIT, 16 * hidden + hidden)
+    with pytest.warns(UserWarning, match=f"more than {scaled:.3g} of their norm"):
+        history, strategy = fabric_steps(
+            torch.optim.SGD, 1.0, LIMIT, update=update, algorithm=EggRoll(population=8), hidden=hidden
+        )
+    (estimator,) = strategy.engine._estimators.values()
+    assert estimator.rows.kept_indices() == {2, 3}  # the head's weight and bias
+    per_tensor = [relative_changes([[b[i]] for b in history]) for i in range(4)]
+    assert max(per_tensor[0] + per_tensor[1]) <= scaled * 1.01
+    assert max(per_tensor[2]) <= LIMIT * 1.01
+    assert max(per_tensor[2]) >= LIMIT * 0.9  # limited at the full bound, far above the first layer's
+    assert LIMIT * 0.9 > scaled * 1.01  # the two bounds are told apart
+
+
+@pytest.mark.parametrize("update", ["grad", "direct"])
 def test_sgd_with_momentum_is_bounded_per_estimate(update: str, no_backprop) -> None:
     with pytest.warns(UserWarning, match="step limit"):
         history, _ = fabric_steps(torch.optim.SGD, 1.0, LIMIT, update=update, momentum=0.5)

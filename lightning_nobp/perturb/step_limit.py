@@ -7,12 +7,14 @@ its change stays within ``size_scaled_limit(limit, d) * max(||w||, NORM_FLOOR * 
 LARS and LAMB bound layers' steps); a step already within the bound is not touched, so a run at a sensible learning
 rate is unchanged.
 
-The relative bound is ``limit`` up to ``FULL_BOUND_WEIGHTS`` trained weights and shrinks as ``1 / sqrt(d)`` beyond:
-a limited step is mostly noise (the estimate's noise grows as ``sqrt(d)``), nearly orthogonal to the weight, so
-each one multiplies the tensor's squared norm by about ``1 + bound**2`` and the next bound grows with it. A fixed
-0.1 let a one-direction MeZO run of Lightning's demo transformer (1.3 M weights) at its own ``SGD(lr=0.1)`` grow
-its weights until the loss exploded, while small models need the full 0.1 to move at all
-(``benchmarks/measured/cpu-2026-12-06/demo_modules-step-limits.json``).
+The relative bound is ``limit`` up to ``FULL_BOUND_WEIGHTS`` perturbation-estimated weights and shrinks as
+``1 / sqrt(d)`` beyond: a limited step is mostly noise (the estimate's noise grows as ``sqrt(d)``), nearly
+orthogonal to the weight, so each one multiplies the tensor's squared norm by about ``1 + bound**2`` and the next
+bound grows with it. A fixed 0.1 let a one-direction MeZO run of Lightning's demo transformer (1.3 M weights) at
+its own ``SGD(lr=0.1)`` grow its weights until the loss exploded, while small models need the full 0.1 to move at
+all (``benchmarks/measured/cpu-2026-12-06/demo_modules-step-limits.json``). Layers estimated from per-row losses
+or by their exact gradient (a classifier's head) keep ``limit`` and do not count in ``d``: their estimate is mostly
+signal (``benchmarks/measured/cpu-2026-12-06/demo_modules.json``).
 
 It acts on steps proportional to the estimate: ``torch.optim.SGD`` (with or without momentum: each estimate's
 contribution is bounded before it enters the buffer) on both update paths. Steps whose size per weight is set by
