@@ -7,7 +7,7 @@ one ``torch._scaled_mm``), the same ``nn.Linear`` called under ``LowBitLinearMod
 through torchao's own dispatch; then the same for an int8 ``Int8Tensor`` (``lightning_nobp::int8_linear``: one
 ``torch._int_mm`` on the stored codes). Writes JSON with the ratios against bf16 from the same run.
 
-    python benchmarks/micro/fp8_linear.py --out benchmarks/results/fp8_linear.json
+    python benchmarks/micro/fp8_linear.py --out benchmarks/measured/cpu-2026-12-06/fp8_linear.json
 """
 
 from __future__ import annotations
