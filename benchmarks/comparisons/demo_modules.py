@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import statistics
 import sys
 import warnings
@@ -36,7 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_nobp import NoBackpropStrategy
 from lightning_nobp.algorithms import EggRoll, MeZO, OpenES
-from lightning_nobp.perturb.step_limit import DEFAULT_STEP_LIMIT
+from lightning_nobp.perturb.step_limit import DEFAULT_STEP_LIMIT, size_scaled_limit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the shared helpers
 from reports import write_report  # noqa: E402
@@ -114,6 +115,8 @@ def run(name: str, algorithm: str, step_limit: float | str | None, seed: int, se
         data = repeat_task()
         loaders = (DataLoader(data, batch_size=32, shuffle=True),)
     kwargs = {} if step_limit == "default" else {"step_limit": step_limit}
+    limit = DEFAULT_STEP_LIMIT if step_limit == "default" else step_limit
+    weights = sum(p.numel() for p in module.parameters() if p.requires_grad)
     recorder = StepLosses()
     trainer = pl.Trainer(
         strategy=NoBackpropStrategy(algorithm=ALGORITHMS[algorithm](), **kwargs),
@@ -139,6 +142,8 @@ def run(name: str, algorithm: str, step_limit: float | str | None, seed: int, se
         "loss_after": after,
         "ratio": after / before if before else float("nan"),
         "steps": trainer.global_step,
+        "trained_weights": weights,
+        "relative_bound": None if limit is None else size_scaled_limit(limit, weights),
         "non_finite_step_losses": sum(not math.isfinite(loss) for loss in recorder.losses),
         "loss_after_finite": math.isfinite(after),
     }
@@ -167,10 +172,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--modules", nargs="+", default=["BoringModel", "LightningTransformer"])
     parser.add_argument("--algorithms", nargs="+", default=DEFAULT_ALGORITHMS, choices=list(ALGORITHMS))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/measured/demo_modules.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/demo_modules.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    arguments = sys.argv[1:] if argv is None else argv
     results: dict = {
+        "command": shlex.join(["python", "benchmarks/comparisons/demo_modules.py", *arguments]),
         "torch": torch.__version__,
         "device": "cpu",
         "threads": args.threads,
