@@ -84,9 +84,9 @@ class NoBackpropStrategy(ForwardOnlyStrategyMixin, DDPStrategy):
             low-rank corrections). ``None`` (default): on when the parameters are on a CUDA device. Falls back to
             eager evaluation, with one warning that names the reason, when ``training_step`` cannot be compiled.
         step_limit: bound on each step's change of each tensor, relative to the tensor's norm (a trust ratio,
-            scaled down as 1/sqrt(weights) beyond 10,000 trained weights): a
-            learning rate tuned for backpropagation does not diverge on the forward-only estimate; steps within the
-            bound are untouched, Adam's and the normalized direct step are left alone
+            scaled down as 1/sqrt(weights) beyond 10,000 perturbation-estimated weights): a learning rate tuned for
+            backpropagation does not diverge on the forward-only estimate; steps within the bound are untouched,
+            Adam's and the normalized direct step are left alone
             (``lightning_nobp.perturb.step_limit``). Logged as
             ``nobp/step_limited`` (tensors scaled down in the step); ``None`` turns it off.
         seed: base seed of every perturbation (counter-derived per step, member and parameter). ``None`` takes the
