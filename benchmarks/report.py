@@ -196,10 +196,9 @@ def _bound(key: str, runs: list[dict[str, Any]], report: dict[str, Any]) -> str:
     label = key.split(" | ")[2]
     if label == "step_limit=None":
         return "none"
-    if "relative_bound" in runs[0]:
-        limit = report["default_step_limit"] if label == "default step limit" else float(label.split("=")[1])
-        return f"{limit:g} × min(1, √(10⁴/d)) = {runs[0]['relative_bound']:.2g}"
     limit = report["default_step_limit"] if label == "default step limit" else float(label.split("=")[1])
+    if "relative_bound" in runs[0]:
+        return f"{limit:g} × min(1, √(10⁴/d)) = {runs[0]['relative_bound']:.2g}"
     return f"{limit:g} (fixed)"
 
 
