@@ -129,9 +129,9 @@ class ForwardOnlyEngine:
             per-row estimates or input subspaces, a step with no host synchronisation. ``None`` (default): on when
             the parameters are on a CUDA device (on the CPU the kernels' PyTorch twins run, slower).
         step_limit: bound on each SGD step's change of each tensor, relative to the tensor's norm (a trust ratio,
-            scaled down beyond 10,000 trained weights: ``lightning_nobp.perturb.step_limit``): a backprop-tuned
-            learning rate does not diverge, steps within the bound are untouched; Adam's and the normalized direct
-            step are left alone. ``None`` turns it off.
+            scaled down beyond 10,000 perturbation-estimated weights: ``lightning_nobp.perturb.step_limit``): a
+            backprop-tuned learning rate does not diverge, steps within the bound are untouched; Adam's and the
+            normalized direct step are left alone. ``None`` turns it off.
     """
 
     def __init__(
@@ -164,7 +164,7 @@ class ForwardOnlyEngine:
         #: how many tensors the step limit scaled down in the last step (a tensor after an on-device step)
         self.step_limited: int | Tensor = 0
         self._warned_step_limit = False
-        self._relative_bound = self.step_limit  # the last bound applied (scaled to the trained weights' count)
+        self._relative_bound = self.step_limit  # the last size-scaled bound applied (named in the warning)
         self.skipped_steps = 0
         #: steps skipped by on-device steps (a tensor counted on the device, read when logged)
         self.skipped_on_device: Tensor | None = None

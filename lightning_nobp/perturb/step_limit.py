@@ -54,12 +54,12 @@ def check_step_limit(step_limit: float | None) -> float | None:
 
 
 def size_scaled_limit(limit: float, weights: int) -> float:
-    """The relative bound for an estimate over ``weights`` trained weights: ``limit * min(1, sqrt(FULL_BOUND_WEIGHTS
-    / weights))``.
+    """The relative bound for a perturbation estimate over ``weights`` weights: ``limit * min(1,
+    sqrt(FULL_BOUND_WEIGHTS / weights))``.
 
     Args:
         limit: the user's ``step_limit``.
-        weights: how many weights the estimate covers (every parameter the optimizer trains forward-only).
+        weights: how many weights the perturbation estimate covers (trained weights outside per-row or exact layers).
     """
     return limit * min(1.0, math.sqrt(FULL_BOUND_WEIGHTS / max(weights, 1)))
 
